@@ -1,0 +1,1 @@
+"""cmat_jax: CMAT multi-agent tuning of small LLMs in JAX."""
