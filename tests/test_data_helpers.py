@@ -1,14 +1,16 @@
-"""Shared fixtures for the data-pipeline tests: a real byte-level BPE trained here, with a
-ChatML template, behind the `Tokenizer` interface (no tests in this module)."""
+"""Shared fixtures for the data-pipeline tests (no tests here): real tokenizers trained in the
+test (byte-level BPE + ChatML, sentencepiece BPE + Llama-2 template) and JSONL writers."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import jinja2
+import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from cmat_jax.tokenizer import BUILTIN_TEMPLATES, Tokenizer
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
@@ -21,51 +23,55 @@ CORPUS = [
     "SELECT name FROM users WHERE age > 30;",
     "The quick brown fox jumps over the lazy dog.",
     "Action: Operation\n```sql\nSELECT * FROM t;\n```",
-    "Action: Answer\nFinal Answer: [\"42\"]",
+    'Action: Answer\nFinal Answer: ["42"]',
     "user assistant system tool Hello there! How can I help you today?",
     "Thought: I should look at the table first. Observation: [(1, 'a')]",
 ] * 20
 
 
-class ChatMLTokenizer:
-    """Stand-in with the `cmat_jax.tokenizer.Tokenizer` interface over a real HF tokenizer."""
-
-    def __init__(self, tok: HFTokenizer, template: str = CHATML):
-        self._tok = tok
-        self.vocab_size = tok.get_vocab_size()
-        self.bos_id = None
-        self.eos_id = tok.token_to_id("<|im_end|>")
-        self.pad_id = tok.token_to_id("<|endoftext|>")
-        self.eos_ids = frozenset({self.eos_id, self.pad_id})
-        self.chat_template = template
-        self.add_bos = False
-        self._template = jinja2.Environment().from_string(template)
-
-    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids, *, skip_special: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
-
-    def apply_chat_template(self, messages, *, add_generation_prompt=False, tokenize=False, **kw):
-        text = self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **kw
-        )
-        return self.encode(text) if tokenize else text
-
-
-def make_tokenizer(template: str = CHATML) -> ChatMLTokenizer:
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+def make_tokenizer(template: str = CHATML) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style, like SmolLM2 / Qwen2) with a ChatML template."""
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
         special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
-    return ChatMLTokenizer(tok, template)
+    backend.train_from_iterator(CORPUS, trainer)
+    return Tokenizer(
+        backend,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=template,
+    )
+
+
+def make_llama2_tokenizer(tmp: Path) -> Tokenizer:
+    """A sentencepiece BPE `tokenizer.model` (Llama-2 style: BOS, dummy prefix) trained here,
+    loaded from a model directory with the Llama-2 chat template."""
+    model_dir = tmp / "llama2_tok"
+    model_dir.mkdir()
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(model_dir / "tokenizer"),
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        minloglevel=2,
+    )
+    cfg = {"add_bos_token": True, "chat_template": BUILTIN_TEMPLATES["llama2"]}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return Tokenizer.from_dir(model_dir)
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -13,10 +13,14 @@ Loss mask: True from the first generated token through the turn's last end-of-tu
 (an id in `eos_ids`) — what the model must learn to emit; template text after it (e.g. the
 newline after `<|im_end|>`) is not trained. Without an end-of-turn id in the span the whole
 span is trained.
+
+Tokens are `encode(render, add_bos=False)`, exactly `apply_chat_template(tokenize=True)`:
+templates write BOS themselves, as in transformers, so training matches inference prompts.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -32,9 +36,7 @@ Overlong = Literal["truncate", "error"]
 class ChatTokenizer(Protocol):
     """The part of `cmat_jax.tokenizer.Tokenizer` this module uses."""
 
-    bos_id: int | None
     eos_ids: frozenset[int]
-    add_bos: bool
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]: ...
 
@@ -147,11 +149,7 @@ def _encode(tokenizer: ChatTokenizer, text: str) -> list[int]:
 
 def _tokenize_at(tokenizer: ChatTokenizer, text: str, cuts: list[int], where: str):
     """Tokenize `text`; return (tokens, char_offset -> token_index) for offsets in `cuts`."""
-    lead: list[int] = []
     body = _encode(tokenizer, text)
-    bos = tokenizer.bos_id
-    if tokenizer.add_bos and bos is not None and (not body or body[0] != bos):
-        lead = [bos]  # the template did not render BOS itself; add it as encode() would
     index = {0: 0, len(text): len(body)}
     for c in cuts:
         head = _encode(tokenizer, text[:c])
@@ -159,11 +157,11 @@ def _tokenize_at(tokenizer: ChatTokenizer, text: str, cuts: list[int], where: st
             break
         index[c] = len(head)
     else:
-        return lead + body, lambda c: len(lead) + index[c]
+        return body, index.__getitem__
     # A merge crosses a boundary: tokenize the pieces separately.
     body, index = [], {0: 0}
     bounds = [0, *cuts, len(text)]
-    for lo, hi in zip(bounds, bounds[1:], strict=False):
+    for lo, hi in itertools.pairwise(bounds):
         piece = _encode(tokenizer, text[lo:hi])
         if tokenizer.decode(piece, skip_special=False) != text[lo:hi]:
             raise DataError(
@@ -172,4 +170,4 @@ def _tokenize_at(tokenizer: ChatTokenizer, text: str, cuts: list[int], where: st
             )
         body += piece
         index[hi] = len(body)
-    return lead + body, lambda c: len(lead) + index[c]
+    return body, index.__getitem__
