@@ -121,7 +121,13 @@ def test_preset_at_dir(tmp_path: Path) -> None:
     # A dir without config.json is fine when a preset supplies the config.
     bare = tmp_path / "bare"
     bare.mkdir()
-    assert resolve_source(f"qwen2-1.5b@{bare}").preset is PRESETS["qwen2-1.5b"]
+    bare_src = resolve_source(f"qwen2-1.5b@{bare}")
+    assert bare_src.preset is PRESETS["qwen2-1.5b"]
+    assert bare_src.hf_config() == PRESETS["qwen2-1.5b"].hf_config
+    assert got.hf_config() == PRESETS["tinyllama-1.1b"].hf_config  # read from its config.json
+    (bare / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match=r"bare/config\.json: not valid JSON"):
+        resolve_source(f"qwen2-1.5b@{bare}")
 
 
 def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

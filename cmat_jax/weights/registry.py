@@ -178,6 +178,16 @@ class ResolvedSource:
     path: Path
     preset: Preset | None = None  # set when the source named a preset
 
+    def hf_config(self) -> dict[str, Any]:
+        """For an HF dir: its config.json, else (``preset@dir`` without one) the preset's."""
+        if self.kind != "hf_dir":
+            raise WeightsError(f"{self.path}: a GGUF file; read its config with read_gguf")
+        config_file = self.path / "config.json"
+        if config_file.is_file():
+            return _read_config(config_file)
+        assert self.preset is not None  # _path_source refuses a bare dir without a preset
+        return self.preset.config()
+
 
 def cache_dir(override: Path | str | None = None) -> Path:
     """The download cache: the argument, else $CMAT_JAX_CACHE, else ~/.cache/cmat_jax."""
@@ -279,11 +289,18 @@ def _path_source(path: Path, preset: Preset | None = None) -> ResolvedSource:
     raise WeightsError(f"{path}: no such file or directory")
 
 
-def _check_matches_preset(config_file: Path, preset: Preset) -> None:
+def _read_config(config_file: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{config_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise WeightsError(f"{config_file}: expected a JSON object")
+    return cfg
+
+
+def _check_matches_preset(config_file: Path, preset: Preset) -> None:
+    cfg = _read_config(config_file)
     for key in _ARCH_KEYS:
         want = preset.hf_config.get(key)
         if want is not None and cfg.get(key) != want:
