@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -92,3 +93,49 @@ def sharegpt_record(*turns: tuple[str, str], loss: tuple[bool | None, ...] | Non
             if flag is not None:
                 c["loss"] = flag
     return {"conversations": conv}
+
+
+WORDS = [
+    "select",
+    "name",
+    "from",
+    "users",
+    "where",
+    "age",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+]
+
+
+def sentence(rng: np.random.Generator, lo: int = 1, hi: int = 25) -> str:
+    return " ".join(rng.choice(WORDS, rng.integers(lo, hi)))
+
+
+def write_corpus(tmp: Path, n_agent: int = 120, n_general: int = 40) -> tuple[str, str]:
+    """Two JSONL datasets of varied lengths: agent trajectories (messages form) and general
+    instructions (ShareGPT form)."""
+    rng = np.random.default_rng(0)
+    agent = [
+        messages_record(
+            ("system", "You are a SQL agent."),
+            ("user", sentence(rng)),
+            ("assistant", "Action: Operation " + sentence(rng)),
+            ("user", sentence(rng, 1, 5)),
+            ("assistant", "Action: Answer " + sentence(rng, 1, 5)),
+        )
+        for _ in range(n_agent)
+    ]
+    general = [
+        sharegpt_record(("human", sentence(rng)), ("gpt", sentence(rng, 1, 60)))
+        for _ in range(n_general)
+    ]
+    return (
+        str(write_jsonl(tmp / "agent.jsonl", agent)),
+        str(write_jsonl(tmp / "general.jsonl", general)),
+    )
