@@ -132,7 +132,7 @@ def load_model(
     from cmat_jax.tokenizer import load_tokenizer
     from cmat_jax.weights.registry import resolve_source
 
-    resolved = resolve_source(source, cache_dir=cache_dir)
+    resolved = resolve_source(source, cache=cache_dir)
     overrides = {"param_dtype": dtype, "compute_dtype": compute_dtype or dtype, **config_overrides}
     if resolved.kind == "gguf":
         from cmat_jax.weights.gguf_io import read_gguf
@@ -144,7 +144,7 @@ def load_model(
     else:
         from cmat_jax.weights.safetensors_io import iter_safetensors
 
-        cfg = ModelConfig.from_hf(resolved.path, **overrides)
+        cfg = ModelConfig.from_hf(resolved.hf_config(), **overrides)
         model = build_model(cfg, iter_safetensors(resolved.path), where=str(resolved.path))
         tokenizer = load_tokenizer(resolved.path)
     check_vocab(cfg, tokenizer, where=str(resolved.path))
