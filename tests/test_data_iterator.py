@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from test_data_helpers import make_tokenizer, write_corpus
 
 from cmat_jax.data import DataConfig, DataError, build_iterator
 from cmat_jax.data.mixing import MixtureSampler
+from tests.test_data_helpers import make_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_data_helpers import (
+
+from cmat_jax.data import DataError, load_dataset, parse_record, tokenize_conversation
+from tests.test_data_helpers import (
     make_llama2_tokenizer,
     make_tokenizer,
     messages_record,
     sharegpt_record,
     write_jsonl,
 )
-
-from cmat_jax.data import DataError, load_dataset, parse_record, tokenize_conversation
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,32 @@ def test_boundary_merge_falls_back_to_per_turn_tokens(chatml):
     ((a, b),) = runs(ex.loss_mask)
     assert chatml.decode(ex.tokens[:a]) == "User: count users\nAssistant: "
     assert chatml.decode(ex.tokens[a:b]) == "name FROM users<|im_end|>"
+
+
+def test_dummy_prefix_pieces_use_prefix_boundaries(llama2):
+    # sentencepiece adds '▁' to text encoded on its own, so the answer tokenized alone differs
+    # from the answer inside the chat; boundaries then come from the prefixes' tokenizations.
+    template = (
+        "{% for m in messages %}{{ m['role'] + ':\\n' + m['content'] + eos_token + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant:\\n' }}{% endif %}"
+    )
+
+    class Templated:  # the real sentencepiece tokenizer, rendering with the template above
+        eos_ids = llama2.eos_ids
+        encode, decode = llama2.encode, llama2.decode
+
+        def apply_chat_template(self, messages, **kw):
+            return llama2.apply_chat_template(messages, template=template, **kw)
+
+    conv = parse_record(
+        messages_record(("user", "count users"), ("assistant", "Hello there")), "p:1"
+    )
+    text = Templated().apply_chat_template(conv.template_messages())
+    ex = tokenize_conversation(Templated(), conv)
+    assert ex.tokens.tolist() == llama2.encode(text, add_bos=False)[: len(ex.tokens)]
+    ((a, b),) = runs(ex.loss_mask)
+    assert llama2.decode(ex.tokens[a:b]) == "Hello there</s>"
+    assert llama2.encode("Hello there</s>", add_bos=False) != ex.tokens[a:b].tolist()
 
 
 def test_template_that_rewrites_history_is_refused(chatml):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_data_helpers import make_tokenizer, write_corpus
 
 from cmat_jax.data import DataConfig, assemble_rows, build_iterator
 from cmat_jax.data.packing import FirstFitPacker
+from tests.test_data_helpers import make_tokenizer, write_corpus
 
 
 @pytest.fixture(scope="module")

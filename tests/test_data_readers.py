@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from test_data_helpers import messages_record, sharegpt_record, write_jsonl
 
 from cmat_jax.data import DataConfig, DataError, read_jsonl
+from tests.test_data_helpers import messages_record, sharegpt_record, write_jsonl
 
 
 def test_messages_format(tmp_path):

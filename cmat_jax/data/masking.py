@@ -4,10 +4,12 @@ How the assistant spans are found: the template is rendered for growing prefixes
 conversation. For assistant message i, `render(msgs[:i], add_generation_prompt=True)` ends
 where the model starts generating and `render(msgs[:i+1])` ends after its turn; both must be
 prefixes of the full render (else the template rewrites history and we refuse, naming the
-turn). The full render is tokenized once; each boundary's token index is the length of the
-prefix's tokenization, checked to be a prefix of the full token list. If a BPE merge crosses
-a boundary, every piece between boundaries is tokenized on its own instead (what inference
-does: prompt tokens, then generated tokens), after checking that each piece round-trips.
+turn). The full render is tokenized once; the pieces between boundaries are tokenized too, and when
+their concatenation equals the full tokenization (the usual case: boundaries sit at special
+tokens or newlines) the boundaries are known. Otherwise each boundary's token index is the
+length of the prefix's tokenization, checked to be a prefix of the full token list. If a BPE
+merge crosses a boundary, the pieces' own tokenizations are used instead (what inference does:
+prompt tokens, then generated tokens), after checking that each piece round-trips.
 
 Loss mask: True from the first generated token through the turn's last end-of-turn token
 (an id in `eos_ids`) — what the model must learn to emit; template text after it (e.g. the
@@ -147,27 +149,41 @@ def _encode(tokenizer: ChatTokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_bos=False)) if text else []
 
 
+def _encode_many(tokenizer: ChatTokenizer, texts: list[str]) -> list[list[int]]:
+    batch = getattr(tokenizer, "encode_batch", None)  # parallel in the Rust backend
+    if batch is None:
+        return [_encode(tokenizer, t) for t in texts]
+    return [
+        list(ids) if t else [] for t, ids in zip(texts, batch(texts, add_bos=False), strict=True)
+    ]
+
+
 def _tokenize_at(tokenizer: ChatTokenizer, text: str, cuts: list[int], where: str):
     """Tokenize `text`; return (tokens, char_offset -> token_index) for offsets in `cuts`."""
     body = _encode(tokenizer, text)
-    index = {0: 0, len(text): len(body)}
+    bounds = [0, *cuts, len(text)]
+    spans = list(itertools.pairwise(bounds))
+    pieces = _encode_many(tokenizer, [text[lo:hi] for lo, hi in spans])
+    ends = itertools.accumulate(len(p) for p in pieces)
+    piecewise, index = [t for p in pieces for t in p], dict(zip(bounds, [0, *ends], strict=True))
+    if piecewise == body:  # usual case (boundaries at special tokens / newlines): O(length)
+        return body, index.__getitem__
+    # Some token straddles or is shaped by a boundary: the tokenization of each prefix must be
+    # a prefix of the whole (O(turns x length)).
+    prefix_index = {0: 0, len(text): len(body)}
     for c in cuts:
         head = _encode(tokenizer, text[:c])
         if body[: len(head)] != head:
             break
-        index[c] = len(head)
+        prefix_index[c] = len(head)
     else:
-        return body, index.__getitem__
-    # A merge crosses a boundary: tokenize the pieces separately.
-    body, index = [], {0: 0}
-    bounds = [0, *cuts, len(text)]
-    for lo, hi in itertools.pairwise(bounds):
-        piece = _encode(tokenizer, text[lo:hi])
+        return body, prefix_index.__getitem__
+    # A merge crosses a boundary: keep the pieces tokenized on their own (as at inference: the
+    # prompt's tokens, then the generated ones) if each piece round-trips to its text.
+    for (lo, hi), piece in zip(spans, pieces, strict=True):
         if tokenizer.decode(piece, skip_special=False) != text[lo:hi]:
             raise DataError(
                 f"{where}: tokenizer cannot split the rendered chat at turn boundaries "
                 f"(piece {text[lo:hi][:40]!r} does not round-trip)"
             )
-        body += piece
-        index[hi] = len(body)
-    return body, index.__getitem__
+    return piecewise, index.__getitem__
