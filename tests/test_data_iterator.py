@@ -89,6 +89,17 @@ def test_restore_refuses_a_state_from_other_data(corpus):
         other.restore(saved)
     with pytest.raises(DataError, match="version"):
         other.restore({"batches": 3})
+    it = build_iterator(config(corpus), tok)
+    next(it)
+    before = it.state()
+    corrupt = json.loads(json.dumps(before))
+    corrupt["packer"]["open"] = [[0, 10_000]]  # no such example
+    with pytest.raises(DataError, match=r"no example \(0, 10000\)"):
+        it.restore(corrupt)
+    corrupt = {**before, "mixer": {"draws": 1}}
+    with pytest.raises(DataError, match="bad mixture state"):
+        it.restore(corrupt)
+    assert it.state() == before  # a failed restore changes nothing
 
 
 def test_shard_for_process_yields_this_hosts_rows(corpus):

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from cmat_jax.data import DataConfig, DataError, read_jsonl
+from cmat_jax.data import DataConfig, DataError, load_datasets, read_jsonl
 from tests.test_data_helpers import messages_record, sharegpt_record, write_jsonl
 
 
@@ -119,7 +119,6 @@ def test_missing_and_empty_files(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"paths": ()}, "data.paths"),
         ({"paths": ("a", "b"), "mix": (1.0,)}, r"data\.mix: 1 ratios for 2 data files"),
         ({"paths": ("a", "b"), "mix": (1.0, 0.0)}, r"data\.mix: ratios must be > 0"),
         ({"paths": ("a",), "seq_len": 1}, "data.seq_len"),
@@ -130,3 +129,9 @@ def test_missing_and_empty_files(tmp_path):
 def test_config_validation(kwargs, pattern):
     with pytest.raises(DataError, match=pattern):
         DataConfig(**kwargs)
+
+
+def test_config_default_is_constructible_but_needs_paths_to_load():
+    cfg = DataConfig()  # a CLI default may leave paths empty and fill them in later
+    with pytest.raises(DataError, match=r"data\.paths: at least one JSONL file is required"):
+        load_datasets(cfg, None)

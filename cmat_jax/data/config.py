@@ -34,10 +34,10 @@ class DataConfig:
     """Add `loss_weights` float32[B, T] (per-message weights) to each batch."""
 
     def __post_init__(self) -> None:
-        if not self.paths:
-            raise DataError("data.paths: at least one JSONL file is required")
+        # Empty paths are allowed here (a CLI default; a job may fill them in with
+        # dataclasses.replace); `require_paths()` checks before loading.
         if self.mix:
-            if len(self.mix) != len(self.paths):
+            if self.paths and len(self.mix) != len(self.paths):
                 raise DataError(
                     f"data.mix: {len(self.mix)} ratios for {len(self.paths)} data files"
                 )
@@ -53,3 +53,7 @@ class DataConfig:
             raise DataError(f"data.overlong must be 'truncate' or 'error', got {self.overlong!r}")
         if self.format not in ("auto", "messages", "sharegpt"):
             raise DataError(f"data.format: unknown format {self.format!r}")
+
+    def require_paths(self) -> None:
+        if not self.paths:
+            raise DataError("data.paths: at least one JSONL file is required")

@@ -89,6 +89,7 @@ def load_dataset(
 
 
 def load_datasets(config: DataConfig, tokenizer: ChatTokenizer) -> list[TokenizedDataset]:
+    config.require_paths()
     return [
         load_dataset(
             p,

@@ -121,9 +121,18 @@ class SFTBatchIterator(Iterator[dict[str, np.ndarray]]):
                 "data iterator state was saved with different data or data config "
                 "(paths, mix, seq_len, global_batch, seed or pack_buffer changed)"
             )
-        self._mixer.restore(state["mixer"])
-        self._packer.restore(state["packer"])
-        self.batches = int(state["batches"])
+        # Restore into fresh objects so a bad state leaves this iterator untouched.
+        mixer = MixtureSampler([len(d) for d in self.datasets], self.ratios, self.config.seed)
+        packer = FirstFitPacker(self.config.seq_len, self.config.pack_buffer, self._length)
+        try:
+            mixer.restore(state["mixer"])
+            packer.restore(state["packer"])
+            batches = int(state["batches"])
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"data iterator state: missing or bad field ({e!r})") from None
+        self._mixer, self._packer, self.batches = mixer, packer, batches
 
     def shard_for_process(self, process_index: int, process_count: int) -> SFTBatchIterator:
         """A copy at the same state that yields only this process's rows of each batch."""

@@ -67,6 +67,8 @@ class FirstFitPacker:
             self.open = unflat(state["open"])
             self.ready = deque(unflat(state["ready"]))
             self._fill = [sum(self._length(ref) for ref in row) for row in self.open]
+        except DataError:
+            raise
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise DataError(f"data iterator state: bad packer state ({e!r})") from None
         if any(f > self.seq_len for f in self._fill):
