@@ -242,3 +242,20 @@ def test_p_accept_numpy_and_jax():
     extreme = np.array([0.0, 0.0, 0.0, 1e4, 0.0, -1e4], dtype=np.float32)
     assert p_accept(extreme, ids) == 1.0
     assert p_accept(-extreme, ids) == 0.0
+
+
+def test_verdict_tokens_of_smollm2():
+    """The default model's tokenizer has " accept" and " reject" as single tokens."""
+    from cmat_jax.tokenizer import load_tokenizer
+    from cmat_jax.weights.registry import smollm2_gguf_path
+
+    tok = load_tokenizer(smollm2_gguf_path())
+    accept_id, reject_id = verdict_token_ids(tok)
+    assert (tok.decode([accept_id]), tok.decode([reject_id])) == (" accept", " reject")
+    roles = make_roles()
+    prompt = checker_prompt_text(
+        tok, checker_messages(roles.checker, "task", [], "Action: Answer\nFinal Answer: []")
+    )
+    n = len(tok.encode(prompt, add_bos=False))
+    assert tok.encode(prompt + format_verdict(True), add_bos=False)[n:] == [accept_id]
+    assert tok.encode(prompt + format_verdict(False, "x"), add_bos=False)[n] == reject_id
