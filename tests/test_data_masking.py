@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from cmat_jax.data import DataError, load_dataset, parse_record, tokenize_conversation
+from cmat_jax.tokenizer import load_tokenizer
+from tests._smollm2 import smollm2_gguf_path
 from tests.test_data_helpers import (
     make_llama2_tokenizer,
     make_tokenizer,
@@ -57,6 +59,25 @@ def test_chatml_mask_is_exactly_the_assistant_turns(chatml):
     assert ex.tokens.tolist() == full[: len(ex.tokens)]
     assert chatml.decode(full[len(ex.tokens) :]) == "<|im_start|>user\nthanks<|im_end|>\n"
     assert not ex.truncated
+
+
+def test_smollm2_real_tokenizer_and_template():
+    # The real SmolLM2-135M-Instruct tokenizer and template (which inserts a default system
+    # prompt when the conversation has none).
+    tok = load_tokenizer(smollm2_gguf_path())
+    rec = sharegpt_record(
+        *[
+            (r, m["content"])
+            for r, m in zip(["human", "gpt"] * 2, AGENT["messages"][1:5], strict=True)
+        ]
+    )
+    conv = parse_record(rec, "agent.jsonl:1")
+    ex = tokenize_conversation(tok, conv)
+    assert ex.tokens.tolist() == tok.apply_chat_template(conv.template_messages(), tokenize=True)
+    assert tok.decode(ex.tokens).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    asst = [m.content for m in conv.messages if m.role == "assistant"]
+    spans = runs(ex.loss_mask)
+    assert [tok.decode(ex.tokens[a:b]) for a, b in spans] == [c + "<|im_end|>" for c in asst]
 
 
 def test_loss_flags_and_weights(chatml):
