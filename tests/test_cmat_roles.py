@@ -88,6 +88,7 @@ def spm_tokenizer(tmp_path_factory) -> Tokenizer:
         ("REJECTED. Because the WHERE clause is missing", False, "the WHERE clause is missing"),
         ("**Reject**: use `people`, not `persons`", False, "use `people`, not `persons`"),
         ("reject", False, NO_REASON),
+        ("Unacceptable: the table is dropped", False, "the table is dropped"),
         ("I would not accept this: it drops the table", False, "it drops the table"),
         ("\n\n  Reject:\n  quote the string value\n", False, "quote the string value"),
         ("reject: reason. accept", False, "reason. accept"),  # the first verdict word decides
@@ -100,7 +101,7 @@ def test_parse_verdict_on_messy_output(text, accept, reason):
     assert v.reason == reason
 
 
-@pytest.mark.parametrize("text", ["", "   ", "looks fine to me", "unacceptable?!", "<|im_end|>"])
+@pytest.mark.parametrize("text", ["", "   ", "looks fine to me", "acceptance test", "<|im_end|>"])
 def test_unparseable_verdict_takes_the_documented_default(text):
     v = parse_verdict(text)
     assert not v.parsed

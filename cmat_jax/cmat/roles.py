@@ -306,7 +306,9 @@ def format_verdict(accept: bool, reason: str = "") -> str:
     return f"{REJECT_WORD}: {' '.join(reason.split()) or NO_REASON}"
 
 
-_VERDICT_WORD = re.compile(r"\b(accept(?:s|ed|able)?|approved?|reject(?:s|ed)?|refused?)\b", re.I)
+_VERDICT_WORD = re.compile(
+    r"\b(accept(?:s|ed|able)?|approved?|reject(?:s|ed)?|refused?|unacceptable)\b", re.I
+)
 _NEGATION = re.compile(r"\b(?:not|don't|do not|cannot|can't|never)\s+$", re.I)
 _REASON_LEAD = re.compile(
     r"^(?:\s+(?:this|it|that)(?:\s+(?:action|proposal|query|statement))?(?=\s*[:;,.\-–—]))?"
@@ -318,7 +320,8 @@ _REASON_LEAD = re.compile(
 def parse_verdict(text: str) -> CheckerVerdict:
     """Parse Checker output; tolerant of case, markup, the "Verdict:" prefix and extra text.
 
-    The first verdict word decides (accept/accepted/approve vs reject/rejected/refuse); a
+    The first verdict word decides (accept/accepted/approve vs reject/rejected/refuse/
+    unacceptable); a
     negation right before it ("not accept") flips it. The reason is the rest of the line after
     a rejection word. No verdict word: `DEFAULT_VERDICT_ACCEPT` (accept), `parsed=False`.
     """
