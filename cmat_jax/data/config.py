@@ -15,7 +15,7 @@ class DataConfig:
     paths: tuple[str, ...] = ()
     """JSONL files (OpenAI `messages` or ShareGPT/AgentInstruct `conversations` records)."""
     mix: tuple[float, ...] = ()
-    """Sampling ratio per file, e.g. (0.8, 0.2); normalised. Empty = proportional to sizes."""
+    """Share of conversations drawn from each file, e.g. (0.8, 0.2); normalised. Empty = by size."""
     seq_len: int = 2048
     """Row length T of a packed batch; also the longest conversation kept."""
     global_batch: int = 8
