@@ -321,9 +321,8 @@ def parse_verdict(text: str) -> CheckerVerdict:
     """Parse Checker output; tolerant of case, markup, the "Verdict:" prefix and extra text.
 
     The first verdict word decides (accept/accepted/approve vs reject/rejected/refuse/
-    unacceptable); a
-    negation right before it ("not accept") flips it. The reason is the rest of the line after
-    a rejection word. No verdict word: `DEFAULT_VERDICT_ACCEPT` (accept), `parsed=False`.
+    unacceptable); a negation right before it ("not accept") flips it. The reason is the rest of
+    the line after a rejection word. No verdict word: `DEFAULT_VERDICT_ACCEPT` (accept), `parsed=False`.
     """
     m = _VERDICT_WORD.search(text)
     if m is None:
