@@ -43,7 +43,7 @@ def test_logits_match_transformers(tmp_path, case):
 
     model_type, overrides = CASES[case]
     path = save_tiny_model_dir(tmp_path / case, model_type, **overrides)
-    ours, tok = load_model(path, dtype="float32")
+    ours, _ = load_model(path, dtype="float32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     rng = np.random.default_rng(0)

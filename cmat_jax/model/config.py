@@ -90,10 +90,15 @@ class ModelConfig:
         return self.vocab_size * D + L * per_layer + D + head
 
     @classmethod
-    def from_hf(cls, source: str | Path | dict[str, Any], **overrides: Any) -> ModelConfig:
-        """Parse an HF `config.json` (path, directory or dict); transformers 4.x and 5.x spellings."""
+    def from_hf(
+        cls, source: str | Path | dict[str, Any], *, where: str | None = None, **overrides: Any
+    ) -> ModelConfig:
+        """Parse an HF `config.json` (path, directory or dict); transformers 4.x and 5.x spellings.
+
+        `where` names the origin of a dict in error messages.
+        """
         if isinstance(source, dict):
-            raw, where = dict(source), "config"
+            raw, where = dict(source), where or "config"
         else:
             path = Path(source)
             if path.is_dir():

@@ -138,13 +138,15 @@ def load_model(
         from cmat_jax.weights.gguf_io import read_gguf
 
         gguf = read_gguf(resolved.path)
-        cfg = ModelConfig.from_hf(gguf.hf_config, **overrides)
+        cfg = ModelConfig.from_hf(gguf.hf_config, where=str(resolved.path), **overrides)
         model = build_model(cfg, gguf.iter_tensors(), where=str(resolved.path))
         tokenizer = load_tokenizer(resolved.path)
     else:
         from cmat_jax.weights.safetensors_io import iter_safetensors
 
-        cfg = ModelConfig.from_hf(resolved.hf_config(), **overrides)
+        config_file = resolved.path / "config.json"
+        where = str(config_file if config_file.exists() else resolved.path)
+        cfg = ModelConfig.from_hf(resolved.hf_config(), where=where, **overrides)
         model = build_model(cfg, iter_safetensors(resolved.path), where=str(resolved.path))
         tokenizer = load_tokenizer(resolved.path)
     check_vocab(cfg, tokenizer, where=str(resolved.path))
