@@ -1,0 +1,568 @@
+"""Synthetic DBBench tasks with gold answers, and a scripted expert that solves them.
+
+``generate_task(seed, index)`` draws a random table from one of many invented domains (every
+column TEXT, as in AgentBench) and a natural-language task of one DBBench type (INSERT, UPDATE,
+other, counting, comparison, ranking, aggregation-SUM/MIN/MAX/AVG) with varied phrasings. Gold
+answers come from executing the gold SQL on the sandboxed SQLite backend: the label list for
+query types, ``answer_md5`` (the AgentBench table hash after the statement) for INSERT/UPDATE.
+Everything is a pure function of ``(seed, index)``.
+
+The scripted expert writes a correct trajectory in the action grammar: sometimes it looks up the
+schema first, sometimes it makes a deliberate mistake (a wrong column name, a missing backtick
+quote, a wrong table name), reads the error and recovers; after a change it sometimes checks the
+row. :func:`write_sft_jsonl` runs those trajectories through :class:`DBBenchEnv` (so every
+observation is real) and writes OpenAI ``messages`` JSONL for the SFT trainer;
+:func:`write_tasks_jsonl` writes task records in the AgentBench JSONL schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cmat_jax.envs.dbbench import QUERY_TYPES, DBBenchEnv, DBTask
+from cmat_jax.envs.dbbench_synth_domains import DOMAINS, TABLE_QUALIFIERS, Column, Domain
+from cmat_jax.envs.sql_backend import ExecResult
+from cmat_jax.envs.sqlite_backend import SQLiteBackend
+
+TASK_TYPES = ("INSERT", "UPDATE", *QUERY_TYPES)
+# One in five tasks changes the table, one in five is a plain lookup; the rest spread over the
+# query types (AgentBench's DB split is roughly balanced between mutations and queries).
+_TYPE_WEIGHTS = (4, 4, 4, 2, 2, 2, 1, 1, 1, 1)
+_BACKEND = SQLiteBackend(time_limit_s=10.0)
+
+
+class SynthError(RuntimeError):
+    """A draw could not produce a valid task (retried with the next sub-seed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthTask:
+    """A generated task plus what the scripted expert needs to solve it."""
+
+    task: DBTask
+    gold_sql: str
+    key_column: str
+    key_value: str | None  # the row a lookup/UPDATE/INSERT is about (for checks)
+
+    def to_record(self) -> dict[str, Any]:
+        rec = self.task.to_record()
+        rec["sql"] = {"query": self.gold_sql}
+        rec["source"] = "cmat_jax.dbbench_synth"
+        return rec
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def q(name: str) -> str:
+    """Backtick-quote an identifier for the agent's MySQL."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+def lit(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _table_name(rng: random.Random, domain: Domain) -> str:
+    base = rng.choice(domain.tables) + rng.choice(TABLE_QUALIFIERS)
+    style = rng.random()
+    if style < 0.55:
+        return base
+    words = re.sub(r"[^0-9A-Za-z ]", "", base).split()
+    if style < 0.8:
+        return "_".join(w.lower() for w in words)
+    return "".join(w[:1].upper() + w[1:] for w in words)
+
+
+def _unique_values(rng: random.Random, col: Column, n: int) -> list[str]:
+    seen: list[str] = []
+    tries = 0
+    while len(seen) < n:
+        v = col.make(rng)
+        tries += 1
+        if v in seen:
+            if tries > 40 * n:
+                v = f"{v} {len(seen) + 2}"
+            else:
+                continue
+        seen.append(v)
+    return seen
+
+
+@dataclasses.dataclass
+class _Table:
+    name: str
+    entity: str
+    headers: list[str]
+    roles: list[str]
+    makers: list[Column]
+    rows: list[list[str]]
+
+    def cols(self, role: str) -> list[int]:
+        return [i for i, r in enumerate(self.roles) if r == role]
+
+    def column(self, i: int) -> list[str]:
+        return [r[i] for r in self.rows]
+
+
+def _draw_table(rng: random.Random) -> _Table:
+    domain = rng.choice(DOMAINS)
+    key = [c for c in domain.columns if c.role == "key"]
+    others = [c for c in domain.columns if c.role != "key"]
+    nums = [c for c in others if c.role == "num"]
+    cats = [c for c in others if c.role == "cat"]
+    chosen = {id(rng.choice(nums)), id(rng.choice(cats))}
+    extra = [c for c in others if id(c) not in chosen]
+    rng.shuffle(extra)
+    chosen |= {id(c) for c in extra[: rng.randint(1, len(extra))]}
+    cols = key + [c for c in others if id(c) in chosen]
+    n_rows = rng.randint(8, 26)
+    values = [
+        _unique_values(rng, c, n_rows) if c.role == "key" else [c.make(rng) for _ in range(n_rows)]
+        for c in cols
+    ]
+    return _Table(
+        name=_table_name(rng, domain),
+        entity=domain.entity,
+        headers=[rng.choice(c.names) for c in cols],
+        roles=[c.role for c in cols],
+        makers=cols,
+        rows=[list(r) for r in zip(*values, strict=True)],
+    )
+
+
+def _run(table: _Table, sql: str) -> tuple[ExecResult, Any]:
+    """Execute gold SQL on a fresh sandboxed copy of the table; return (result, episode db)."""
+    spec_task = _db_task(table, "other", "", "", (), None, "x")
+    db = _BACKEND.open(spec_task.table_spec())
+    res = db.execute(sql)
+    if res.error:
+        db.close()
+        raise SynthError(f"gold SQL failed: {res.text} :: {sql}")
+    return res, db
+
+
+def _db_task(
+    table: _Table,
+    typ: str,
+    desc: str,
+    add: str,
+    label: tuple[Any, ...],
+    md5: str | None,
+    task_id: str,
+) -> DBTask:
+    return DBTask(
+        task_id=task_id,
+        description=desc,
+        add_description=add,
+        table_name=table.name,
+        columns=tuple(table.headers),
+        rows=tuple(tuple(r) for r in table.rows),
+        type=typ,
+        label=label,
+        answer_md5=md5,
+    )
+
+
+def _add_description(rng: random.Random, table: _Table) -> str:
+    cols = ", ".join(table.headers)
+    return rng.choice(
+        (
+            f"The table is called {table.name} and its columns are {cols}.",
+            f"Table name: {table.name}. Column headers: {cols}.",
+            f"You are working on the table {table.name}, whose headers are {cols}.",
+            f"Use the table {table.name}; it has the columns {cols}.",
+        )
+    )
+
+
+def _fmt(v: Any) -> str:
+    return str(v)
+
+
+def _num(v: str) -> float:
+    return float(v)
+
+
+# -- task builders: each returns (description, gold_sql, key_value) ---------------------------
+
+
+def _pick_unique_row(rng: random.Random, t: _Table) -> int:
+    return rng.randrange(len(t.rows))
+
+
+def _other(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    k = 0
+    a = rng.choice([i for i in range(1, len(t.headers))])
+    r = _pick_unique_row(rng, t)
+    K, A, v = t.headers[k], t.headers[a], t.rows[r][k]
+    desc = rng.choice(
+        (
+            f"What is the {A} for the {K} {v}?",
+            f"Tell me the {A} recorded for {v}.",
+            f"Look up {v} and report its {A}.",
+            f"Which {A} belongs to the entry whose {K} is '{v}'?",
+            f"Find the value of {A} where {K} equals {v}.",
+            f"For {v}, what does the {A} column say?",
+        )
+    )
+    return desc, f"SELECT {q(A)} FROM {q(t.name)} WHERE {q(K)} = {lit(v)}", v
+
+
+def _counting(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    if rng.random() < 0.65:
+        c = rng.choice(t.cols("cat"))
+        C, v = t.headers[c], rng.choice(t.column(c))
+        desc = rng.choice(
+            (
+                f"How many {t.entity} have {C} equal to {v}?",
+                f"Count the {t.entity} whose {C} is {v}.",
+                f"What is the number of rows with {C} '{v}'?",
+                f"How many entries list {v} as their {C}?",
+            )
+        )
+        return desc, f"SELECT COUNT(*) FROM {q(t.name)} WHERE {q(C)} = {lit(v)}", None
+    n = rng.choice(t.cols("num"))
+    N, x = t.headers[n], rng.choice(t.column(n))
+    above = rng.random() < 0.5
+    op, word = (">", rng.choice(("above", "greater than", "more than"))) if above else (
+        "<", rng.choice(("below", "less than", "under")))  # fmt: skip
+    desc = rng.choice(
+        (
+            f"How many {t.entity} have a {N} {word} {x}?",
+            f"Count the rows whose {N} is {word} {x}.",
+        )
+    )
+    return desc, f"SELECT COUNT(*) FROM {q(t.name)} WHERE {q(N)} {op} {x}", None
+
+
+def _comparison(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    n = rng.choice(t.cols("num"))
+    N = t.headers[n]
+    K = t.headers[0]
+    vals = sorted(_num(v) for v in t.column(n))
+    greater = rng.random() < 0.5
+    # a threshold that keeps between 1 and ~5 rows
+    idx = rng.randint(max(len(vals) - 6, 0), len(vals) - 2) if greater else rng.randint(1, 5)
+    x = t.column(n)[[_num(v) for v in t.column(n)].index(vals[idx])]
+    op = ">" if greater else "<"
+    word = rng.choice(("greater than", "higher than", "above")) if greater else rng.choice(
+        ("less than", "lower than", "below"))  # fmt: skip
+    where = f"{q(N)} {op} {x}"
+    extra = ""
+    if rng.random() < 0.3:
+        c = rng.choice(t.cols("cat"))
+        v = rng.choice(t.column(c))
+        where += f" AND {q(t.headers[c])} = {lit(v)}"
+        extra = f" and a {t.headers[c]} of {v}"
+    desc = rng.choice(
+        (
+            f"Which {K} values have a {N} {word} {x}{extra}?",
+            f"List every {K} whose {N} is {word} {x}{extra}.",
+            f"Give the {K} of all {t.entity} with {N} {word} {x}{extra}.",
+        )
+    )
+    return desc, f"SELECT {q(K)} FROM {q(t.name)} WHERE {where}", None
+
+
+def _ranking(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    n = rng.choice(t.cols("num"))
+    N, K = t.headers[n], t.headers[0]
+    high = rng.random() < 0.5
+    order = "DESC" if high else "ASC"
+    word = rng.choice(("highest", "largest", "greatest")) if high else rng.choice(
+        ("lowest", "smallest", "least"))  # fmt: skip
+    desc = rng.choice(
+        (
+            f"Which {K} has the {word} {N}?",
+            f"Name the {K} with the {word} {N}.",
+            f"Among all {t.entity}, which one has the {word} {N}? Give its {K}.",
+        )
+    )
+    sql = f"SELECT {q(K)} FROM {q(t.name)} ORDER BY {q(N)} + 0 {order} LIMIT 1"
+    vals = sorted((_num(v) for v in t.column(n)), reverse=high)
+    if len(vals) > 1 and vals[0] == vals[1]:
+        raise SynthError("tie at the top")
+    return desc, sql, None
+
+
+def _aggregation(kind: str):
+    def build(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+        n = rng.choice(t.cols("num"))
+        N = t.headers[n]
+        where, cond = "", ""
+        if rng.random() < 0.6:
+            c = rng.choice(t.cols("cat"))
+            v = rng.choice(t.column(c))
+            where = f" WHERE {q(t.headers[c])} = {lit(v)}"
+            cond = rng.choice((f" for {t.entity} whose {t.headers[c]} is {v}",
+                               f" among rows with {t.headers[c]} {v}"))  # fmt: skip
+        words = {
+            "SUM": ("total", "sum of the", "combined"),
+            "AVG": ("average", "mean"),
+            "MIN": ("smallest", "minimum", "lowest"),
+            "MAX": ("largest", "maximum", "highest"),
+        }[kind]
+        w = rng.choice(words)
+        desc = rng.choice((f"What is the {w} {N}{cond}?", f"Compute the {w} {N}{cond}."))
+        if kind == "SUM":
+            expr = f"SUM({q(N)})"
+        elif kind == "AVG":
+            expr = f"ROUND(AVG({q(N)}), 2)"
+            desc = desc.rstrip("?.") + ", rounded to two decimals?"
+        else:
+            expr = f"{kind}({q(N)} + 0)"
+        return desc, f"SELECT {expr} FROM {q(t.name)}{where}", None
+
+    return build
+
+
+def _insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    existing = set(t.column(0))
+    key = next(v for v in (t.makers[0].make(rng) for _ in range(200)) if v not in existing)
+    values = [key] + [c.make(rng) for c in t.makers[1:]]
+    cols = list(range(len(t.headers)))
+    if rng.random() < 0.2 and len(cols) > 3:  # leave one non-key column empty (NULL)
+        cols.pop(rng.randrange(1, len(cols)))
+    pairs = [(t.headers[i], values[i]) for i in cols]
+    listing = ", ".join(f"{h} {v}" for h, v in pairs[1:])
+    desc = rng.choice(
+        (
+            f"Add a new row to {t.name} for {key}: {listing}.",
+            f"Insert {key} into the {t.name} table with "
+            + ", ".join(f"{h} set to '{v}'" for h, v in pairs[1:])
+            + ".",
+            f"Record a new entry with {pairs[0][0]} {key}; its values are {listing}.",
+            f"Please store this new record in {t.name}: "
+            + "; ".join(f"{h} = {v}" for h, v in pairs)
+            + ".",
+        )
+    )
+    sql = (
+        f"INSERT INTO {q(t.name)} ({', '.join(q(h) for h, _ in pairs)}) "
+        f"VALUES ({', '.join(lit(v) for _, v in pairs)})"
+    )
+    return desc, sql, key
+
+
+def _update(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    a = rng.randrange(1, len(t.headers))
+    A = t.headers[a]
+    if rng.random() < 0.25 and t.cols("cat"):
+        c = rng.choice(t.cols("cat"))
+        C, v = t.headers[c], rng.choice(t.column(c))
+        new = t.makers[a].make(rng)
+        if all(r[a] == new for r in t.rows if r[c] == v):
+            raise SynthError("update changes nothing")
+        desc = rng.choice(
+            (
+                f"Set the {A} to {new} for every row whose {C} is {v}.",
+                f"For all {t.entity} with {C} {v}, change {A} to '{new}'.",
+            )
+        )
+        return desc, f"UPDATE {q(t.name)} SET {q(A)} = {lit(new)} WHERE {q(C)} = {lit(v)}", None
+    r = rng.randrange(len(t.rows))
+    K, key = t.headers[0], t.rows[r][0]
+    new = next(v for v in (t.makers[a].make(rng) for _ in range(50)) if v != t.rows[r][a])
+    desc = rng.choice(
+        (
+            f"Change the {A} of {key} to {new}.",
+            f"Update the {t.name} table so that {key} has {A} '{new}'.",
+            f"The {A} for {K} {key} is now {new}; update the table.",
+            f"Correct the record of {key}: its {A} should be {new}.",
+        )
+    )
+    return desc, f"UPDATE {q(t.name)} SET {q(A)} = {lit(new)} WHERE {q(K)} = {lit(key)}", key
+
+
+_BUILDERS = {
+    "other": _other,
+    "counting": _counting,
+    "comparison": _comparison,
+    "ranking": _ranking,
+    "aggregation-SUM": _aggregation("SUM"),
+    "aggregation-MIN": _aggregation("MIN"),
+    "aggregation-MAX": _aggregation("MAX"),
+    "aggregation-AVG": _aggregation("AVG"),
+    "INSERT": _insert,
+    "UPDATE": _update,
+}
+
+
+def generate_task(seed: int, index: int, task_type: str | None = None) -> SynthTask:
+    """The ``index``-th task of stream ``seed`` (deterministic)."""
+    for attempt in range(50):
+        rng = random.Random(f"dbbench-synth:{seed}:{index}:{attempt}")
+        typ = task_type or rng.choices(TASK_TYPES, weights=_TYPE_WEIGHTS)[0]
+        table = _draw_table(rng)
+        try:
+            desc, sql, key_value = _BUILDERS[typ](rng, table)
+            add = _add_description(rng, table)
+            tid = f"synth-{seed}-{index}"
+            res, db = _run(table, sql)
+            try:
+                if typ in ("INSERT", "UPDATE"):
+                    md5 = db.table_hash()
+                    task = _db_task(table, typ, desc, add, (sql,), md5, tid)
+                else:
+                    rows = res.rows or []
+                    if not rows or any(r[0] is None for r in rows):
+                        raise SynthError("empty answer")
+                    if typ == "other" and len(rows) != 1:
+                        raise SynthError("ambiguous lookup")
+                    label = tuple(_fmt(r[0]) for r in rows)
+                    task = _db_task(table, typ, desc, add, label, None, tid)
+            finally:
+                db.close()
+        except SynthError:
+            continue
+        return SynthTask(task=task, gold_sql=sql, key_column=table.headers[0], key_value=key_value)
+    raise SynthError(f"no valid task for seed={seed} index={index}")
+
+
+def generate_tasks(n: int, seed: int = 0, start: int = 0) -> Iterator[SynthTask]:
+    for i in range(start, start + n):
+        yield generate_task(seed, i)
+
+
+# -- the scripted expert ---------------------------------------------------------------------
+
+
+def _op(thought: str, sql: str) -> str:
+    return f"{thought}\nAction: Operation\n```sql\n{sql}\n```"
+
+
+def _answer(thought: str, values: list[Any]) -> str:
+    return f"{thought}\nAction: Answer\nFinal Answer: {json.dumps(values, ensure_ascii=False)}"
+
+
+def _wrong_column(headers: tuple[str, ...], name: str) -> str | None:
+    cand = re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    if cand and cand.lower() not in {h.lower() for h in headers}:
+        return cand
+    return None
+
+
+def expert_plan(st: SynthTask, seed: int = 0) -> list[str]:
+    """The scripted expert's assistant messages for ``st`` (deterministic per task and seed)."""
+    t = st.task
+    rng = random.Random(f"expert:{seed}:{t.task_id}")
+    tq = q(t.table_name)
+    msgs: list[str] = []
+    intro = {
+        "INSERT": "The task asks me to add one row to the table.",
+        "UPDATE": "The task asks me to change existing values in the table.",
+    }.get(t.type, "The task is a question that I can answer with a SELECT query.")
+    if rng.random() < 0.3:
+        look = rng.choice(
+            (f"DESCRIBE {tq}", f"SHOW COLUMNS FROM {tq}", f"SELECT * FROM {tq} LIMIT 3")
+        )
+        msgs.append(_op(f"{intro} First I will look at the table to see its columns.", look))
+        intro = "Now I know the layout of the table."
+    if rng.random() < 0.15:
+        bad = _mistake(rng, st)
+        if bad is not None:
+            sql_bad, recovery = bad
+            msgs.append(_op(f"{intro} I will write the query directly.", sql_bad))
+            if rng.random() < 0.5:
+                msgs.append(_op(f"{recovery} Let me check the column names.", f"DESCRIBE {tq}"))
+                intro = "Now I have the exact column names, so I can fix the statement."
+            else:
+                intro = recovery + " I will fix the statement."
+    if t.is_mutation:
+        msgs.append(_op(f"{intro} This statement makes the change.", st.gold_sql))
+        if st.key_value is not None and rng.random() < 0.3:
+            check = f"SELECT * FROM {tq} WHERE {q(st.key_column)} = {lit(st.key_value)}"
+            msgs.append(_op("The statement ran. I will check the row to be sure.", check))
+        done = rng.choice(
+            (
+                "The table has been updated as requested.",
+                "The change is done, so I can finish.",
+                "The row is in the state the task describes.",
+            )
+        )
+        msgs.append(_answer(done, []))
+    else:
+        msgs.append(_op(f"{intro} This query selects what the question asks for.", st.gold_sql))
+        values = list(t.label)
+        done = rng.choice(
+            (
+                "The query returned the answer.",
+                "The output gives me the answer to the question.",
+                "That result answers the question.",
+            )
+        )
+        msgs.append(_answer(done, values))
+    return msgs
+
+
+def _mistake(rng: random.Random, st: SynthTask) -> tuple[str, str] | None:
+    """A plausible failing statement and the thought that explains the error."""
+    t = st.task
+    kind = rng.choice(("column", "table", "quotes"))
+    sql = st.gold_sql
+    if kind == "table":
+        wrong = re.sub(r"[^0-9a-z]+", "_", t.table_name.lower()).strip("_") + "_data"
+        return sql.replace(q(t.table_name), q(wrong), 1), (
+            f"The table {wrong} does not exist; the table is named {t.table_name}."
+        )
+    used = [h for h in t.columns if q(h) in sql]
+    if kind == "quotes":
+        spaced = [h for h in used if " " in h and h != t.table_name]
+        if spaced:
+            h = spaced[0]
+            return sql.replace(q(h), h), (
+                f"The name {h} contains spaces, so it has to be quoted with backticks."
+            )
+    for h in used:
+        wrong = _wrong_column(t.columns, h)
+        if wrong and wrong != h:
+            return sql.replace(q(h), q(wrong)), (
+                f"There is no column called {wrong}; the column is named {h}."
+            )
+    return None
+
+
+# -- writers ---------------------------------------------------------------------------------
+
+
+def expert_episode(st: SynthTask, env: DBBenchEnv, seed: int = 0) -> dict[str, Any]:
+    """Run the expert's plan through ``env``; returns the env transcript."""
+    env.reset(st.task)
+    for msg in expert_plan(st, seed):
+        if env.step(msg).done:
+            break
+    return env.transcript()
+
+
+def write_sft_jsonl(path: str | Path, n: int, seed: int = 0) -> int:
+    """Write ``n`` expert trajectories as ``{"messages": [...]}`` lines; returns the count.
+
+    Messages: system, user (task), then assistant / user (observation) turns ending with the
+    assistant's final answer. Only successful episodes are written (all of them, by design)."""
+    env = DBBenchEnv(SQLiteBackend())
+    written = 0
+    with Path(path).open("w", encoding="utf-8") as f:
+        for st in generate_tasks(n, seed):
+            tr = expert_episode(st, env, seed)
+            if tr["reward"] != 1.0:
+                raise SynthError(f"scripted expert failed task {st.task.task_id}: {tr['status']}")
+            rec = {"messages": tr["messages"], "source": "dbbench_synth", "type": st.task.type}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            written += 1
+    env.close()
+    return written
+
+
+def write_tasks_jsonl(path: str | Path, n: int, seed: int = 0) -> int:
+    """Write ``n`` task records in the AgentBench DBBench JSONL schema."""
+    with Path(path).open("w", encoding="utf-8") as f:
+        for st in generate_tasks(n, seed):
+            f.write(json.dumps(st.to_record(), ensure_ascii=False) + "\n")
+    return n
