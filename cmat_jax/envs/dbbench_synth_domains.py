@@ -14,32 +14,12 @@ from collections.abc import Callable
 
 ValueMaker = Callable[[random.Random], str]
 
-FIRST = (
-    "Amara Bruno Celine Dmitri Elif Farid Greta Hugo Ines Jonas Kaveh Leona Mateo Nadia Oskar "
-    "Priya Quentin Rosa Sanjay Talia Umberto Vera Wendell Ximena Yusuf Zofia Anselm Brielle "
-    "Cyrus Delphine Emeka Fiora Gideon Halle Idris Juno Kenji Lorna Milan Noor Orla Pavel "
-    "Rhea Soren Tamsin Ulla Viggo Wren Yara Zane"
-).split()
-LAST = (
-    "Abernathy Bellweather Castellan Drummond Everly Falkner Gallardo Hollis Ivers Jandali "
-    "Kowalczyk Lindqvist Marchetti Nakagawa Okonkwo Pemberton Quarles Rasmussen Szabo Thorne "
-    "Underhill Varga Whitcombe Yilmaz Zelenko Ashdown Brannigan Corcoran Delacroix Esposito "
-    "Fairbanks Grimaldi Halvorsen Ishikawa Jovanovic Kessler Lombardi Mbeki Novak Ostrowski"
-).split()
-TOWNS = (
-    "Alderbrook,Bramble Cove,Cinder Falls,Dunmere,Eastwick,Fernhollow,Glenarrow,Halcyon Bay,"
-    "Ironvale,Juniper Ridge,Kestrel Point,Larkspur,Millhaven,Northam,Oakhurst,Pinecrest,"
-    "Quarry Hill,Redfern,Saltmarsh,Thistledown,Upton Vale,Willowmere,Yarrowby,Zephyr Downs,"
-    "Ambergate,Brackenfield,Coldwater,Driftwood,Emberly,Foxmoor"
-).split(",")
-COUNTRIES = (
-    "Norway,Chile,Kenya,Portugal,Vietnam,Canada,Peru,Ghana,Finland,Morocco,Uruguay,Japan,"
-    "Poland,Ireland,Brazil,Nepal,Egypt,Iceland,Mexico,Greece,India,Tunisia,Austria,Colombia"
-).split(",")
-COLORS = "crimson,teal,amber,ivory,slate,olive,indigo,coral,ochre,jade".split(",")
-MONTHS = (
-    "January February March April May June July August September October November December"
-).split()
+FIRST = ["Amara", "Bruno", "Celine", "Dmitri", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kaveh", "Leona", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Sanjay", "Talia", "Umberto", "Vera", "Wendell", "Ximena", "Yusuf", "Zofia", "Anselm", "Brielle", "Cyrus", "Delphine", "Emeka", "Fiora", "Gideon", "Halle", "Idris", "Juno", "Kenji", "Lorna", "Milan", "Noor", "Orla", "Pavel", "Rhea", "Soren", "Tamsin", "Ulla", "Viggo", "Wren", "Yara", "Zane"]
+LAST = ["Abernathy", "Bellweather", "Castellan", "Drummond", "Everly", "Falkner", "Gallardo", "Hollis", "Ivers", "Jandali", "Kowalczyk", "Lindqvist", "Marchetti", "Nakagawa", "Okonkwo", "Pemberton", "Quarles", "Rasmussen", "Szabo", "Thorne", "Underhill", "Varga", "Whitcombe", "Yilmaz", "Zelenko", "Ashdown", "Brannigan", "Corcoran", "Delacroix", "Esposito", "Fairbanks", "Grimaldi", "Halvorsen", "Ishikawa", "Jovanovic", "Kessler", "Lombardi", "Mbeki", "Novak", "Ostrowski"]
+TOWNS = ["Alderbrook", "Bramble Cove", "Cinder Falls", "Dunmere", "Eastwick", "Fernhollow", "Glenarrow", "Halcyon Bay", "Ironvale", "Juniper Ridge", "Kestrel Point", "Larkspur", "Millhaven", "Northam", "Oakhurst", "Pinecrest", "Quarry Hill", "Redfern", "Saltmarsh", "Thistledown", "Upton Vale", "Willowmere", "Yarrowby", "Zephyr Downs", "Ambergate", "Brackenfield", "Coldwater", "Driftwood", "Emberly", "Foxmoor"]
+COUNTRIES = ["Norway", "Chile", "Kenya", "Portugal", "Vietnam", "Canada", "Peru", "Ghana", "Finland", "Morocco", "Uruguay", "Japan", "Poland", "Ireland", "Brazil", "Nepal", "Egypt", "Iceland", "Mexico", "Greece", "India", "Tunisia", "Austria", "Colombia"]
+COLORS = ["crimson", "teal", "amber", "ivory", "slate", "olive", "indigo", "coral", "ochre", "jade"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
 
 
 def person(rng: random.Random) -> str:
@@ -88,8 +68,8 @@ def C(names: str, role: str, make: ValueMaker) -> Column:
     return Column(tuple(n.strip() for n in names.split("|")), role, make)
 
 
-TOWN = lambda rng: rng.choice(TOWNS)  # noqa: E731
-COUNTRY = lambda rng: rng.choice(COUNTRIES)  # noqa: E731
+TOWN = lambda rng: rng.choice(TOWNS)
+COUNTRY = lambda rng: rng.choice(COUNTRIES)
 
 DOMAINS: tuple[Domain, ...] = (
     Domain(("Ferry Departures", "Harbour Ferry Log", "Ferry Timetable"), "ferries", (

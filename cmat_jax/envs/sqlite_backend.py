@@ -309,7 +309,9 @@ def mysql_error_text(err: BaseException, sql: str) -> str:
             f"corresponds to your MySQL server version for the right syntax to use near "
             f"'{near[:80]}' at line 1"
         )
-    if ("values for" in msg and "columns" in msg) or ("has" in msg and "values were supplied" in msg):
+    if ("values for" in msg and "columns" in msg) or (
+        "has" in msg and "values were supplied" in msg
+    ):
         return "1136 (21S01): Column count doesn't match value count at row 1"
     if msg.startswith("not authorized") or "prohibited" in msg:
         return f"sandbox: {msg}"
