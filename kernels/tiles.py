@@ -1,0 +1,56 @@
+"""Tile-level pieces shared by the Pallas kernels (traced inside kernel bodies)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .common import MASK_VALUE
+
+F32 = jnp.float32
+
+
+def tile_mask(
+    q_pos_R: jax.Array,
+    k_pos_C: jax.Array,
+    *,
+    causal: bool,
+    kv_len: int,
+    padded: bool,
+    qseg_R: jax.Array | None = None,
+    kseg_C: jax.Array | None = None,
+) -> jax.Array | None:
+    """Bool [R, C] visibility of a (query rows x key columns) tile, None when all visible."""
+    mask = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if causal:
+        mask = both(mask, q_pos_R[:, None] >= k_pos_C[None, :])
+    if padded and not causal:  # causal already hides keys past every real query
+        mask = both(
+            mask, jnp.broadcast_to(k_pos_C[None, :] < kv_len, (q_pos_R.shape[0], *k_pos_C.shape))
+        )
+    if qseg_R is not None:
+        mask = both(mask, qseg_R[:, None] == kseg_C[None, :])
+    return mask
+
+
+def masked(s_RC: jax.Array, mask: jax.Array | None, fill: float = MASK_VALUE) -> jax.Array:
+    return s_RC if mask is None else jnp.where(mask, s_RC, fill)
+
+
+def dot_nt(a_RD: jax.Array, b_CD: jax.Array) -> jax.Array:
+    """a @ b.T with f32 accumulation."""
+    return jax.lax.dot_general(a_RD, b_CD, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+
+def dot_nn(a_RC: jax.Array, b_CD: jax.Array) -> jax.Array:
+    """a @ b with f32 accumulation."""
+    return jax.lax.dot_general(a_RC, b_CD, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def dot_tn(a_RC: jax.Array, b_RD: jax.Array) -> jax.Array:
+    """a.T @ b with f32 accumulation."""
+    return jax.lax.dot_general(a_RC, b_RD, (((0,), (0,)), ((), ())), preferred_element_type=F32)
