@@ -360,6 +360,7 @@ class DBBenchEnv:
             obs = truncate_observation(res.text)
             s.rounds += 1
             info = {"error": res.error, "action": "Operation", "sql": sql, "status": "running"}
+            info["rows_capped"] = res.rows_capped
             s.steps.append({**info, "observation": obs})
             s.messages.append({"role": "user", "content": obs})
             return StepResult(observation=obs, done=False, reward=0.0, info=info)

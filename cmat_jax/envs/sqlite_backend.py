@@ -109,12 +109,45 @@ def _locate(sub: Any, s: Any, pos: Any = 1) -> int | None:
     return fold(_text(s)).find(fold(_text(sub)), start) + 1
 
 
+_NUM_PREFIX = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def mysql_number(value: Any) -> int | float:
+    """MySQL's string-to-number conversion: the longest numeric prefix, else 0."""
+    if isinstance(value, int | float):
+        return value
+    m = _NUM_PREFIX.match(_text(value))
+    return float(m.group()) if m else 0.0
+
+
+class _MySQLSum:
+    """``SUM`` as MySQL computes it over TEXT columns: strings become doubles (so the sum of
+    '7', '12', '3' is 22.0, not SQLite's integer 22)."""
+
+    def __init__(self) -> None:
+        self.total: int | float | None = None
+        self.as_float = False
+
+    def step(self, value: Any) -> None:
+        if value is None:
+            return
+        if not isinstance(value, int):
+            self.as_float = True
+        self.total = (self.total or 0) + mysql_number(value)
+
+    def finalize(self) -> int | float | None:
+        if self.total is None:
+            return None
+        return float(self.total) if self.as_float else self.total
+
+
 def _register_mysql_functions(conn: sqlite3.Connection) -> None:
     det = {"deterministic": True}
     conn.create_collation(COLLATION, _collate)
     conn.create_function("like", 2, _like, **det)
     conn.create_function("like", 3, _like, **det)
     conn.create_function("regexp", 2, _regexp, **det)
+    conn.create_aggregate("sum", 1, _MySQLSum)
     conn.create_function("lower", 1, lambda s: None if s is None else _text(s).lower(), **det)
     conn.create_function("upper", 1, lambda s: None if s is None else _text(s).upper(), **det)
     conn.create_function("lcase", 1, lambda s: None if s is None else _text(s).lower(), **det)
@@ -151,6 +184,7 @@ class SQLiteEpisode:
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
         self._deadline = float("inf")
+        self._trusted = False
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self.conn = conn
         _register_mysql_functions(conn)
@@ -169,8 +203,9 @@ class SQLiteEpisode:
         conn.set_progress_handler(self._progress, 2000)
 
     # -- sandbox hooks -------------------------------------------------------------------------
-    @staticmethod
-    def _authorize(action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> int:
+    def _authorize(self, action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> int:
+        if self._trusted:  # our own snapshot/restore (serialize runs PRAGMA page_count)
+            return sqlite3.SQLITE_OK
         if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
             return sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() not in READ_ONLY_PRAGMAS:
@@ -273,10 +308,18 @@ class SQLiteEpisode:
         return mysql_table_hash(rows)
 
     def snapshot(self) -> bytes:
-        return self.conn.serialize()
+        self._trusted = True
+        try:
+            return self.conn.serialize()
+        finally:
+            self._trusted = False
 
     def restore(self, snap: bytes) -> None:
-        self.conn.deserialize(snap)
+        self._trusted = True
+        try:
+            self.conn.deserialize(snap)
+        finally:
+            self._trusted = False
 
     def close(self) -> None:
         self.conn.close()
