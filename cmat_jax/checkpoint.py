@@ -1,0 +1,205 @@
+"""Training checkpoints: orbax `CheckpointManager` over LoRA params, optimizer state and data state.
+
+One checkpoint `<dir>/<step>/` holds four items:
+
+- `lora`  — the LoRA parameters only (small: this is all an exported adapter needs),
+- `train` — every other field of the train state (step, optimizer state, RNG, skip counter),
+- `data`  — the data iterator's JSON state (its position in the stream),
+- `meta`  — JSON about the run (model source, config fingerprint, metrics at this step).
+
+The frozen base model is never saved; the run config names its source. Saves are async and
+atomic (orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when every item is done),
+so a crash mid-save leaves no half checkpoint and resume picks the newest complete one.
+Restore takes a target state (concrete or abstract) and restores onto its shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+# Field of the train state that holds the LoRA params (train_step.TrainState: "params").
+_LORA_FIELDS = ("params", "lora")
+_ITEMS = ("lora", "train", "data", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing or does not fit the run; the message names the path."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When and how many checkpoints are written."""
+
+    every: int = 100
+    """Save every N optimizer steps (the last step is always saved)."""
+    keep: int = 3
+    """Keep the newest N checkpoints (older ones are deleted)."""
+    async_save: bool = True
+    """Write checkpoints in a background thread while training continues."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise CheckpointError(f"checkpoint.every must be >= 1, got {self.every}")
+        if self.keep < 1:
+            raise CheckpointError(f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+def completed_steps(directory: str | Path) -> list[int]:
+    """Steps of the finalized checkpoints in `directory` (read-only; safe while a run writes)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(ocp.step.checkpoint_steps(directory))
+
+
+def abstract_like(tree: Any) -> Any:
+    """`ShapeDtypeStruct`s (with shardings) of a pytree of arrays: a restore target."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _fields(state: Any) -> dict[str, Any]:
+    if hasattr(state, "_fields"):  # NamedTuple
+        return {f: getattr(state, f) for f in state._fields}
+    if dataclasses.is_dataclass(state):
+        return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    raise TypeError(f"train state must be a NamedTuple or dataclass, got {type(state).__name__}")
+
+
+def _split(state: Any) -> tuple[str, Any, dict[str, Any]]:
+    fields = _fields(state)
+    for name in _LORA_FIELDS:
+        if name in fields:
+            return name, fields.pop(name), fields
+    raise TypeError(f"train state {type(state).__name__} has no field among {_LORA_FIELDS}")
+
+
+class Checkpointer:
+    """Saves and restores train states in `directory` (created if missing)."""
+
+    def __init__(
+        self, directory: str | Path, config: CheckpointConfig | None = None, *, read_only=False
+    ):
+        self.directory = Path(directory).absolute()
+        self.config = config or CheckpointConfig()
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no checkpoint directory")
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.config.keep,
+                enable_async_checkpointing=self.config.async_save,
+                # Leftovers of a save interrupted by a crash are never complete: remove them.
+                cleanup_tmp_directories=True,
+            )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    # --- save ------------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: Any,
+        *,
+        data_state: dict | None = None,
+        meta: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Save at `state.step` if it is a multiple of `every` (or `force`); returns whether
+        a save started. Async: the arrays are copied off-device before this returns, so the
+        caller may donate `state` to the next step right away."""
+        step = int(jax.device_get(state.step))
+        if not force and step % self.config.every:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        _, lora, rest = _split(state)
+        args = ocp.args.Composite(
+            lora=ocp.args.StandardSave(lora),
+            train=ocp.args.StandardSave(rest),
+            data=ocp.args.JsonSave(data_state or {}),
+            meta=ocp.args.JsonSave({"step": step, **(meta or {})}),
+        )
+        return self._manager.save(step, args=args, force=True)
+
+    def wait(self) -> None:
+        """Block until every pending async save is finalized on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def _step_or_latest(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"{self.directory}: no checkpoint for step {step} (have {steps})")
+        return step
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, dict]:
+        """`(state, data_state, meta)` of `step` (default: newest complete checkpoint).
+
+        `target` is a train state of the same structure (arrays or `ShapeDtypeStruct`s); the
+        restored arrays get its shapes, dtypes and shardings, so a run restores onto its mesh.
+        """
+        step = self._step_or_latest(step)
+        name, lora_t, rest_t = _split(target)
+        args = ocp.args.Composite(
+            lora=ocp.args.StandardRestore(abstract_like(lora_t)),
+            train=ocp.args.StandardRestore(abstract_like(rest_t)),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
+        try:
+            out = self._manager.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{self.directory / str(step)}: checkpoint does not match this run's model, "
+                f"LoRA or optimizer config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
+        state = type(target)(**{name: out["lora"]}, **out["train"])
+        return state, dict(out["data"] or {}), dict(out["meta"] or {})
+
+    def restore_lora(self, target_lora: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Only the LoRA params (for export / inference): `(lora, meta)`."""
+        step = self._step_or_latest(step)
+        args = ocp.args.Composite(
+            lora=ocp.args.StandardRestore(abstract_like(target_lora)),
+            meta=ocp.args.JsonRestore(),
+        )
+        try:
+            out = self._manager.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{self.directory / str(step)}: LoRA params do not match the run's LoRA config "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
+        return out["lora"], dict(out["meta"] or {})
