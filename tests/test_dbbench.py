@@ -41,7 +41,11 @@ def small_task(typ: str = "other", label=("7",), md5: str | None = None) -> DBTa
         add_description="Table: Scorers.",
         table_name="Scorers",
         columns=("Player", "Goals", "Club Name"),
-        rows=(("Zoë Ramírez", "7", "Otters"), ("Ann O'Neil", "12", "Herons"), ("Li Wei", "3", None)),
+        rows=(
+            ("Zoë Ramírez", "7", "Otters"),
+            ("Ann O'Neil", "12", "Herons"),
+            ("Li Wei", "3", None),
+        ),
         type=typ,
         label=tuple(label),
         answer_md5=md5,
@@ -114,7 +118,10 @@ def test_grammar_first_fence_only_and_observation_format():
     first = env.reset(small_task())
     assert [m["role"] for m in first] == ["system", "user"]
     assert first[1]["content"] == "How many goals did Zoë Ramírez score?\nTable: Scorers."
-    two = op("SELECT Goals FROM Scorers WHERE Player = 'Li Wei'") + "\n```sql\nDROP TABLE Scorers\n```"
+    two = (
+        op("SELECT Goals FROM Scorers WHERE Player = 'Li Wei'")
+        + "\n```sql\nDROP TABLE Scorers\n```"
+    )
     r = env.step(two)
     assert r.observation == "[('3',)]" and not r.done and r.info["error"] is False
     r = env.step(op("SELECT COUNT(*)\nFROM Scorers"))  # newlines inside the block -> spaces

@@ -125,6 +125,8 @@ def test_time_limit_and_row_cap_are_configurable():
     res = db.execute("SELECT * FROM Scorers")
     assert res.rows_capped and len(res.rows) == 5
     t0 = time.monotonic()
-    res = db.execute("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT MAX(n) FROM r")
+    res = db.execute(
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT MAX(n) FROM r"
+    )
     assert res.error and "interrupted" in res.text and time.monotonic() - t0 < 1.0
     db.close()

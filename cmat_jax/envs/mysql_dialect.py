@@ -20,6 +20,7 @@ Case- and accent-insensitive comparison, ``LIKE`` with ``\\`` escapes and MySQL 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 _ESCAPES = {
@@ -49,84 +50,51 @@ class Token:
     value: str = ""  # decoded string / identifier name
 
 
-_WORD_RE = re.compile(r"[A-Za-z_$\u0080-\uffff][A-Za-z0-9_$\u0080-\uffff]*")
-_NUM_RE = re.compile(r"0x[0-9A-Fa-f]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_OPS = ("<=>", "<>", "!=", "<=", ">=", "||", "&&", ":=", "<<", ">>")
+_WORD = r"[A-Za-z_$\u0080-\uffff][0-9A-Za-z_$\u0080-\uffff]*"
+_TOKEN_RE = re.compile(
+    r"""(?P<ws>\s+)
+    |(?P<comment>\#[^\n]*|--(?=\s|$)[^\n]*|/\*[\s\S]*?\*/)
+    |(?P<str>'(?:[^'\\]|\\[\s\S]|'')*'|"(?:[^"\\]|\\[\s\S]|"")*")
+    |(?P<ident>`(?:[^`]|``)*`)
+    |(?P<semi>;)
+    |(?P<num>(?:0x[0-9A-Fa-f]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(?![0-9A-Za-z_$\u0080-\uffff]))
+    |(?P<word>\d*"""
+    + _WORD
+    + r""")
+    |(?P<op><=>|<>|!=|<=|>=|\|\||&&|:=|<<|>>|[\s\S])""",
+    re.VERBOSE,
+)
+# one left-to-right pass: a backslash escape, or a doubled quote
+_STRING_PART_RE = re.compile(r"\\([\s\S])|''|\"\"")
 
 
-def _read_quoted(sql: str, i: int, quote: str, backslash: bool) -> tuple[str, int]:
-    """Decode a quoted run starting at sql[i] == quote; return (value, index after it)."""
-    out: list[str] = []
-    j = i + 1
-    n = len(sql)
-    while j < n:
-        c = sql[j]
-        if backslash and c == "\\" and j + 1 < n:
-            nxt = sql[j + 1]
-            out.append(_ESCAPES.get(nxt, nxt))
-            j += 2
-            continue
-        if c == quote:
-            if j + 1 < n and sql[j + 1] == quote:  # doubled quote = one quote
-                out.append(quote)
-                j += 2
-                continue
-            return "".join(out), j + 1
-        out.append(c)
-        j += 1
-    raise SQLSyntaxError(f"unterminated {quote} quote starting at character {i + 1}")
+def _decode_string(body: str) -> str:
+    return _STRING_PART_RE.sub(
+        lambda m: _ESCAPES.get(m.group(1), m.group(1)) if m.group(1) else m.group()[0], body
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _tokenize(sql: str) -> tuple[Token, ...]:
+    tokens: list[Token] = []
+    for m in _TOKEN_RE.finditer(sql):
+        kind, text = m.lastgroup or "op", m.group()
+        if kind == "op" and text in "'\"`":
+            raise SQLSyntaxError(f"unterminated {text} quote starting at character {m.start() + 1}")
+        if kind == "op" and text == "/" and sql.startswith("/*", m.start()):
+            raise SQLSyntaxError(f"unterminated comment starting at character {m.start() + 1}")
+        if kind == "str":
+            tokens.append(Token("str", text, _decode_string(text[1:-1])))
+        elif kind == "ident":
+            tokens.append(Token("ident", text, text[1:-1].replace("``", "`")))
+        else:
+            tokens.append(Token(kind, text, text if kind == "word" else ""))
+    return tuple(tokens)
 
 
 def tokenize(sql: str) -> list[Token]:
-    tokens: list[Token] = []
-    i, n = 0, len(sql)
-    while i < n:
-        c = sql[i]
-        if c.isspace():
-            j = i
-            while j < n and sql[j].isspace():
-                j += 1
-            tokens.append(Token("ws", sql[i:j]))
-            i = j
-        elif c == "#" or (sql.startswith("--", i) and (i + 2 >= n or sql[i + 2].isspace())):
-            j = sql.find("\n", i)
-            j = n if j < 0 else j
-            tokens.append(Token("comment", sql[i:j]))
-            i = j
-        elif sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            if j < 0:
-                raise SQLSyntaxError(f"unterminated comment starting at character {i + 1}")
-            tokens.append(Token("comment", sql[i : j + 2]))
-            i = j + 2
-        elif c in "'\"":
-            value, j = _read_quoted(sql, i, c, backslash=True)
-            tokens.append(Token("str", sql[i:j], value))
-            i = j
-        elif c == "`":
-            value, j = _read_quoted(sql, i, "`", backslash=False)
-            tokens.append(Token("ident", sql[i:j], value))
-            i = j
-        elif c == ";":
-            tokens.append(Token("semi", c))
-            i += 1
-        elif m := _NUM_RE.match(sql, i):
-            # a number glued to letters (e.g. 1st, 2abc) is a word in MySQL
-            w = _WORD_RE.match(sql, m.end())
-            if w and not m.group().lower().startswith("0x"):
-                tokens.append(Token("word", sql[i : w.end()], sql[i : w.end()]))
-                i = w.end()
-            else:
-                tokens.append(Token("num", m.group()))
-                i = m.end()
-        elif m := _WORD_RE.match(sql, i):
-            tokens.append(Token("word", m.group(), m.group()))
-            i = m.end()
-        else:
-            op = next((o for o in _OPS if sql.startswith(o, i)), c)
-            tokens.append(Token("op", op))
-            i += len(op)
-    return tokens
+    """MySQL lexical tokens (strings decoded with MySQL's backslash escapes)."""
+    return list(_tokenize(sql))
 
 
 def _significant(tokens: list[Token]) -> list[Token]:
