@@ -72,6 +72,8 @@ def make_model_agent(
     model_source: str | None, *, checker: bool = False, max_new_tokens: int = 512, **kwargs: Any
 ) -> Agent:
     """The LLM agent: chat template + batched generation. Needs ``cmat_jax.generate``."""
+    if model_source is None:
+        raise ValueError("--agent model needs --model (an HF dir, a .gguf file or a preset)")
     try:
         from cmat_jax import generate as _gen
     except ImportError as e:
@@ -79,8 +81,6 @@ def make_model_agent(
             "--agent model needs the generation engine (cmat_jax.generate), which is not "
             "available in this installation; use --agent oracle or --agent null"
         ) from e
-    if model_source is None:
-        raise ValueError("--agent model needs --model (an HF dir, a .gguf file or a preset)")
     if checker:
         raise NotImplementedError(
             "--checker needs the CMAT Checker role wired into the evaluator (cmat_jax.cmat); "
