@@ -1,0 +1,521 @@
+"""The CMAT loss and the CMAT step (CMAT.md section 5): pure functions of (LoRA params, frozen
+base, batch).
+
+The whole objective is one token mean over the loss mask `m` (the tokens a role generated):
+
+    L = Σ m · [ policy_term + κ · k3(ref_logp, logp) + λ · anchor · (−logp) ] / Σ m
+
+with `policy_term` from the registry `LOSSES` (CMAT.md formulas, `logp = log π_θ(target)` under
+the row's adapter):
+
+    rwr  −w · logp                                 (w: RWR weight of the episode)
+    pg   −A · logp                                 (A: group-relative advantage)
+    ppo  −min(ρA, clip(ρ, 1−ε, 1+ε)A),  ρ = exp(logp − behavior_logp)
+
+and the k3 KL estimator `exp(ref − logp) − (ref − logp) − 1` against the adapter "none" (the
+frozen base). The SFT anchor `λ · NLL` covers anchor rows (expert / successful trajectories) and
+is divided by all masked tokens like every other term, so the loss stays one token mean and
+gradient accumulation over micro-batches is exact (λ's effect scales with the anchor share).
+
+Batch (all per-token arrays [B, T] are aligned with `targets`: position t scores predicting
+`targets[t]` after `inputs[:t+1]`; `batch_from_tokens` builds it from whole sequences):
+  inputs, targets       int32 [B, T]   (targets = inputs shifted left by one)
+  loss_mask             bool/float [B, T]
+  adapter_ids           int32 [B]      (the row's LoRA slot; -1 = "none", the base model)
+  segment_ids, positions  optional int32 [B, T] (packed rows)
+  advantage             f32 [B, T]     (pg, ppo)
+  behavior_logp         f32 [B, T]     (ppo; also gives the ratio / clip-fraction metrics)
+  ref_logp              f32 [B, T]     (when kl_coef > 0; `reference_logp` computes it)
+  weight                f32 [B] or [B, T]   (rwr)
+  anchor                bool [B] or [B, T]  (when anchor_coef > 0)
+Values at masked-out positions are ignored (they may be padding garbage, even inf).
+
+Per-token log-probs and the policy entropy come from one chunked pass over the LM head
+(`chunked_logp_entropy`), so no [B, T, V] float32 logits array is ever formed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from cmat_jax.losses import DEFAULT_CHUNK_TOKENS, chunk_length
+from cmat_jax.model.lora import NONE_SLOT
+from cmat_jax.train_step import TrainState, TrainStep, _split_micro, current_lr
+
+MODES = ("rwr", "pg", "ppo")
+MODEL_KEYS = ("inputs", "targets", "segment_ids", "positions")
+PER_TOKEN_KEYS = ("loss_mask", "advantage", "behavior_logp", "ref_logp", "segment_ids", "positions")
+PER_ROW_OR_TOKEN_KEYS = ("weight", "anchor")
+BATCH_KEYS = ("inputs", "targets", "adapter_ids", *PER_TOKEN_KEYS, *PER_ROW_OR_TOKEN_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """mode: rwr | pg | ppo. clip_eps: ε of the PPO clip. kl_coef: κ on the k3 KL to the "none"
+    slot. anchor_coef: λ on the NLL of anchor rows. The RWR temperature τ is not here: the
+    weights `w_i = softmax_g(R_i/τ)·G` arrive precomputed (`feedback.rwr_weights`, CMATConfig.tau)."""
+
+    mode: str = "rwr"
+    clip_eps: float = 0.2
+    kl_coef: float = 0.05
+    anchor_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"LossConfig.mode must be one of {'|'.join(MODES)}, got {self.mode!r}")
+        if not 0.0 < self.clip_eps < 1.0:
+            raise ValueError(f"LossConfig.clip_eps must be in (0, 1), got {self.clip_eps!r}")
+        for name in ("kl_coef", "anchor_coef"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"LossConfig.{name} must be a finite number >= 0, got {value!r}")
+
+    def required_keys(self) -> tuple[str, ...]:
+        keys = ["inputs", "targets", "loss_mask", "adapter_ids"]
+        keys += {"rwr": ["weight"], "pg": ["advantage"], "ppo": ["advantage", "behavior_logp"]}[
+            self.mode
+        ]
+        if self.kl_coef > 0:
+            keys.append("ref_logp")
+        if self.anchor_coef > 0:
+            keys.append("anchor")
+        return tuple(keys)
+
+
+# ----------------------------------------------------------------------------- the objective
+
+TokenObjective = Callable[[jax.Array, Mapping[str, jax.Array], LossConfig], jax.Array]
+
+
+def rwr_objective(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
+    """Reward-weighted regression: −w · logp."""
+    return -b["weight"] * logp_BT
+
+
+def pg_objective(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
+    """REINFORCE with the group baseline (folded into A): −A · logp."""
+    return -b["advantage"] * logp_BT
+
+
+def ppo_objective(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
+    """Clipped surrogate: −min(ρA, clip(ρ, 1−ε, 1+ε)A) with ρ = exp(logp − behavior_logp)."""
+    ratio = jnp.exp(logp_BT - b["behavior_logp"])
+    adv = b["advantage"]
+    clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+    return -jnp.minimum(ratio * adv, clipped * adv)
+
+
+LOSSES: dict[str, TokenObjective] = {"rwr": rwr_objective, "pg": pg_objective, "ppo": ppo_objective}
+
+
+def k3_kl(logp_BT: jax.Array, ref_logp_BT: jax.Array) -> jax.Array:
+    """Per-token k3 estimator of KL(π_θ ‖ π_ref) on samples from π_θ; >= 0, 0 iff equal."""
+    d = ref_logp_BT - logp_BT
+    return jnp.exp(d) - d - 1.0
+
+
+def cmat_token_loss(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossConfig) -> jax.Array:
+    """The CMAT objective per token (before masking): policy term + κ·KL + λ·anchor NLL."""
+    loss = LOSSES[cfg.mode](logp_BT, b, cfg)
+    if cfg.kl_coef > 0:
+        loss = loss + cfg.kl_coef * k3_kl(logp_BT, b["ref_logp"])
+    if cfg.anchor_coef > 0:
+        loss = loss + cfg.anchor_coef * b["anchor"] * (-logp_BT)
+    return loss
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def chunked_logp_entropy(
+    h_BTD: jax.Array,
+    w_DV: jax.Array,
+    targets_BT: jax.Array,
+    *,
+    compute_dtype: Any = jnp.bfloat16,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[jax.Array, jax.Array]:
+    """(log softmax(h @ w)[target], entropy of softmax(h @ w)), both float32 [B, T].
+
+    Like `losses.chunked_token_logp` (one rematerialized chunk of logits at a time) plus the
+    entropy from the same logits, so the metric costs no second head matmul. The entropy is
+    a metric: no gradient flows through it.
+    """
+    B, T, D = h_BTD.shape
+    V = w_DV.shape[1]
+    C = chunk_length(B, T, chunk_tokens)
+    n = -(-T // C)
+    pad = n * C - T
+    cdt = jnp.dtype(compute_dtype)
+    w_DV = w_DV.astype(cdt)
+    h_BTD = h_BTD.astype(cdt)
+    t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
+    if pad:
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+        t_BT = jnp.pad(t_BT, ((0, 0), (0, pad)))
+    h_NBCD = h_BTD.reshape(B, n, C, D).transpose(1, 0, 2, 3)
+    t_NBC = t_BT.reshape(B, n, C).transpose(1, 0, 2)
+
+    @jax.checkpoint
+    def chunk(_, xs):
+        h_BCD, t_BC = xs
+        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        tgt_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+        sg_BCV = jax.lax.stop_gradient(logits_BCV)
+        sg_lse_BC = jax.lax.stop_gradient(lse_BC)
+        p_BCV = jnp.exp(sg_BCV - sg_lse_BC[..., None])
+        ent_BC = sg_lse_BC - jnp.sum(p_BCV * sg_BCV, axis=-1)
+        return None, (tgt_BC - lse_BC, ent_BC)
+
+    _, (logp_NBC, ent_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
+    unchunk = lambda x: x.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
+    return unchunk(logp_NBC), unchunk(ent_NBC)
+
+
+def _model_logp_entropy(
+    model: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    adapter_ids_B: jax.Array,
+    *,
+    dropout_rng: jax.Array | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[jax.Array, jax.Array]:
+    h_BTD, _ = model.hidden(
+        batch["inputs"],
+        positions_BT=batch.get("positions"),
+        segment_ids_BT=batch.get("segment_ids"),
+        adapter_ids_B=adapter_ids_B,
+        dropout_rng=dropout_rng,
+    )
+    return chunked_logp_entropy(
+        h_BTD,
+        model.head_weight_DV(),
+        batch["targets"],
+        compute_dtype=model.config.compute_dtype,
+        chunk_tokens=chunk_tokens,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_tokens", "use_none"))
+def _logp_jit(graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: bool):
+    model = nnx.merge(graphdef, params, frozen)
+    B = batch["inputs"].shape[0]
+    ids = jnp.full((B,), NONE_SLOT, jnp.int32) if use_none else batch["adapter_ids"]
+    return _model_logp_entropy(model, batch, ids, chunk_tokens=chunk_tokens)[0]
+
+
+def _model_batch(batch: Mapping[str, Any], *extra: str) -> dict[str, jax.Array]:
+    keys = (*MODEL_KEYS, *extra)
+    return {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
+
+
+def reference_logp(
+    graphdef: Any,
+    params: Any,
+    frozen: Any,
+    batch: Mapping[str, Any],
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> jax.Array:
+    """`ref_logp [B, T]` f32: log-probs of the targets under the adapter "none" (the frozen
+    base) — a jitted no-grad forward, run once per round. `params` are the LoRA params (any
+    value: slot "none" ignores them; they only complete the graph)."""
+    return _logp_jit(
+        graphdef, params, frozen, _model_batch(batch), chunk_tokens=chunk_tokens, use_none=True
+    )
+
+
+def policy_logp(
+    graphdef: Any,
+    params: Any,
+    frozen: Any,
+    batch: Mapping[str, Any],
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> jax.Array:
+    """log-probs [B, T] under each row's adapter (`batch["adapter_ids"]`), no grad: the
+    teacher-forced `behavior_logp` for PPO when the sampler's own log-probs are not exact."""
+    return _logp_jit(
+        graphdef,
+        params,
+        frozen,
+        _model_batch(batch, "adapter_ids"),
+        chunk_tokens=chunk_tokens,
+        use_none=False,
+    )
+
+
+# ----------------------------------------------------------------------------- the loss
+
+# Metric name -> name of its denominator sum (all other sums are divided by "tokens").
+_OWN_DENOM = {"anchor_nll": "anchor_tokens"}
+
+
+def _per_token(x: jax.Array, like_BT: jax.Array) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    return x[:, None] * jnp.ones_like(like_BT) if x.ndim == 1 else x
+
+
+def cmat_loss_sums(
+    trainable: Any,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    cfg: LossConfig,
+    *,
+    graphdef: Any,
+    dropout_rng: jax.Array | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(Σ m·objective, masked sums of every metric incl. "tokens" = Σ m): the additive form
+    of `cmat_loss`, summed over micro-batches before the one division."""
+    model = nnx.merge(graphdef, trainable, frozen)
+    if dropout_rng is not None and model.lora.config.dropout == 0:
+        dropout_rng = None
+    logp_BT, ent_BT = _model_logp_entropy(
+        model, batch, batch["adapter_ids"], dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
+    )
+    valid_BT = jnp.asarray(batch["loss_mask"]) > 0
+    m_BT = valid_BT.astype(jnp.float32)
+    logp_sg = jax.lax.stop_gradient(logp_BT)
+    # Sanitize masked-out positions so padding garbage (inf, NaN) cannot leak into values or
+    # gradients: ρ = 1, KL = 0 and zero weights there.
+    b: dict[str, jax.Array] = {}
+    for k in ("advantage", "weight", "anchor"):
+        if k in batch:
+            b[k] = jnp.where(valid_BT, _per_token(batch[k], logp_BT), 0.0)
+    for k in ("behavior_logp", "ref_logp"):
+        if k in batch:
+            b[k] = jnp.where(valid_BT, jnp.asarray(batch[k], jnp.float32), logp_sg)
+
+    obj_BT = cmat_token_loss(logp_BT, b, cfg)
+    msum = lambda x: jnp.sum(jnp.where(valid_BT, x, 0.0))
+    objective = msum(obj_BT)
+    sg = jax.lax.stop_gradient
+    nll_BT = -logp_sg
+    sums = {
+        "loss": sg(objective),
+        "policy_loss": msum(sg(LOSSES[cfg.mode](logp_sg, b, cfg))),
+        "entropy": msum(ent_BT),
+        "nll": msum(nll_BT),
+        "tokens": jnp.sum(m_BT),
+    }
+    if "ref_logp" in b:
+        sums["kl"] = msum(k3_kl(logp_sg, b["ref_logp"]))
+    if "behavior_logp" in b:
+        ratio = jnp.exp(logp_sg - b["behavior_logp"])
+        sums["ratio"] = msum(ratio)
+        sums["clip_frac"] = msum((jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32))
+    if "weight" in b:
+        sums["weighted_nll"] = msum(b["weight"] * nll_BT)
+    if "anchor" in b:
+        sums["anchor_tokens"] = msum(b["anchor"])
+        sums["anchor_nll"] = msum(b["anchor"] * nll_BT)
+    return objective, sums
+
+
+def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Masked sums -> means: each over the masked tokens (anchor_nll over anchor tokens)."""
+    out = {}
+    for k, v in sums.items():
+        if k in ("tokens", "anchor_tokens"):
+            out[k] = v
+        else:
+            out[k] = v / jnp.maximum(sums[_OWN_DENOM.get(k, "tokens")], 1.0)
+    return out
+
+
+def cmat_loss(
+    trainable: Any,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    cfg: LossConfig,
+    *,
+    graphdef: Any,
+    dropout_rng: jax.Array | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) of CMAT.md section 5; differentiate w.r.t. `trainable` (the LoRA params,
+    an nnx.State or its pure dict). Bind `graphdef` with functools.partial for the 4-argument
+    form. Metrics: loss, policy_loss, kl, ratio, clip_frac, entropy, nll, weighted_nll,
+    anchor_nll, tokens, anchor_tokens (those whose inputs are in the batch)."""
+    objective, sums = cmat_loss_sums(
+        trainable,
+        frozen,
+        batch,
+        cfg,
+        graphdef=graphdef,
+        dropout_rng=dropout_rng,
+        chunk_tokens=chunk_tokens,
+    )
+    return objective / jnp.maximum(sums["tokens"], 1.0), finalize_metrics(sums)
+
+
+# ----------------------------------------------------------------------------- the batch
+
+
+def validate_batch(batch: Mapping[str, Any], cfg: LossConfig) -> None:
+    """Raise ValueError naming the field for a batch `cmat_loss` cannot consume (before jit)."""
+    for k in cfg.required_keys():
+        if batch.get(k) is None:
+            raise ValueError(f"CMAT batch: missing field {k!r} (needed by mode {cfg.mode!r})")
+    shape = tuple(np.shape(batch["inputs"]))
+    if len(shape) != 2:
+        raise ValueError(f"CMAT batch: field 'inputs' must be [B, T], got shape {shape}")
+    for k in ("targets", *PER_TOKEN_KEYS):
+        if batch.get(k) is not None and tuple(np.shape(batch[k])) != shape:
+            raise ValueError(
+                f"CMAT batch: field {k!r} has shape {np.shape(batch[k])}, expected {shape}"
+            )
+    for k in PER_ROW_OR_TOKEN_KEYS:
+        if batch.get(k) is not None and tuple(np.shape(batch[k])) not in (shape, shape[:1]):
+            raise ValueError(
+                f"CMAT batch: field {k!r} has shape {np.shape(batch[k])}, "
+                f"expected {shape[:1]} or {shape}"
+            )
+    if tuple(np.shape(batch["adapter_ids"])) != shape[:1]:
+        raise ValueError(
+            f"CMAT batch: field 'adapter_ids' has shape {np.shape(batch['adapter_ids'])}, "
+            f"expected {shape[:1]}"
+        )
+
+
+def batch_from_tokens(
+    tokens_BS: np.ndarray,
+    generated_BS: np.ndarray,
+    adapter_ids_B: np.ndarray,
+    **per_token_BS: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """Whole sequences [B, S] -> a CMAT batch [B, S-1]: inputs = tokens[:, :-1], targets =
+    tokens[:, 1:], loss_mask = generated[:, 1:] (the role's own tokens); every other [B, S]
+    array given by name (advantage, behavior_logp, ...) is keyed by the token it scores, so it
+    is shifted the same way. Per-row arrays ([B]: weight, anchor) pass through."""
+    tokens_BS = np.asarray(tokens_BS, np.int32)
+    out = {
+        "inputs": tokens_BS[:, :-1],
+        "targets": tokens_BS[:, 1:],
+        "loss_mask": np.asarray(generated_BS, bool)[:, 1:],
+        "adapter_ids": np.asarray(adapter_ids_B, np.int32),
+    }
+    for k, v in per_token_BS.items():
+        v = np.asarray(v)
+        out[k] = v[:, 1:] if v.ndim == 2 else v
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class CMATStep(TrainStep):
+    """Callable `step(state, frozen, batch) -> (state, metrics)`: gradient of `cmat_loss`
+    w.r.t. the LoRA params only, then the optax update; jitted, with NamedShardings from the
+    params' logical axes under a mesh (TrainStep's placement and compile). A non-finite loss
+    or gradient norm leaves params and optimizer state untouched and counts a skip.
+    `accum_steps` micro-batches sum exactly to the big batch (the loss is one token mean)."""
+
+    def __init__(
+        self,
+        graphdef: Any,
+        optimizer: Any,
+        loss_cfg: LossConfig,
+        mesh: Any = None,
+        accum_steps: int = 1,
+        *,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        donate: bool = True,
+    ):
+        super().__init__(
+            graphdef, optimizer, mesh, accum_steps, chunk_tokens=chunk_tokens, donate=donate
+        )
+        self.loss_cfg = loss_cfg
+        self.sums_fn = functools.partial(
+            cmat_loss_sums, cfg=loss_cfg, graphdef=graphdef, chunk_tokens=chunk_tokens
+        )
+
+    def _step(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def parts(params, mb, key):
+            return self.sums_fn(params, frozen, mb, dropout_rng=key)
+
+        grad_fn = jax.value_and_grad(parts, has_aux=True)
+        if self.accum == 1:
+            (_, sums), grads = grad_fn(state.params, batch, step_rng)
+        else:
+            micro = {k: _split_micro(v, self.accum) for k, v in batch.items()}
+            keys = jax.random.split(step_rng, self.accum)
+            shapes = jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda v: v[0], micro), keys[0]
+            )
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
+
+            def body(carry, xs):
+                (_, s_i), g_i = grad_fn(state.params, *xs)
+                return jax.tree.map(jnp.add, carry, (s_i, g_i)), None
+
+            (sums, grads), _ = jax.lax.scan(body, init, (micro, keys))
+
+        denom = jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        metrics = finalize_metrics(sums)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+        updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=pick(new_params, state.params),
+            opt_state=pick(new_opt, state.opt_state),
+            rng=jax.random.key_data(rng),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        metrics.update(grad_norm=grad_norm, lr=current_lr(new_opt), skipped=(~ok).astype(jnp.int32))
+        return new_state, metrics
+
+    def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, Any]):
+        validate_batch(batch, self.loss_cfg)
+        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS and v is not None}
+        B = np.shape(batch["inputs"])[0]
+        if B % self.accum:
+            raise ValueError(f"batch size {B} is not divisible by accum_steps={self.accum}")
+        if self._jitted is None:
+            self._jitted = self._compile(state, frozen, batch)
+        state, frozen, batch = self.place(state, frozen, batch)
+        if self.mesh is None:
+            return self._jitted(state, frozen, batch)
+        with jax.set_mesh(self.mesh):
+            return self._jitted(state, frozen, batch)
+
+
+def make_cmat_step(
+    graphdef: Any,
+    optimizer: Any,
+    loss_cfg: LossConfig,
+    mesh: Any = None,
+    accum_steps: int = 1,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    donate: bool = True,
+) -> CMATStep:
+    """Jitted `cmat_step(state, frozen, batch) -> (state, metrics)`; see CMATStep. The state and
+    frozen base come from `train_step.init_train_state`."""
+    return CMATStep(
+        graphdef,
+        optimizer,
+        loss_cfg,
+        mesh,
+        accum_steps,
+        chunk_tokens=chunk_tokens,
+        donate=donate,
+    )
