@@ -85,7 +85,10 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[Any] | None = Non
 
 def _mesh_sizes(mesh: Mesh | MeshConfig) -> dict[str, int]:
     if isinstance(mesh, MeshConfig):
-        return dict(zip(MESH_AXES, mesh.shape(), strict=True))
+        sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+        if -1 in sizes:  # only then does the device count matter
+            sizes = mesh.shape()
+        return dict(zip(MESH_AXES, sizes, strict=True))
     return {a: int(mesh.shape[a]) if a in mesh.shape else 1 for a in MESH_AXES}
 
 
