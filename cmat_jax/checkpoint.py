@@ -188,11 +188,13 @@ class Checkpointer:
         state = type(target)(**{name: out["lora"]}, **out["train"])
         return state, dict(out["data"] or {}), dict(out["meta"] or {})
 
-    def restore_lora(self, target_lora: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Only the LoRA params (for export / inference): `(lora, meta)`."""
+    def restore_lora(self, target_lora: Any = None, step: int | None = None) -> tuple[Any, dict]:
+        """Only the LoRA params (for export / inference): `(lora, meta)`. Without a target
+        they come back as saved (nested dicts of host arrays)."""
         step = self._step_or_latest(step)
+        target = None if target_lora is None else abstract_like(target_lora)
         args = ocp.args.Composite(
-            lora=ocp.args.StandardRestore(abstract_like(target_lora)),
+            lora=ocp.args.StandardRestore(target),
             meta=ocp.args.JsonRestore(),
         )
         try:

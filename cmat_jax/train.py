@@ -209,7 +209,8 @@ def resolved_config(job: SFTJob) -> dict:
         data=tuple(_absolute_if_path(d) for d in job.data),
         out=str(Path(job.out).expanduser().resolve()),
     )
-    return {"job": "sft", **dataclasses.asdict(job)}
+    # Through JSON once, so it compares equal to the config.json read back on --resume.
+    return json.loads(json.dumps({"job": "sft", **dataclasses.asdict(job)}))
 
 
 # ----------------------------------------------------------------------------- presets
@@ -226,9 +227,17 @@ def load_presets(kind: type) -> dict[str, Any]:
     found: dict[str, Any] = {}
     root = configs_dir()
     for path in sorted(root.glob("*.py")) if root.is_dir() else []:
-        spec = importlib.util.spec_from_file_location(f"_cmat_jax_configs_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        name = f"_cmat_jax_configs_{path.stem}"
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # dataclasses defined there look their module up
+            try:
+                spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except Exception:
+                del sys.modules[name]
+                raise
         for name, job in getattr(module, "PRESETS", {}).items():
             if isinstance(job, kind):
                 found[name] = job
@@ -291,8 +300,10 @@ def run_sft(job: SFTJob) -> dict:
 
     primary = jax.process_index() == 0
     run = RunDir(config["out"])
-    if primary and not job.resume and not run.is_fresh():
-        run.open(config, resume=False)  # refuses now, before any loading
+    resuming = job.resume
+    if primary and not run.is_fresh():
+        # An existing run dir: refuse it, or check its config, before loading anything.
+        resuming = run.open(config, resume=job.resume)
 
     model, tokenizer = load_model(
         job.model,
@@ -312,8 +323,9 @@ def run_sft(job: SFTJob) -> dict:
         model, optimizer, job.seed, base_dtype=job.param_dtype
     )
     del model
-    # Everything the user gave has been validated: only now create (or reopen) the run dir.
-    resuming = run.open(config, resume=job.resume) if primary else job.resume
+    if primary and run.is_fresh():
+        # Everything the user gave has been validated: only now create the run dir.
+        resuming = run.open(config, resume=job.resume)
     step_fn = make_train_step(graphdef, optimizer, mesh, optim_cfg.accum_steps)
 
     ckpt = Checkpointer(run.checkpoint_dir, job.checkpoint)
