@@ -19,7 +19,7 @@ from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import LoRAConfig, LoRAParam
 
-from ._attention_cases import assert_close, make_inputs, out_and_grads, reference_out_and_grads
+from .test_kernels_common import assert_close, make_inputs, out_and_grads, reference_out_and_grads
 
 
 @pytest.mark.parametrize("impl", ["xla", "chunked", "pallas", "auto"])

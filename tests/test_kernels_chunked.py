@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cmat_jax_kernels.chunked import chunked_attention
 
-from ._attention_cases import assert_close, make_inputs, out_and_grads, reference_out_and_grads
+from .test_kernels_common import assert_close, make_inputs, out_and_grads, reference_out_and_grads
 
 # Covering subset of causal x GQA ratio x segments x odd lengths x head_dim x dtype.
 # (B, T, H, K, D, causal, segments, dtype, block)

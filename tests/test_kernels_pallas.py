@@ -12,7 +12,7 @@ from cmat_jax_kernels.flash_gpu import flash_attention_gpu
 from cmat_jax_kernels.flash_tpu import flash_attention_tpu
 from jax.experimental.pallas import tpu as pltpu
 
-from ._attention_cases import assert_close, make_inputs, out_and_grads, reference_out_and_grads
+from .test_kernels_common import assert_close, make_inputs, out_and_grads, reference_out_and_grads
 
 # (B, T, H, K, D, causal, segments, dtype)
 GPU_CASES = [
