@@ -1,0 +1,838 @@
+"""Batched generation: a jitted prefill and a jitted, chunked `lax.while_loop` decode over a KV cache.
+
+Flow of `Generator.generate`:
+  1. Prompts (token ids or strings) are left-padded into a bucketed length T; the batch is padded
+     with dummy rows to a bucketed size B. Row b's first real slot is `start_B[b] = T - len_b`.
+  2. `prefill` (jit) runs the whole padded prompt through the model, filling a preallocated KV
+     cache of S = T + N slots (N = bucketed max_new_tokens), and samples the first token from the
+     last position only (no [B, T, V] logits).
+  3. `decode_chunk` (jit) runs a `lax.while_loop` that feeds one token per row per step, samples
+     the next (sampling fused into the loop), and exits when every row is done or the chunk's
+     step budget is used. Without stop strings or streaming, one chunk covers everything; with
+     them, the host checks stop strings / streams tokens between chunks of `chunk_steps` steps.
+
+Jitted functions take `(graphdef, state)` from `nnx.split` — the graphdef is static, every
+array (params, LoRA, sampling knobs, max_new_tokens, EOS ids) is traced — so a program is
+compiled once per (batch bucket, prompt bucket, new-token bucket) and then reused; `compile_counts()`
+reports how often each was traced.
+
+Log-probs: `logprobs[i][t]` is log_softmax of the *raw* logits (temperature 1, before top-k /
+top-p filtering) at the chosen token — the behaviour policy's log-prob under the unmodified model,
+which is what the CMAT/PPO ratio needs. Tokens include the EOS token that ended a row (its
+log-prob too); `texts` leave it out.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cmat_jax.model.config import ModelConfig
+from cmat_jax.model.llama import (
+    Llama,
+    apply_rope,
+    matmul,
+    rms_norm,
+    rope_tables,
+)
+from cmat_jax.model.lora import TARGETS, LoRAConfig, lora_delta
+
+FINISH_REASONS = ("running", "eos", "stop", "length")
+_RUNNING, _EOS, _STOP, _LENGTH = range(4)
+_MAX_EOS = 8  # EOS ids are passed as a fixed-size array (padded with -1) so they never recompile
+
+_COMPILES: collections.Counter[str] = collections.Counter()
+
+
+def compile_counts() -> dict[str, int]:
+    """How many times `prefill` / `decode` were traced (= compiled) in this process."""
+    return dict(_COMPILES)
+
+
+class GenerationError(ValueError):
+    """Bad generation input (prompt, sampling parameter, adapter id); the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off. Top-k applies before top-p."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise GenerationError(
+                f"temperature must be a finite number >= 0, got {self.temperature}"
+            )
+        if not (0 < self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k}")
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Per row: generated tokens (EOS included), their behaviour log-probs, and why it stopped."""
+
+    tokens: list[list[int]]
+    logprobs: list[np.ndarray]  # float32, log_softmax(raw logits)[token], same length as tokens
+    lengths: np.ndarray  # int32 [n]
+    finish_reasons: list[str]  # "eos" | "stop" | "length"
+    texts: list[str] | None = None  # decoded tokens (EOS left out, cut after a stop string)
+    prompt_lengths: np.ndarray | None = None
+
+
+# ------------------------------------------------------------------------------ bucketing
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Round up to a multiple of max(minimum, pow2(n) / 4): <= 25% waste, 4 buckets per octave."""
+    n = max(int(n), 1)
+    p2 = 1 << (n - 1).bit_length()
+    step = max(minimum, p2 // 4)
+    return -(-n // step) * step
+
+
+def bucket_batch(n: int, multiple: int = 1) -> int:
+    """Next power of two (rows are padded), rounded up to a multiple of the mesh's batch size."""
+    b = 1 << (max(n, 1) - 1).bit_length()
+    return -(-b // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------ sampling
+
+
+class SamplingArrays(NamedTuple):
+    temperature_B: jax.Array  # f32
+    top_k_B: jax.Array  # int32, 0 = off
+    top_p_B: jax.Array  # f32
+
+
+def _filter_top_k_top_p(x_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """Mask (to -inf) tokens outside the top-k, then outside the top-p nucleus of what is left."""
+    V = x_BV.shape[-1]
+    sorted_BV = -jnp.sort(-x_BV, axis=-1)  # descending
+    rank_V = jnp.arange(V)
+    k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
+    sorted_BV = jnp.where(rank_V[None] < k_B[:, None], sorted_BV, -jnp.inf)
+    p_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(p_BV, axis=-1) - p_BV  # mass strictly above each rank
+    keep_BV = (before_BV < top_p_B[:, None]) & (rank_V[None] < k_B[:, None])
+    n_keep_B = jnp.maximum(jnp.sum(keep_BV, axis=-1), 1)
+    threshold_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+    return jnp.where(x_BV >= threshold_B, x_BV, -jnp.inf)
+
+
+def sample_tokens(
+    logits_BV: jax.Array, keys_B: jax.Array, s: SamplingArrays
+) -> tuple[jax.Array, jax.Array]:
+    """Chosen tokens [B] int32 and their log-probs under log_softmax(raw logits) [B] f32."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_row_B = s.temperature_B <= 0
+
+    def sampled(_: None) -> jax.Array:
+        x_BV = logits_BV / jnp.where(greedy_row_B, 1.0, s.temperature_B)[:, None]
+        needs_filter = jnp.any((s.top_k_B > 0) | (s.top_p_B < 1.0))
+        x_BV = jax.lax.cond(
+            needs_filter,
+            lambda x: _filter_top_k_top_p(x, s.top_k_B, s.top_p_B),
+            lambda x: x,
+            x_BV,
+        )
+        draw_B = jax.vmap(jax.random.categorical)(keys_B, x_BV).astype(jnp.int32)
+        return jnp.where(greedy_row_B, greedy_B, draw_B)
+
+    # Skip the sort and the draw entirely when every row is greedy.
+    tok_B = jax.lax.cond(jnp.all(greedy_row_B), lambda _: greedy_B, sampled, None)
+    return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+
+
+def _step_keys(key: jax.Array, step: jax.Array, batch: int) -> jax.Array:
+    # Per-row keys from (key, row, step): a row's draws do not depend on chunking or batch padding.
+    k = jax.random.fold_in(key, step)
+    return jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(batch))
+
+
+# ------------------------------------------------------------------------------ cached forward
+#
+# The model's own cache path (`Llama.__call__(..., cache=)`) is exact but slow for decoding on
+# XLA:CPU, for two measured reasons (SmolLM2-135M, batch 16, 384 cache slots, one decode step):
+#  - bf16 arrays sliced by `lax.scan` (the stacked [L, ...] weights and cache) are converted to
+#    f32 *as a whole* on every call before slicing: ~30x slower layer loop. Crossing the scan as
+#    uint16 and bitcasting back inside the body avoids it.
+#  - the cache passes through the layer scan as xs -> ys, i.e. the whole cache is copied every
+#    step. Here it is a scan *carry*: each layer writes only its T new slots in place.
+# The math is the model's (`decoder_layer`), built from the same pure functions; a test checks
+# these logits against the model's no-cache forward.
+
+
+def _to_scan(a: jax.Array) -> jax.Array:
+    """bf16 -> its uint16 bits (no other array here is uint16, so the mapping is reversible)."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def _from_scan(a: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+class _ParamCache:
+    """The model state with bf16 leaves bit-cast to uint16, recomputed only when a leaf changes.
+
+    Done outside jit: inside, the bitcast of a whole stacked array would be a full copy per call."""
+
+    def __init__(self) -> None:
+        self._leaves: list[Any] = []
+        self._converted: Any = None
+
+    def __call__(self, state: Any) -> Any:
+        leaves = jax.tree.leaves(state)
+        if len(leaves) != len(self._leaves) or any(
+            a is not b for a, b in zip(leaves, self._leaves, strict=True)
+        ):
+            self._converted = jax.tree.map(_to_scan, state)
+            self._leaves = leaves
+        return self._converted
+
+
+def head_logits(model: Llama, h_BD: jax.Array) -> jax.Array:
+    """LM-head logits [B, V] f32 of hidden states whose params may be uint16 bits of bf16."""
+    cdt = jnp.dtype(model.config.compute_dtype)
+    if model.lm_head is None:  # tied: contract against embed [V, D] directly, no transpose
+        w_VD = _from_scan(model.embed[...]).astype(cdt)
+        return jnp.einsum("bd,vd->bv", h_BD.astype(cdt), w_VD, preferred_element_type=jnp.float32)
+    w_DV = _from_scan(model.lm_head[...]).astype(cdt)
+    return jnp.einsum("bd,dv->bv", h_BD.astype(cdt), w_DV, preferred_element_type=jnp.float32)
+
+
+class Cache(NamedTuple):
+    """KV cache like the model's `KVCache`, but laid out [L, B, K, S, Dh] (a layer's slice is a
+    ready batched-matmul operand: no per-step transpose) with bf16 stored bit-cast to uint16."""
+
+    k_LBKSD: jax.Array
+    v_LBKSD: jax.Array
+    start_B: jax.Array  # first valid slot per row (left padding before it)
+    index: jax.Array  # next slot to write (scalar, the same for every row)
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any, start_B: jax.Array):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
+        k, v = (_to_scan(jnp.zeros(shape, dtype)) for _ in range(2))  # two buffers (donation)
+        return cls(k, v, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def cached_forward(
+    model: Llama,
+    ids_BT: jax.Array,
+    cache: Cache,
+    cache_dtype: jnp.dtype,
+    adapter_ids_B: jax.Array | None = None,
+    *,
+    prefill: bool = False,
+) -> tuple[jax.Array, Cache]:
+    """Final-normed hidden states [B, T, D] f32 of T new tokens per row, and the updated cache.
+
+    Positions are `index + t - start_B` (left padding), as in `Llama.hidden` with a cache. The
+    new tokens attend to the cache's valid slots [start_B, index) and causally to each other;
+    `prefill=True` (static) promises an empty cache (index 0) and skips reading it. The new keys
+    and values are written into the cache once, after the layer loop."""
+    cfg = model.config
+    T = ids_BT.shape[1]
+    positions_BT = cache.index + jnp.arange(T, dtype=jnp.int32)[None] - cache.start_B[:, None]
+    x_BTD = _from_scan(model.embed[...][ids_BT]).astype(jnp.float32)
+    rope = rope_tables(cfg, positions_BT)
+    params = model.layers.stacked()
+    lora, lora_cfg = None, None
+    if model.lora is not None and adapter_ids_B is not None:
+        lora, lora_cfg = model.lora.stacked(), model.lora.config
+    kv = None if prefill else (cache.k_LBKSD, cache.v_LBKSD)
+    xs = (*jax.tree.map(_to_scan, (params, lora)), kv)  # no-op for leaves already uint16
+
+    def layer(x_BTD, xs_l):
+        p, lora_l, kv_l = jax.tree.map(_from_scan, xs_l)
+        x_BTD, k_BKTD, v_BKTD = _cached_layer(
+            cfg, p, x_BTD, rope, lora_l, lora_cfg, adapter_ids_B, kv_l, cache, cache_dtype
+        )
+        return x_BTD, (_to_scan(k_BKTD), _to_scan(v_BKTD))
+
+    x_BTD, (k_LBKTD, v_LBKTD) = jax.lax.scan(layer, x_BTD, xs)
+    at = (0, 0, 0, cache.index, 0)
+    cache = cache._replace(
+        k_LBKSD=jax.lax.dynamic_update_slice(cache.k_LBKSD, k_LBKTD, at),
+        v_LBKSD=jax.lax.dynamic_update_slice(cache.v_LBKSD, v_LBKTD, at),
+        index=cache.index + T,
+    )
+    return rms_norm(x_BTD, _from_scan(model.final_norm[...]), cfg.rms_norm_eps), cache
+
+
+def _cached_layer(
+    cfg: ModelConfig,
+    p: dict[str, jax.Array],
+    x_BTD: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
+    lora_l: dict[str, tuple[jax.Array, jax.Array]] | None,
+    lora_cfg: LoRAConfig | None,
+    adapter_ids_B: jax.Array | None,
+    kv_l: tuple[jax.Array, jax.Array] | None,
+    cache: Cache,
+    cache_dtype: jnp.dtype,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer (the model's `decoder_layer` math); returns x and the new k, v."""
+    B, T, _ = x_BTD.shape
+    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cdt = cfg.compute_dtype
+    adt = jnp.dtype(cdt)
+
+    def proj(target: str, x: jax.Array, bias: str | None = None) -> jax.Array:
+        y = matmul(x, p[TARGETS[target][0]], cdt)
+        if bias is not None and bias in p:
+            y = y + p[bias].astype(jnp.float32)
+        if lora_l is not None and target in lora_l:
+            a, b = lora_l[target]
+            y = y + lora_delta(x, a, b, adapter_ids_B, lora_cfg.scale, adt)
+        return y
+
+    h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
+    q_BTHD = apply_rope(proj("q", h_BTD, "bq").reshape(B, T, H, Dh), rope)
+    k_BTKD = apply_rope(proj("k", h_BTD, "bk").reshape(B, T, K, Dh), rope)
+    k_BKTD = k_BTKD.transpose(0, 2, 1, 3).astype(cache_dtype)
+    v_BKTD = proj("v", h_BTD, "bv").reshape(B, T, K, Dh).transpose(0, 2, 1, 3).astype(cache_dtype)
+    o_BTHD = _attend(q_BTHD.astype(adt), k_BKTD, v_BKTD, kv_l, cache.start_B, cache.index)
+    x_BTD = x_BTD + proj("o", o_BTHD.reshape(B, T, H * Dh), "bo")
+
+    h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
+    g_BTF = proj("gate", h_BTD)
+    u_BTF = proj("up", h_BTD)
+    x_BTD = x_BTD + proj("down", (jax.nn.silu(g_BTF) * u_BTF).astype(adt))
+    return x_BTD, k_BKTD, v_BKTD
+
+
+def _attend(
+    q_BTHD: jax.Array,
+    k_BKTD: jax.Array,
+    v_BKTD: jax.Array,
+    kv_l: tuple[jax.Array, jax.Array] | None,
+    start_B: jax.Array,
+    index: jax.Array,
+) -> jax.Array:
+    """Queries at slots index + t attend to cached slots [start_B, index) and new slots <= own.
+
+    One softmax over [cached | new] scores; the cache part is skipped when `kv_l` is None."""
+    B, T, H, Dh = q_BTHD.shape
+    K = k_BKTD.shape[1]
+    dt = q_BTHD.dtype
+    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+
+    def scores(k_BKSD: jax.Array) -> jax.Array:
+        s = jnp.einsum(
+            "bkgtd,bksd->bkgts", q_BKGTD, k_BKSD.astype(dt), preferred_element_type=jnp.float32
+        )
+        return s * Dh**-0.5
+
+    def weighted(p_BKGTS: jax.Array, v_BKSD: jax.Array) -> jax.Array:
+        return jnp.einsum(
+            "bkgts,bksd->bkgtd", p_BKGTS, v_BKSD.astype(dt), preferred_element_type=jnp.float32
+        )
+
+    slot_T = index + jnp.arange(T)
+    ok_BTT = (slot_T[None, None, :] <= slot_T[None, :, None]) & (
+        slot_T[None, None, :] >= start_B[:, None, None]
+    )
+    s_BKGTS = jnp.where(ok_BTT[:, None, None], scores(k_BKTD), -1e30)
+    if kv_l is not None:
+        slot_S = jnp.arange(kv_l[0].shape[2])
+        ok_BS = (slot_S[None] >= start_B[:, None]) & (slot_S[None] < index)
+        s_old_BKGTS = jnp.where(ok_BS[:, None, None, None], scores(kv_l[0]), -1e30)
+        s_BKGTS = jnp.concatenate([s_BKGTS, s_old_BKGTS], axis=-1)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(dt)
+    o_BKGTD = weighted(p_BKGTS[..., :T], v_BKTD)
+    if kv_l is not None:
+        o_BKGTD = o_BKGTD + weighted(p_BKGTS[..., T:], kv_l[1])
+    return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
+
+
+# ------------------------------------------------------------------------------ jitted core
+
+
+class DecodeState(NamedTuple):
+    cache: Cache
+    last_B: jax.Array  # int32: the latest token of each row (the next decode input)
+    tokens_BN: jax.Array  # int32 generated tokens
+    logp_BN: jax.Array  # f32 behaviour log-probs
+    length_B: jax.Array  # int32 tokens generated per row (frozen once done)
+    finish_B: jax.Array  # int32 index into FINISH_REASONS; 0 = running
+    step: jax.Array  # int32 scalar: tokens generated so far by running rows
+    key: jax.Array
+
+
+def _finish(
+    state: DecodeState, tok_B: jax.Array, logp_B: jax.Array, eos_E: jax.Array, max_new: jax.Array
+) -> DecodeState:
+    """Record this step's tokens for running rows; mark rows that hit EOS or the length limit."""
+    running_B = state.finish_B == _RUNNING
+    col = state.step
+    tokens_BN = state.tokens_BN.at[:, col].set(jnp.where(running_B, tok_B, 0))
+    logp_BN = state.logp_BN.at[:, col].set(jnp.where(running_B, logp_B, 0.0))
+    length_B = state.length_B + running_B.astype(jnp.int32)
+    is_eos_B = jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
+    step = state.step + 1
+    finish_B = jnp.where(
+        running_B & is_eos_B,
+        _EOS,
+        jnp.where(running_B & (step >= max_new), _LENGTH, state.finish_B),
+    )
+    return state._replace(
+        last_B=tok_B,
+        tokens_BN=tokens_BN,
+        logp_BN=logp_BN,
+        length_B=length_B,
+        finish_B=finish_B,
+        step=step,
+    )
+
+
+def _cache_sharding(cache: Cache, mesh: Any) -> Cache:
+    if mesh is None:
+        return cache
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    kv = NamedSharding(mesh, P(None, _batch_axes(mesh), _kv_axis(mesh), None, None))
+    return cache._replace(
+        k_LBKSD=jax.lax.with_sharding_constraint(cache.k_LBKSD, kv),
+        v_LBKSD=jax.lax.with_sharding_constraint(cache.v_LBKSD, kv),
+    )
+
+
+def _batch_axes(mesh: Any) -> tuple[str, ...] | None:
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    return axes or None
+
+
+def _kv_axis(mesh: Any) -> str | None:
+    return "tensor" if "tensor" in mesh.axis_names else None
+
+
+def _prefill_impl(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    ids_BT: jax.Array,
+    start_B: jax.Array,
+    adapter_ids_B: jax.Array | None,
+    finish_B: jax.Array,
+    eos_E: jax.Array,
+    max_new: jax.Array,
+    sampling: SamplingArrays,
+    key: jax.Array,
+    *,
+    new_bucket: int,
+    cache_dtype: str,
+    mesh: Any,
+) -> DecodeState:
+    _COMPILES["prefill"] += 1  # runs only while tracing
+    model: Llama = nnx.merge(graphdef, params)
+    B, T = ids_BT.shape
+    cdt = jnp.dtype(cache_dtype)
+    cache = _cache_sharding(Cache.init(model.config, B, T + new_bucket, cdt, start_B), mesh)
+    h_BTD, cache = cached_forward(model, ids_BT, cache, cdt, adapter_ids_B, prefill=True)
+    cache = _cache_sharding(cache, mesh)
+    # Left padding puts every row's last prompt token at T - 1: only that position needs logits.
+    logits_BV = head_logits(model, h_BTD[:, -1])
+    tok_B, logp_B = sample_tokens(logits_BV, _step_keys(key, jnp.int32(0), B), sampling)
+    state = DecodeState(
+        cache=cache,
+        last_B=tok_B,
+        tokens_BN=jnp.zeros((B, new_bucket), jnp.int32),
+        logp_BN=jnp.zeros((B, new_bucket), jnp.float32),
+        length_B=jnp.zeros((B,), jnp.int32),
+        finish_B=finish_B,
+        step=jnp.zeros((), jnp.int32),
+        key=key,
+    )
+    return _finish(state, tok_B, logp_B, eos_E, max_new)
+
+
+def _decode_impl(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    state: DecodeState,
+    adapter_ids_B: jax.Array | None,
+    eos_E: jax.Array,
+    max_new: jax.Array,
+    step_limit: jax.Array,
+    sampling: SamplingArrays,
+    *,
+    mesh: Any,
+) -> DecodeState:
+    _COMPILES["decode"] += 1
+    model: Llama = nnx.merge(graphdef, params)
+    B = state.last_B.shape[0]
+    cdt = _from_scan(state.cache.k_LBKSD[:0]).dtype
+
+    def cond(s: DecodeState) -> jax.Array:
+        return (s.step < step_limit) & jnp.any(s.finish_B == _RUNNING)
+
+    def body(s: DecodeState) -> DecodeState:
+        h_B1D, cache = cached_forward(model, s.last_B[:, None], s.cache, cdt, adapter_ids_B)
+        cache = _cache_sharding(cache, mesh)
+        logits_BV = head_logits(model, h_B1D[:, 0])
+        tok_B, logp_B = sample_tokens(logits_BV, _step_keys(s.key, s.step, B), sampling)
+        return _finish(s._replace(cache=cache), tok_B, logp_B, eos_E, max_new)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+_prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "new_bucket", "cache_dtype", "mesh"))
+_decode = jax.jit(_decode_impl, static_argnames=("graphdef", "mesh"), donate_argnames=("state",))
+
+
+# ------------------------------------------------------------------------------ host driver
+
+
+class Generator:
+    """Batched generation for one model (its LoRA slots included).
+
+    The model is re-split on every call, so updated LoRA weights are picked up without
+    recompiling. `max_cache_len` (default: the model's max_position_embeddings) bounds
+    prompt + new tokens.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Any | None = None,
+        *,
+        cache_dtype: str = "bfloat16",
+        mesh: Any | None = None,
+        max_cache_len: int | None = None,
+        min_prompt_bucket: int = 16,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_dtype = str(jnp.dtype(cache_dtype))
+        self.mesh = mesh
+        self.max_cache_len = int(max_cache_len or model.config.max_position_embeddings)
+        self.min_prompt_bucket = min_prompt_bucket
+        self._params = _ParamCache()
+
+    # -- input validation ---------------------------------------------------------------
+
+    def _prompt_ids(self, prompts: Sequence[Sequence[int] | str]) -> list[list[int]]:
+        if isinstance(prompts, str) or not len(prompts):
+            raise GenerationError("prompts must be a non-empty list of strings or token-id lists")
+        out = []
+        V = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise GenerationError(f"prompt {i} is a string but no tokenizer was given")
+                p = self.tokenizer.encode(p)
+            ids = [int(t) for t in p]
+            if not ids:
+                raise GenerationError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise GenerationError(f"prompt {i} has token id {bad[0]} outside [0, {V})")
+            out.append(ids)
+        return out
+
+    def _adapter_ids(self, adapter_ids: Any, n: int) -> np.ndarray | None:
+        lora = self.model.lora
+        if adapter_ids is None:
+            return None if lora is None else np.full((n,), -1, np.int32)
+        if isinstance(adapter_ids, (int, str)):
+            adapter_ids = [adapter_ids] * n
+        adapter_ids = list(adapter_ids)
+        if len(adapter_ids) != n:
+            raise GenerationError(f"adapter_ids has {len(adapter_ids)} entries for {n} prompts")
+        slots = () if lora is None else lora.config.slots
+        out = np.empty((n,), np.int32)
+        for i, a in enumerate(adapter_ids):
+            if isinstance(a, str):
+                if a != "none" and a not in slots:
+                    raise GenerationError(
+                        f"adapter_ids[{i}] = {a!r} is not a LoRA slot of the model "
+                        f"(slots: none, {', '.join(slots) or '-'})"
+                    )
+                out[i] = -1 if a == "none" else slots.index(a)
+            elif isinstance(a, (int, np.integer)) and -1 <= int(a) < len(slots):
+                out[i] = int(a)
+            else:
+                raise GenerationError(
+                    f"adapter_ids[{i}] = {a!r} is not a valid slot id: use -1 ('none') or "
+                    f"0..{len(slots) - 1} ({', '.join(slots) or 'the model has no LoRA slots'})"
+                )
+        return None if lora is None else out
+
+    def _eos_array(self, eos_ids: Sequence[int] | None) -> np.ndarray:
+        if eos_ids is None:
+            eos_ids = sorted(self.tokenizer.eos_ids) if self.tokenizer is not None else []
+        eos_ids = [int(e) for e in eos_ids]
+        if len(eos_ids) > _MAX_EOS:
+            raise GenerationError(f"at most {_MAX_EOS} EOS ids are supported, got {len(eos_ids)}")
+        return np.array(eos_ids + [-1] * (_MAX_EOS - len(eos_ids)), np.int32)
+
+    @staticmethod
+    def _sampling(sampling: Any, n: int, B: int) -> SamplingArrays:
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * n
+        sampling = list(sampling)
+        if len(sampling) != n or not all(isinstance(s, SamplingParams) for s in sampling):
+            raise GenerationError(f"sampling must be one SamplingParams or {n} of them")
+        sampling += [SamplingParams()] * (B - n)  # padding rows: greedy (and done anyway)
+        return SamplingArrays(
+            jnp.array([s.temperature for s in sampling], jnp.float32),
+            jnp.array([s.top_k for s in sampling], jnp.int32),
+            jnp.array([s.top_p for s in sampling], jnp.float32),
+        )
+
+    # -- generation -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | str],
+        *,
+        max_new_tokens: int = 128,
+        sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        key: jax.Array | None = None,
+        adapter_ids: Sequence[int | str] | int | str | None = None,
+        stop: Sequence[str] = (),
+        eos_ids: Sequence[int] | None = None,
+        chunk_steps: int | None = None,
+        stream: Callable[[int, list[int]], None] | None = None,
+    ) -> GenerationOutput:
+        """Generate up to `max_new_tokens` per prompt. `stream(row, new_tokens)` is called after
+        every decode chunk (of `chunk_steps` steps, default 8 when streaming / 32 with stop strings)."""
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = [s for s in stop if s]
+        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+        if stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer")
+        ids = self._prompt_ids(prompts)
+        n = len(ids)
+        adapters = self._adapter_ids(adapter_ids, n)
+        eos_E = self._eos_array(eos_ids)
+        if key is None:
+            key = jax.random.key(0)
+
+        lens = [len(p) for p in ids]
+        longest = max(lens)
+        if longest + max_new_tokens > self.max_cache_len:
+            i = lens.index(longest)
+            raise GenerationError(
+                f"prompt {i} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs "
+                f"{longest + max_new_tokens} cache slots but the cache holds {self.max_cache_len}"
+            )
+        T = min(bucket_length(longest, self.min_prompt_bucket), self.max_cache_len - max_new_tokens)
+        N = min(bucket_length(max_new_tokens), self.max_cache_len - T)
+        multiple = 1
+        if self.mesh is not None:
+            axes = _batch_axes(self.mesh) or ()
+            multiple = int(np.prod([self.mesh.shape[a] for a in axes]))
+        B = bucket_batch(n, multiple)
+
+        # Left-pad into [B, T]; padding rows are a single token and finished from the start.
+        pad_id = 0 if self.tokenizer is None else int(self.tokenizer.pad_id)
+        ids_BT = np.full((B, T), pad_id, np.int32)
+        start_B = np.full((B,), T - 1, np.int32)
+        for i, p in enumerate(ids):
+            ids_BT[i, T - len(p) :] = p
+            start_B[i] = T - len(p)
+        finish_B = np.where(np.arange(B) < n, _RUNNING, _LENGTH).astype(np.int32)
+        adapters_B = None
+        if adapters is not None:
+            adapters_B = np.full((B,), -1, np.int32)
+            adapters_B[:n] = adapters
+
+        graphdef, params = nnx.split(self.model)
+        params = self._params(params)
+        samp = self._sampling(sampling, n, B)
+        batch_args = [jnp.asarray(ids_BT), jnp.asarray(start_B), adapters_B, finish_B]
+        if self.mesh is not None:
+            batch_args = self._shard_batch(batch_args)
+        ids_d, start_d, adapters_d, finish_d = batch_args
+        max_new = jnp.int32(max_new_tokens)
+        eos_d = jnp.asarray(eos_E)
+        state = _prefill(
+            graphdef,
+            params,
+            ids_d,
+            start_d,
+            adapters_d,
+            finish_d,
+            eos_d,
+            max_new,
+            samp,
+            key,
+            new_bucket=N,
+            cache_dtype=self.cache_dtype,
+            mesh=self.mesh,
+        )
+
+        if chunk_steps is None:
+            chunk_steps = 8 if stream is not None else (32 if stop else max_new_tokens)
+        chunk_steps = max(1, int(chunk_steps))
+        checker = _StopChecker(self.tokenizer, stop, n) if stop else None
+        streamed = [0] * n
+        step = 1
+        while True:
+            if checker is not None or stream is not None:
+                state = self._host_checks(state, checker, stream, streamed, n)
+            if step >= max_new_tokens or not bool(jnp.any(state.finish_B == _RUNNING)):
+                break
+            step = min(step + chunk_steps, max_new_tokens)
+            state = _decode(
+                graphdef,
+                params,
+                state,
+                adapters_d,
+                eos_d,
+                max_new,
+                jnp.int32(step),
+                samp,
+                mesh=self.mesh,
+            )
+            step = int(state.step)
+
+        tokens = np.asarray(state.tokens_BN)
+        logp = np.asarray(state.logp_BN)
+        lengths = np.asarray(state.length_B)[:n].astype(np.int32)
+        finish = np.asarray(state.finish_B)[:n]
+        if checker is not None:
+            for i, (k, _) in checker.hits.items():
+                lengths[i], finish[i] = k, _STOP
+        out_tokens = [tokens[i, : lengths[i]].tolist() for i in range(n)]
+        texts = None
+        if self.tokenizer is not None:
+            texts = []
+            for i, toks in enumerate(out_tokens):
+                if finish[i] == _EOS:
+                    toks = toks[:-1]
+                text = self.tokenizer.decode(toks)
+                if checker is not None and i in checker.hits:
+                    text = text[: checker.hits[i][1]]
+                texts.append(text)
+        return GenerationOutput(
+            tokens=out_tokens,
+            logprobs=[logp[i, : lengths[i]].copy() for i in range(n)],
+            lengths=lengths,
+            finish_reasons=[FINISH_REASONS[f] for f in finish],
+            texts=texts,
+            prompt_lengths=np.array(lens, np.int32),
+        )
+
+    def _shard_batch(self, arrays: list[Any]) -> list[Any]:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        axes = _batch_axes(self.mesh)
+        out = []
+        for a in arrays:
+            if a is None:
+                out.append(None)
+                continue
+            spec = P(axes, *([None] * (np.ndim(a) - 1)))
+            out.append(jax.device_put(np.asarray(a), NamedSharding(self.mesh, spec)))
+        return out
+
+    def _host_checks(
+        self,
+        state: DecodeState,
+        checker: _StopChecker | None,
+        stream: Callable[[int, list[int]], None] | None,
+        streamed: list[int],
+        n: int,
+    ) -> DecodeState:
+        """Between chunks: find stop strings, stop those rows on device, stream new tokens."""
+        tokens = np.asarray(state.tokens_BN)
+        lengths = np.asarray(state.length_B)
+        finish = np.asarray(state.finish_B)
+        if checker is not None:
+            newly = checker.update(tokens, lengths, finish)
+            if newly:
+                finish = finish.copy()
+                finish[newly] = _STOP
+                state = state._replace(
+                    finish_B=jax.device_put(finish, state.finish_B.sharding),
+                )
+        if stream is not None:
+            for i in range(n):
+                end = int(lengths[i])
+                if checker is not None and i in checker.hits:
+                    end = checker.hits[i][0]
+                if end > streamed[i]:
+                    stream(i, tokens[i, streamed[i] : end].tolist())
+                    streamed[i] = end
+        return state
+
+
+class _StopChecker:
+    """Incremental stop-string search over each row's generated text.
+
+    Only text that may contain a new match is searched (from `max(len(stop)) - 1` characters
+    before the previous end); on a match, the first token count k whose decoded prefix contains
+    the stop string is found among the new tokens. `hits[row] = (k tokens, text end char)`.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], n: int):
+        self.tok = tokenizer
+        self.stop = list(stop)
+        self.overlap = max(len(s) for s in self.stop) - 1
+        self.checked_tokens = [0] * n
+        self.checked_chars = [0] * n
+        self.hits: dict[int, tuple[int, int]] = {}
+
+    def update(self, tokens: np.ndarray, lengths: np.ndarray, finish: np.ndarray) -> list[int]:
+        newly = []
+        for i in range(len(self.checked_tokens)):
+            n_tok = int(lengths[i])
+            if i in self.hits or n_tok == self.checked_tokens[i]:
+                continue
+            toks = tokens[i, :n_tok].tolist()
+            if finish[i] == _EOS:
+                toks = toks[:-1]  # the EOS token's text never counts as a stop string
+            text = self.tok.decode(toks)
+            begin = max(0, self.checked_chars[i] - self.overlap)
+            found = [(text.find(s, begin), s) for s in self.stop]
+            found = [(pos + len(s), pos) for pos, s in found if pos >= 0]
+            if found:
+                end_char, _ = min(found)
+                k = self._first_token_count(toks, self.checked_tokens[i], end_char, text)
+                self.hits[i] = (k, end_char)
+                if finish[i] == 0:
+                    newly.append(i)
+            self.checked_tokens[i] = n_tok
+            # Text of a trailing partial UTF-8 sequence can still change; re-search it next time.
+            self.checked_chars[i] = len(text.rstrip("\ufffd"))
+        return newly
+
+    def _first_token_count(self, toks: list[int], lo: int, end_char: int, text: str) -> int:
+        target = text[:end_char]
+        for k in range(max(lo, 1), len(toks) + 1):
+            if self.tok.decode(toks[:k]).startswith(target):
+                return k
+        return len(toks)
+
+
+def generate(
+    model: Llama, tokenizer: Any, prompts: Sequence[Sequence[int] | str], **kwargs: Any
+) -> GenerationOutput:
+    """One-shot convenience: `Generator(model, tokenizer).generate(prompts, **kwargs)`.
+
+    Compiled programs are shared across Generators (the jit caches are module-level)."""
+    gen_keys = {"cache_dtype", "mesh", "max_cache_len", "min_prompt_bucket"}
+    gen_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in gen_keys}
+    return Generator(model, tokenizer, **gen_kw).generate(prompts, **kwargs)

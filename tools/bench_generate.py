@@ -1,0 +1,180 @@
+"""Generation throughput: cmat_jax `Generator` vs transformers `generate`, both bf16, same process.
+
+SmolLM2-135M-Instruct architecture (random init by default; `--real` loads the GGUF preset),
+batch 16, prompt 256, 128 new tokens. Prints a JSON line last:
+  ours_tok_s, peer_tok_s, ratio (= ours / peer), new tokens per second end to end (prefill
+  included, compile excluded), plus ours' prefill time, decode steps/s and that as a fraction of
+  the memory-bandwidth bound (weight + KV-cache bytes per step / measured copy bandwidth).
+
+    python tools/bench_generate.py [--batch 16 --prompt 256 --new 128 --real --no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SMOLLM2_135M = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+
+
+def measure_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes/s of a large array copy (read + write counted), best of `repeats`."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def build_models(real: bool, with_peer: bool):
+    """(our model, HF model or None); the same weights on both sides."""
+    import torch
+    import transformers
+
+    from cmat_jax.model.config import ModelConfig
+    from cmat_jax.weights.load import build_model
+
+    if real:
+        from cmat_jax import load_model
+        from cmat_jax.weights.registry import smollm2_gguf_path
+
+        ours, _ = load_model("smollm2-135m-instruct", dtype="bfloat16")
+        peer = None
+        if with_peer:
+            path = smollm2_gguf_path()
+            peer = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.bfloat16
+            ).eval()
+        return ours, peer
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(**SMOLLM2_135M)
+    peer = transformers.LlamaForCausalLM(hf_cfg).eval().to(torch.bfloat16)
+    cfg = ModelConfig.from_hf(
+        {**SMOLLM2_135M, "architectures": ["LlamaForCausalLM"]},
+        param_dtype="bfloat16",
+        compute_dtype="bfloat16",
+    )
+    tensors = ((k, v.float().numpy()) for k, v in peer.state_dict().items())
+    ours = build_model(cfg, tensors, where="random init")
+    return ours, (peer if with_peer else None)
+
+
+def bench_ours(model, ids: np.ndarray, new: int, repeats: int) -> dict:
+    from cmat_jax.generate import Generator, compile_counts
+
+    gen = Generator(model, cache_dtype="bfloat16")
+    prompts = ids.tolist()
+    t = time.perf_counter()
+    gen.generate(prompts, max_new_tokens=new, eos_ids=[])
+    first = time.perf_counter() - t
+    # Prefill alone (max_new_tokens=1 shares the prefill program of a 1-token bucket).
+    gen.generate(prompts, max_new_tokens=1, eos_ids=[])
+    t = time.perf_counter()
+    gen.generate(prompts, max_new_tokens=1, eos_ids=[])
+    prefill_s = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = gen.generate(prompts, max_new_tokens=new, eos_ids=[])
+        times.append(time.perf_counter() - t)
+    assert all(n == new for n in out.lengths)
+    best = min(times)
+    return dict(
+        total_s=best,
+        first_call_s=first,
+        prefill_s=prefill_s,
+        decode_steps_s=(new - 1) / max(best - prefill_s, 1e-9),
+        compiles=compile_counts(),
+    )
+
+
+def bench_peer(model, ids: np.ndarray, new: int, repeats: int) -> float:
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    x = torch.tensor(ids)
+    kw = dict(do_sample=False, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(x[:, :16], **{**kw, "min_new_tokens": 4, "max_new_tokens": 4})
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = model.generate(x, **kw)
+            times.append(time.perf_counter() - t)
+    assert out.shape[1] == ids.shape[1] + new
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--real", action="store_true", help="load the SmolLM2 GGUF preset")
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    args = ap.parse_args()
+
+    ours_model, peer_model = build_models(args.real, not args.no_peer)
+    cfg = ours_model.config
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt)).astype(np.int32)
+    new_tokens = args.batch * args.new
+
+    ours = bench_ours(ours_model, ids, args.new, args.repeats)
+    ours_tok_s = new_tokens / ours["total_s"]
+    peer_tok_s = None
+    if peer_model is not None:
+        peer_tok_s = new_tokens / bench_peer(peer_model, ids, args.new, args.repeats)
+
+    bw = measure_bandwidth()
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    weight_bytes = cfg.num_params() * itemsize
+    S = args.prompt + args.new  # prompt 256 and 128 new tokens are already bucket sizes
+    cache_bytes = 2 * cfg.num_layers * args.batch * S * cfg.num_kv_heads * cfg.head_dim * 2
+    bound_steps_s = bw / (weight_bytes + cache_bytes)
+    result = dict(
+        device=str(jax.devices()[0]),
+        batch=args.batch,
+        prompt=args.prompt,
+        new=args.new,
+        real_weights=args.real,
+        ours_tok_s=round(ours_tok_s, 1),
+        peer_tok_s=None if peer_tok_s is None else round(peer_tok_s, 1),
+        ratio=None if peer_tok_s is None else round(ours_tok_s / peer_tok_s, 2),
+        ours_total_s=round(ours["total_s"], 3),
+        ours_first_call_s=round(ours["first_call_s"], 2),
+        ours_prefill_s=round(ours["prefill_s"], 3),
+        decode_steps_s=round(ours["decode_steps_s"], 2),
+        bandwidth_gb_s=round(bw / 1e9, 2),
+        bytes_per_step_mb=round((weight_bytes + cache_bytes) / 1e6, 1),
+        bandwidth_bound_steps_s=round(bound_steps_s, 2),
+        fraction_of_bandwidth_bound=round(ours["decode_steps_s"] / bound_steps_s, 3),
+        compiles=ours["compiles"],
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
