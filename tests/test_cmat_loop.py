@@ -1,0 +1,101 @@
+"""CI smoke run of the whole CMAT loop on a tiny model with the real DBBench env: agent tuning ->
+rollout -> cmat_step -> LTM -> eval -> checkpoint, a crash, then resume to the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cmat_jax.checkpoint import completed_steps
+from cmat_jax.cmat import loop
+from cmat_jax.cmat.loop import CMATJob, run_cmat
+from cmat_jax.cmat.memory import LongTermMemory
+from cmat_jax.cmat.rollout import RolloutEngine
+from cmat_jax.train import LoRAArgs
+from tests.fixtures_hf import save_tiny_model_dir
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_cmat_loop_smoke_with_crash_and_resume(tmp_path, monkeypatch):
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", max_position_embeddings=2048)
+    out = tmp_path / "run"
+    job = CMATJob(
+        model=str(model_dir),
+        out=str(out),
+        param_dtype="float32",
+        compute_dtype="float32",
+        lora=LoRAArgs(rank=4, alpha=8.0, slots=("assistant", "checker")),
+        sft_steps=2,
+        sft_examples=3,
+        sft_batch_size=4,
+        rounds=2,
+        tasks_per_round=2,
+        group_size=2,
+        batch_size=4,
+        seq_len=256,
+        max_new_tokens=12,
+        train_max_rounds=2,
+        eval_tasks=2,
+        eval_max_new_tokens=12,
+        dev_data="",
+        progress=False,
+    )
+    # Crash inside the second round's rollout (after round 1 was checkpointed).
+    calls = {"n": 0}
+    real_run = RolloutEngine.run
+
+    def crashing_run(self, tasks, **kw):
+        if kw.get("train", True):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Crash("injected crash in round 2")
+        return real_run(self, tasks, **kw)
+
+    monkeypatch.setattr(RolloutEngine, "run", crashing_run)
+    with pytest.raises(Crash):
+        run_cmat(job)
+    steps = completed_steps(out / "checkpoints")
+    assert len(steps) >= 1  # agent tuning and round 1 were saved
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1]
+    with LongTermMemory(out / "ltm.sqlite") as m:
+        assert len(m) == 4  # 2 tasks x G=2, written when each episode ended
+
+    # A run directory is never overwritten without --resume.
+    monkeypatch.setattr(RolloutEngine, "run", real_run)
+    with pytest.raises(ValueError, match="resume"):
+        run_cmat(job)
+    final = run_cmat(job.__class__(**{**job.__dict__, "resume": True}))
+
+    rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["episodes"] == 4 and r["rows"] >= 4 for r in rounds)
+    with LongTermMemory(out / "ltm.sqlite") as m:
+        assert len(m) == 8
+    res = json.loads((out / "results.json").read_text())
+    assert res == json.loads(json.dumps(final))
+    for key in ("success_rate_after_agent_tuning", "success_rate_after_cmat"):
+        assert 0.0 <= res[key] <= 1.0
+    for stage in ("agent_tuning", "cmat"):
+        s = res["stages"][stage]
+        assert s["synthetic"]["n"] == 2 and "overall_cat_accuracy" in s["synthetic"]
+        assert "success_rate" in s["synthetic_checker"]
+    assert (out / "export" / "assistant-peft" / "adapter_model.safetensors").is_file()
+    assert {p.split("/")[-1] for p in res["plots"]} == {"rounds.png", "train.png"}
+    assert any((out / "tb").iterdir())
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/kl" in m for m in metrics) and any("round/success_rate" in m for m in metrics)
+    assert len(completed_steps(out / "checkpoints")) >= 1
+
+
+def test_job_validation_names_the_field():
+    with pytest.raises(ValueError, match="--group-size"):
+        CMATJob(group_size=0)
+    with pytest.raises(ValueError, match=r"--lora\.slots"):
+        CMATJob(lora=LoRAArgs(slots=("assistant",)))
+    with pytest.raises(FileNotFoundError, match="--dev-data"):
+        loop.resolve_dev_data("/nonexistent/dev.jsonl")

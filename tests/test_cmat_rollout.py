@@ -1,0 +1,244 @@
+"""The rollout engine on a tiny random model with a small deterministic scripted environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cmat_jax.cmat import feedback as fb
+from cmat_jax.cmat import roles as R
+from cmat_jax.cmat.config import CMATConfig
+from cmat_jax.cmat.memory import LongTermMemory
+from cmat_jax.cmat.rollout import (
+    ChatTokens,
+    RolloutConfig,
+    RolloutEngine,
+    rows_to_batch,
+    verdict_logprobs,
+)
+from cmat_jax.envs.base import StepResult
+from cmat_jax.losses import token_logp
+from cmat_jax.model.lora import LoRAConfig
+from cmat_jax.weights.load import load_model
+from tests.fixtures_hf import save_tiny_model_dir
+
+
+def _h(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class CountTask:
+    task_id: str
+    text: str
+
+
+class ScriptedEnv:
+    """Deterministic toy env: an action errors when its hash is 0 mod 3; the episode ends after
+    `rounds` executed actions, with reward 1 when the hash of all executed actions is even.
+    `steps_run` counts every step (counterfactual ones included) to check snapshot/restore."""
+
+    family = "scripted"
+
+    def __init__(self, rounds: int = 2):
+        self.rounds = rounds
+        self.steps_run = 0
+        self.actions: list[str] = []
+        self.task: CountTask | None = None
+
+    def reset(self, task: CountTask) -> list[dict[str, str]]:
+        self.task, self.actions = task, []
+        return [{"role": "system", "content": "s"}, {"role": "user", "content": task.text}]
+
+    @staticmethod
+    def is_error(text: str) -> bool:
+        return _h(text) % 3 == 0
+
+    def step(self, agent_text: str) -> StepResult:
+        self.steps_run += 1
+        self.actions.append(agent_text)
+        error = self.is_error(agent_text)
+        if len(self.actions) >= self.rounds:
+            reward = float(_h("".join(self.actions)) % 2 == 0)
+            return StepResult("", True, reward, {"error": error})
+        return StepResult("error: bad" if error else "ok 42", False, 0.0, {"error": error})
+
+    def snapshot(self) -> Any:
+        return list(self.actions)
+
+    def restore(self, snap: Any) -> None:
+        self.actions = list(snap)
+
+    def transcript(self) -> dict[str, Any]:
+        return {"actions": list(self.actions)}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny"), max_position_embeddings=1024)
+    model, tok = load_model(path, "float32")
+    model.add_lora(LoRAConfig(rank=4, alpha=8.0, slots=("assistant", "checker")), rngs=nnx.Rngs(1))
+    # Non-zero B so the two slots and the base give different outputs.
+    for t, b in model.lora.b.items():
+        key = jax.random.key(zlib.crc32(t.encode()))
+        b.value = 0.05 * jax.random.normal(key, b.value.shape, b.value.dtype)
+    return model, tok
+
+
+TASKS = [CountTask(f"t{i}", f"Task {i}: SELECT the name of user {i}.") for i in range(3)]
+ROLES = R.make_roles("scripted", assistant_prompt="You are an SQL programmer.")
+
+
+def _engine(tiny, envs, *, cmat=None, rollout=None, ltm=None):
+    model, tok = tiny
+
+    def make_env():
+        env = ScriptedEnv()
+        envs.append(env)
+        return env
+
+    return RolloutEngine(
+        model,
+        tok,
+        make_env,
+        roles=ROLES,
+        cmat_cfg=cmat or CMATConfig(group_size=3),
+        rollout_cfg=rollout or RolloutConfig(max_new_tokens=12, max_context=1024),
+        ltm=ltm,
+    )
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny, tmp_path_factory):
+    envs: list[ScriptedEnv] = []
+    ltm = LongTermMemory(tmp_path_factory.mktemp("ltm") / "ltm.sqlite")
+    engine = _engine(tiny, envs, ltm=ltm)
+    first = engine.run(TASKS, key=jax.random.key(3))
+    # A second round reads the memory the first one wrote.
+    second = engine.run(TASKS[:1], group_size=1, key=jax.random.key(4))
+    yield first, second, envs, ltm
+    ltm.close()
+
+
+def test_rollout_checker_revisions_labels_advantages(tiny, rollout):
+    _model, tok = tiny
+    res, second, envs, ltm = rollout
+    eps = res.episodes
+    assert len(eps) == 9 and {e.group_id for e in eps} == {"g0", "g1", "g2"}
+    st = res.stats
+    # Rows of different roles share generate calls (rejection reasons beside proposals).
+    assert st["mixed_calls"] >= 1 and st["verdict_calls"] >= 1
+    # Revisions after rejections, never more than K in a row; rejected proposals not executed.
+    assert st["rejections"] >= 1 and st["revisions"] >= 1
+    for e in eps:
+        run = 0
+        done: list[str] = []
+        for t in e.turns:
+            assert t.verdict in ("accept", "reject") and 0.0 <= t.p_accept <= 1.0
+            run = run + 1 if t.revision else 0
+            assert run <= 2
+            if not t.executed:
+                assert t.verdict == "reject" and t.checker_reason
+                # Counterfactual label from the env rule: an error is bad.
+                if ScriptedEnv.is_error(t.proposal):
+                    assert t.error is True and t.counterfactual_good is False
+                elif len(done) + 1 == 2:  # it would have ended the episode: its own reward
+                    assert t.error is False
+                    assert t.counterfactual_good == (_h("".join([*done, t.proposal])) % 2 == 0)
+                else:  # not terminal: the executed-proposal rule (episode success)
+                    assert t.error is False and t.counterfactual_good == (e.reward >= 1.0)
+            else:
+                done.append(t.proposal)
+        assert sum(t.executed for t in e.turns) == 2
+    # Snapshot/restore: every env saw its executed steps plus one per rejected proposal.
+    for env, e in zip(envs[: len(eps)], eps, strict=True):
+        assert env.steps_run == len(e.turns)
+        assert len(env.actions) == 2
+    # Advantages and RWR weights on the tokens are exactly the feedback formulas (CMAT.md s.4).
+    adv = fb.episode_advantages(eps, CMATConfig(group_size=3), fb.RunningBaseline())
+    w = fb.rwr_weights([e.reward for e in eps], [e.group_id for e in eps], 0.5)
+    a_rows = [r for r in res.rows if r.role == "assistant"]
+    assert len(a_rows) == 9  # one token row per episode: its whole trajectory
+    for r in a_rows:
+        e = eps[r.episode]
+        spans = _spans(r.loss_mask)
+        assert len(spans) == len(e.turns)
+        for (s, t_end), a_t, turn in zip(spans, adv[r.episode], e.turns, strict=True):
+            np.testing.assert_allclose(r.advantage[s:t_end], a_t, rtol=1e-6)
+            np.testing.assert_allclose(r.weight[s:t_end], w[r.episode], rtol=1e-6)
+            assert tok.decode(r.tokens[s:t_end]).startswith(turn.proposal)
+        assert r.adapter_id == 0
+    c_rows = [r for r in res.rows if r.role == "checker"]
+    assert c_rows and all(r.adapter_id == 1 and r.loss_mask.sum() == 1 for r in c_rows)
+    labels = [lab for e in eps for lab in fb.checker_labels(e) if lab is not None]
+    assert len(c_rows) == len(labels)
+    accept_id, reject_id = R.verdict_token_ids(tok)
+    assert sorted(int(r.tokens[-1]) for r in c_rows) == sorted(
+        accept_id if lab else reject_id for lab in labels
+    )
+    # Every episode went to long-term memory the moment it ended; failed ones with a reflection
+    # (the Reflector's text; a random model may produce an empty lesson).
+    assert len(ltm) == 10
+    for e, refl in zip(eps, res.reflections, strict=True):
+        if e.reward >= 1:
+            assert refl == ""
+    stored = {(r.task_id, r.reflection) for r in ltm.records("scripted")}
+    assert all((e.task_id, refl) in stored for e, refl in zip(eps, res.reflections, strict=True))
+    # The next episode of a task starts with the lessons / similar solved tasks from memory.
+    prompt = tok.decode(second.rows[0].tokens)
+    assert "Lessons from earlier attempts" in prompt
+
+
+def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
+    out, start = [], None
+    for i, m in enumerate([*list(mask), 0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_behaviour_logp_matches_teacher_forcing(tiny, rollout):
+    """Rows are token-exact: re-scoring them gives the sampled tokens' behaviour log-probs."""
+    model, _tok = tiny
+    res = rollout[0]
+    batch = rows_to_batch(res.rows, seq_len=max(len(r.tokens) for r in res.rows))
+    logp = np.asarray(token_logp(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    m = batch["loss_mask"] > 0
+    assert m.sum() > 10
+    np.testing.assert_allclose(logp[m], batch["behavior_logp"][m], atol=0.05)
+
+
+def test_verdict_forward_matches_full_forward(tiny):
+    model, tok = tiny
+    ids = R.verdict_token_ids(tok)
+    prompts = [tok.encode("Task: count rows. Verdict:"), tok.encode("Short. Verdict:")]
+    got = verdict_logprobs(model, prompts, 1, ids)
+    for p, row in zip(prompts, got, strict=True):
+        logits = model(jnp.asarray([p]), adapter_ids_B=jnp.asarray([1]))[0, -1]
+        lp = jax.nn.log_softmax(logits)
+        np.testing.assert_allclose(row, np.asarray(lp)[list(ids)], atol=1e-4)
+
+
+def test_chat_tokens_grow_like_the_template(tiny):
+    _, tok = tiny
+    chat = ChatTokens(tok)
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task"}]
+    reply = "Action: Answer"
+    eos = tok.encode("<|im_end|>")
+    grown = chat.head(msgs) + tok.encode(reply) + eos + chat.feedback("obs", ended_with_eos=True)
+    full = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": "obs"}]
+    rendered = tok.apply_chat_template(full, add_generation_prompt=True, tokenize=False)
+    assert tok.decode(grown) == rendered
