@@ -213,8 +213,25 @@ def merged_tensors(
     return out
 
 
+def write_tokenizer_files(tokenizer: Any, out: Path, model_max_length: int) -> None:
+    """`tokenizer.json` + `tokenizer_config.json` (special tokens, chat template) that
+    transformers' `AutoTokenizer` loads, from our Tokenizer (e.g. one read from GGUF metadata)."""
+    # The tokenizers backend and special-token strings (Tokenizer has no public save API yet).
+    tokenizer._tok.save(str(out / "tokenizer.json"))
+    special = {k: v for k, v in tokenizer._special_strings.items() if v is not None}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": tokenizer.add_bos,
+        "model_max_length": int(model_max_length),
+        **special,
+    }
+    if tokenizer.chat_template:
+        cfg["chat_template"] = tokenizer.chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def _save_tokenizer(adapters: RunAdapters, out: Path) -> None:
-    """Copy the source's tokenizer files; for a GGUF source write tokenizer.json + config."""
+    """Copy the source's tokenizer files; for a GGUF source write them from its metadata."""
     from cmat_jax.weights.registry import resolve_source
 
     resolved = resolve_source(adapters.source)
@@ -223,18 +240,7 @@ def _save_tokenizer(adapters: RunAdapters, out: Path) -> None:
             if (resolved.path / name).is_file():
                 shutil.copy2(resolved.path / name, out / name)
         return
-    tok = adapters.tokenizer
-    tok._tok.save(str(out / "tokenizer.json"))  # the tokenizers backend (no save API yet)
-    special = {k: v for k, v in tok._special_strings.items() if v is not None}
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": tok.add_bos,
-        "model_max_length": int(adapters.model.config.max_position_embeddings),
-        **special,
-    }
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_tokenizer_files(adapters.tokenizer, out, adapters.model.config.max_position_embeddings)
 
 
 def _write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
