@@ -2,9 +2,9 @@
 
 The sequence is cut into chunks of C positions; a `lax.scan` computes each chunk's logits
 [B, C, V] (matmul inputs in the compute dtype, f32 accumulation), its f32 logsumexp and the
-target logit, and keeps only `logp [B, C]`. The chunk body is rematerialized, so the backward
-pass recomputes one chunk's logits at a time instead of storing all of them. When the head
-weight is frozen (LoRA) autodiff never forms its gradient.
+target logit, and keeps only `logp [B, C]` and the f32 logsumexp. The backward pass (custom VJP)
+recomputes one chunk's logits at a time; the head-weight gradient is accumulated in the same
+loop and dropped by XLA when the head is frozen (LoRA).
 
 Batch layout shared by the SFT and CMAT steps: `inputs, targets, loss_mask [B, T]`, optional
 `segment_ids, positions [B, T]` and `adapter_ids [B]` (int32, -1 = base model).
@@ -12,6 +12,7 @@ Batch layout shared by the SFT and CMAT steps: `inputs, targets, loss_mask [B, T
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,32 +37,80 @@ def chunked_token_logp(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> jax.Array:
     """log softmax(h @ w)[target] per position, float32 [B, T]."""
-    B, T, D = h_BTD.shape
+    B, T, _ = h_BTD.shape
     V = w_DV.shape[1]
     C = chunk_length(B, T, chunk_tokens)
-    n = -(-T // C)
-    pad = n * C - T
-    cdt = jnp.dtype(compute_dtype)
-    # One cast of the head outside the loop (a no-op for a bf16 base).
-    w_DV = w_DV.astype(cdt)
-    h_BTD = h_BTD.astype(cdt)
     t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
-    if pad:
-        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-        t_BT = jnp.pad(t_BT, ((0, 0), (0, pad)))
-    h_NBCD = h_BTD.reshape(B, n, C, D).transpose(1, 0, 2, 3)
-    t_NBC = t_BT.reshape(B, n, C).transpose(1, 0, 2)
+    return _chunked_logp(C, jnp.dtype(compute_dtype).name, h_BTD, w_DV, t_BT)
 
-    @jax.checkpoint
+
+def _to_chunks(x_BT: jax.Array, C: int) -> jax.Array:
+    """[B, T, ...] -> [n, B, C, ...] (zero-padded to n * C positions)."""
+    B, T = x_BT.shape[:2]
+    n = -(-T // C)
+    if n * C != T:
+        x_BT = jnp.pad(x_BT, [(0, 0), (0, n * C - T)] + [(0, 0)] * (x_BT.ndim - 2))
+    return jnp.moveaxis(x_BT.reshape(B, n, C, *x_BT.shape[2:]), 1, 0)
+
+
+def _from_chunks(x_NBC: jax.Array, T: int) -> jax.Array:
+    n, B, C = x_NBC.shape[:3]
+    return jnp.moveaxis(x_NBC, 0, 1).reshape(B, n * C, *x_NBC.shape[3:])[:, :T]
+
+
+def _chunk_logits(h_BCD: jax.Array, w_DV: jax.Array) -> jax.Array:
+    return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+
+
+# A custom VJP so the backward pass (a) recomputes one chunk's logits at a time from the saved
+# f32 logsumexp and (b) feeds the matmuls compute-dtype cotangents: autodiff would pair the f32
+# cotangent with the bf16 weight, a mixed dot that runs at f32 speed on CPU (~2x slower).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_logp(C: int, cdt: str, h_BTD, w_DV, t_BT):
+    return _chunked_logp_fwd(C, cdt, h_BTD, w_DV, t_BT)[0]
+
+
+def _chunked_logp_fwd(C, cdt, h_BTD, w_DV, t_BT):
+    T = h_BTD.shape[1]
+    w_c = w_DV.astype(cdt)  # one cast outside the loop (a no-op for a bf16 base)
+    h_NBCD = _to_chunks(h_BTD.astype(cdt), C)
+    t_NBC = _to_chunks(t_BT, C)
+
     def chunk(_, xs):
         h_BCD, t_BC = xs
-        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+        logits_BCV = _chunk_logits(h_BCD, w_c)
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
         tgt_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        return None, tgt_BC - lse_BC
+        return None, (tgt_BC - lse_BC, lse_BC)
 
-    _, logp_NBC = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
-    return logp_NBC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
+    _, (logp_NBC, lse_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
+    res = (h_NBCD, w_c, t_NBC, lse_NBC, jnp.zeros((0,), h_BTD.dtype), jnp.zeros((0,), w_DV.dtype))
+    return _from_chunks(logp_NBC, T), res
+
+
+def _chunked_logp_bwd(C, cdt, res, g_BT):
+    h_NBCD, w_c, t_NBC, lse_NBC, h_tag, w_tag = res
+    T = g_BT.shape[1]
+    V = w_c.shape[1]
+    g_NBC = _to_chunks(g_BT.astype(jnp.float32), C)
+
+    def chunk(dw_DV, xs):
+        h_BCD, t_BC, lse_BC, g_BC = xs
+        p_BCV = jnp.exp(_chunk_logits(h_BCD, w_c) - lse_BC[..., None])
+        onehot_BCV = t_BC[..., None] == jnp.arange(V, dtype=jnp.int32)
+        # d logp[t] / d logits = onehot(t) - softmax
+        dl_BCV = (g_BC[..., None] * (onehot_BCV.astype(jnp.float32) - p_BCV)).astype(cdt)
+        dh_BCD = jnp.einsum("bcv,dv->bcd", dl_BCV, w_c, preferred_element_type=jnp.float32)
+        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dl_BCV, preferred_element_type=jnp.float32)
+        return dw_DV, dh_BCD
+
+    dw0 = jnp.zeros(w_c.shape, jnp.float32)
+    dw_DV, dh_NBCD = jax.lax.scan(chunk, dw0, (h_NBCD, t_NBC, lse_NBC, g_NBC))
+    dh_BTD = _from_chunks(dh_NBCD, T).astype(h_tag.dtype)
+    return dh_BTD, dw_DV.astype(w_tag.dtype), None
+
+
+_chunked_logp.defvjp(_chunked_logp_fwd, _chunked_logp_bwd)
 
 
 def full_token_logp(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array) -> jax.Array:
