@@ -249,3 +249,27 @@ def test_help_documents_every_field(capsys):
             flag = "--" + prefix + f.name.replace("_", "-")
             assert flag in text, flag
             assert " ".join(docs[f.name].split())[:30] in text, f"{flag} help missing"
+
+
+def test_run_dir_metrics_truncate_and_resumable_fields(tmp_path):
+    from cmat_jax.run_dir import MetricsLogger, RunDir, config_differences, truncate_metrics
+
+    rd = RunDir(tmp_path / "run")
+    assert rd.open({"steps": 5, "log_every": 1, "lora": {"rank": 4}}, resume=False) is False
+    log = MetricsLogger(rd)
+    for s in range(1, 5):
+        log.log(s, {"loss": 1.0 / s, "grad_norm": float("nan"), "tokens": 10})
+    log.close()
+    with rd.metrics_path.open("a") as f:
+        f.write('{"step": 5, "lo')  # torn by a crash mid-write
+    truncate_metrics(rd.metrics_path, 2)
+    assert read_metrics(rd.metrics_path) == [
+        {"step": 1, "loss": 1.0, "grad_norm": None, "tokens": 10},
+        {"step": 2, "loss": 0.5, "grad_norm": None, "tokens": 10},
+    ]
+    assert list(rd.tb_dir.glob("events.out.tfevents.*"))
+    old = {"steps": 5, "log_every": 1, "checkpoint": {"every": 10, "keep": 2}, "lora": {"r": 4}}
+    new = {"steps": 6, "log_every": 5, "checkpoint": {"every": 3, "keep": 2}, "lora": {"r": 8}}
+    assert config_differences(old, new) == ["lora.r", "steps"]
+    assert rd.open({"steps": 5, "log_every": 9, "lora": {"rank": 4}}, resume=True) is True
+    assert json.loads(rd.config_path.read_text())["log_every"] == 9
