@@ -357,8 +357,8 @@ def run_sft(job: SFTJob) -> dict:
                 loss = last["loss"]
                 logger.log(step, last)
             bar.update(1, tokens, loss)
-            force = step == job.steps
-            ckpt.save(state, data_state=data.state(), meta=meta, force=force)
+            if step % job.checkpoint.every == 0 or step == job.steps:
+                ckpt.save(state, data_state=data.state(), meta=meta, force=True)
         ckpt.wait()
     finally:
         bar.close()
@@ -432,4 +432,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    # Run the importable module's main, not this `__main__` copy: presets in configs/ import
+    # `cmat_jax.train` and must see the same SFTJob class.
+    from cmat_jax import train as _train
+
+    run_cli(_train.main)

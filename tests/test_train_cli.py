@@ -138,7 +138,8 @@ def test_malformed_jsonl_exits_2_naming_file_and_line(workspace, tmp_path):
     with bad.open("a") as f:
         f.write('{"messages": [ {"role": "user"\n')
     out = tmp_path / "run"
-    proc = _run(sft_args(model, bad, out, "--steps", "2"))
+    # Through a preset too: presets must resolve when run as `python -m cmat_jax.train`.
+    proc = _run([*sft_args(model, bad, out, "--steps", "2"), "--preset", "smollm2-sft-demo"])
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
