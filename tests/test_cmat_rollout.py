@@ -113,7 +113,7 @@ def _engine(tiny, envs, *, cmat=None, rollout=None, ltm=None):
         make_env,
         roles=ROLES,
         cmat_cfg=cmat or CMATConfig(group_size=3),
-        rollout_cfg=rollout or RolloutConfig(max_new_tokens=12, max_context=1024),
+        rollout_cfg=rollout or RolloutConfig(max_new_tokens=8, max_context=1024),
         ltm=ltm,
     )
 
@@ -215,7 +215,8 @@ def test_behaviour_logp_matches_teacher_forcing(tiny, rollout):
     model, _tok = tiny
     res = rollout[0]
     batch = rows_to_batch(res.rows, seq_len=max(len(r.tokens) for r in res.rows))
-    logp = np.asarray(token_logp(model, {k: jnp.asarray(v) for k, v in batch.items()}))
+    score = jax.jit(lambda b: token_logp(model, b))
+    logp = np.asarray(score({k: jnp.asarray(v) for k, v in batch.items()}))
     m = batch["loss_mask"] > 0
     assert m.sum() > 10
     np.testing.assert_allclose(logp[m], batch["behavior_logp"][m], atol=0.05)
@@ -225,11 +226,10 @@ def test_verdict_forward_matches_full_forward(tiny):
     model, tok = tiny
     ids = R.verdict_token_ids(tok)
     prompts = [tok.encode("Task: count rows. Verdict:"), tok.encode("Short. Verdict:")]
-    got = verdict_logprobs(model, prompts, 1, ids)
+    got = verdict_logprobs(model, prompts, 1, ids)  # right-padded batch of two lengths
+    forward = jax.jit(lambda x: jax.nn.log_softmax(model(x, adapter_ids_B=jnp.asarray([1]))[0, -1]))
     for p, row in zip(prompts, got, strict=True):
-        logits = model(jnp.asarray([p]), adapter_ids_B=jnp.asarray([1]))[0, -1]
-        lp = jax.nn.log_softmax(logits)
-        np.testing.assert_allclose(row, np.asarray(lp)[list(ids)], atol=1e-4)
+        np.testing.assert_allclose(row, np.asarray(forward(jnp.asarray([p])))[list(ids)], atol=1e-4)
 
 
 def test_chat_tokens_grow_like_the_template(tiny):

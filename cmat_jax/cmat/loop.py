@@ -94,6 +94,9 @@ class CMATJob:
     ltm_k: int = 3
     max_batch: int = 32
     """Rows per generation call."""
+    drop_failed_groups: bool = True
+    """rwr: leave out Assistant rows of groups in which every episode failed (their RWR weights
+    are all 1, which would be plain SFT on failures)."""
     # -- evaluation
     eval_tasks: int = 24
     """Held-out synthetic tasks (the same items before and after every stage)."""
@@ -199,6 +202,14 @@ def _truncate_ltm(path: Path, keep_records: int) -> None:
                 )
     finally:
         conn.close()
+
+
+def _truncate_rounds(path: Path, last_round: int) -> None:
+    if not path.is_file():
+        return
+    keep = [x for x in path.read_text().splitlines() if x.strip()]
+    keep = [x for x in keep if json.loads(x).get("round", 0) <= last_round]
+    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
 
 def _copy_sqlite(src: Path, dst: Path) -> None:
@@ -447,6 +458,8 @@ class _Run:
         step = int(self.state.step)
         self.logger = MetricsLogger(self.run, resume_step=step if resuming else None)
         self.rounds_path = self.dir / "rounds.jsonl"
+        if resuming:  # round lines written after the checkpoint are recomputed
+            _truncate_rounds(self.rounds_path, int(self.progress.get("round", 0)))
         self._sync_model()
 
     # -- small utilities
@@ -686,16 +699,17 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                 )
                 res = engine.run(tasks, key=jax.random.key(job.seed * 1000 + rnd))
             t_roll = time.perf_counter() - t
+            rows = select_rows(res, job)
             hist = []
             for epoch in range(job.epochs):
-                if res.rows:
+                if rows:
                     hist += r.train_rows(
-                        res.rows, None, "cmat", loss_cfg, job.seed * 7 + rnd * 31 + epoch
+                        rows, None, "cmat", loss_cfg, job.seed * 7 + rnd * 31 + epoch
                     )
             st = dict(res.stats)
             st.update(
                 round=rnd + 1,
-                rows=len(res.rows),
+                rows=len(rows),
                 rollout_s=t_roll,
                 train_s=time.perf_counter() - t - t_roll,
                 loss=float(np.mean([h["loss"] for h in hist])) if hist else None,
@@ -713,7 +727,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             )
             r.log(
                 f"round {rnd + 1}/{job.rounds}: reward {st['mean_reward']:.3f}, success {st['success_rate']:.3f}, "
-                f"checker P/R {st['checker_precision']}/{st['checker_recall']}, {len(res.rows)} rows, "
+                f"checker P/R {st['checker_precision']}/{st['checker_recall']}, {len(rows)} rows, "
                 f"{time.perf_counter() - t:.0f}s"
             )
             if job.eval_every and (rnd + 1) % job.eval_every == 0 and rnd + 1 < job.rounds:
@@ -729,6 +743,20 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
     finally:
         r.close()
     return final
+
+
+def select_rows(res: Any, job: CMATJob) -> list:
+    """The round's training rows (see `CMATJob.drop_failed_groups`)."""
+    if job.loss_mode != "rwr" or not job.drop_failed_groups:
+        return list(res.rows)
+    best: dict[str, float] = {}
+    for e in res.episodes:
+        best[e.group_id] = max(best.get(e.group_id, 0.0), e.reward)
+    return [
+        row
+        for row in res.rows
+        if row.role != "assistant" or best[res.episodes[row.episode].group_id] > 0.0
+    ]
 
 
 def finish_run(
