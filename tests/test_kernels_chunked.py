@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from cmat_jax_kernels.chunked import chunked_attention
+from cmat_jax_kernels.reference import reference_attention
 
 from .test_kernels_common import assert_close, make_inputs, out_and_grads, reference_out_and_grads
 
@@ -49,8 +50,8 @@ def test_chunked_skips_blocks_above_the_diagonal():
 
 def test_chunked_default_block_and_scale():
     q, k, v, do, _ = make_inputs(1, 300, 4, 2, 64, jnp.float32, segments=False)
-    got = out_and_grads(lambda q, k, v: chunked_attention(q, k, v, scale=0.1), q, k, v, do)
-    from cmat_jax_kernels.reference import reference_attention
-
-    want = out_and_grads(lambda q, k, v: reference_attention(q, k, v, scale=0.1), q, k, v, do)
+    fn = lambda q, k, v: chunked_attention(q, k, v, scale=0.1)
+    ref = lambda q, k, v: reference_attention(q, k, v, scale=0.1)
+    got = jax.jit(lambda *a: out_and_grads(fn, *a))(q, k, v, do)
+    want = jax.jit(lambda *a: out_and_grads(ref, *a))(q, k, v, do)
     assert_close(got, want, jnp.float32)
