@@ -30,8 +30,9 @@ Batch (all per-token arrays [B, T] are aligned with `targets`: position t scores
   anchor                bool [B] or [B, T]  (when anchor_coef > 0)
 Values at masked-out positions are ignored (they may be padding garbage, even inf).
 
-Per-token log-probs and the policy entropy come from one chunked pass over the LM head
-(`chunked_logp_entropy`), so no [B, T, V] float32 logits array is ever formed.
+Per-token log-probs come from the chunked cross-entropy of `cmat_jax.losses` (custom VJP) and
+the entropy metric from a chunked no-grad pass (`chunked_entropy`), so no [B, T, V] float32
+logits array is ever formed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cmat_jax.losses import DEFAULT_CHUNK_TOKENS, chunk_length
+from cmat_jax.losses import DEFAULT_CHUNK_TOKENS, chunk_length, chunked_token_logp
 from cmat_jax.model.lora import NONE_SLOT
 from cmat_jax.train_step import TrainState, TrainStep, _split_micro, current_lr
 
@@ -60,14 +61,17 @@ BATCH_KEYS = ("inputs", "targets", "adapter_ids", *PER_TOKEN_KEYS, *PER_ROW_OR_T
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """mode: rwr | pg | ppo. clip_eps: ε of the PPO clip. kl_coef: κ on the k3 KL to the "none"
-    slot. anchor_coef: λ on the NLL of anchor rows. The RWR temperature τ is not here: the
-    weights `w_i = softmax_g(R_i/τ)·G` arrive precomputed (`feedback.rwr_weights`, CMATConfig.tau)."""
+    """mode: rwr | pg | ppo. clip_eps: ε of the PPO clip (also the clip-fraction threshold
+    |ρ−1| > ε in every mode). kl_coef: κ on the k3 KL to the "none" slot. anchor_coef: λ on the
+    NLL of anchor rows. entropy: compute the policy-entropy metric (one extra forward pass over
+    the LM head). The RWR temperature τ is not here: the weights `w_i = softmax_g(R_i/τ)·G`
+    arrive precomputed (`feedback.rwr_weights` with CMATConfig.tau)."""
 
     mode: str = "rwr"
     clip_eps: float = 0.2
     kl_coef: float = 0.05
     anchor_coef: float = 0.0
+    entropy: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -136,50 +140,37 @@ def cmat_token_loss(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossCon
 # ----------------------------------------------------------------------------- log-probs
 
 
-def chunked_logp_entropy(
+def chunked_entropy(
     h_BTD: jax.Array,
     w_DV: jax.Array,
-    targets_BT: jax.Array,
     *,
     compute_dtype: Any = jnp.bfloat16,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array]:
-    """(log softmax(h @ w)[target], entropy of softmax(h @ w)), both float32 [B, T].
+) -> jax.Array:
+    """Entropy of softmax(h @ w) per position, float32 [B, T], one chunk of logits at a time.
 
-    Like `losses.chunked_token_logp` (one rematerialized chunk of logits at a time) plus the
-    entropy from the same logits, so the metric costs no second head matmul. The entropy is
-    a metric: no gradient flows through it.
+    A metric: no gradient flows through it. It is a second forward pass over the LM head
+    because `losses.chunked_token_logp` (whose custom VJP we reuse for the gradient) returns
+    only log-probs.
     """
     B, T, D = h_BTD.shape
-    V = w_DV.shape[1]
     C = chunk_length(B, T, chunk_tokens)
     n = -(-T // C)
-    pad = n * C - T
     cdt = jnp.dtype(compute_dtype)
-    w_DV = w_DV.astype(cdt)
-    h_BTD = h_BTD.astype(cdt)
-    t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
-    if pad:
-        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-        t_BT = jnp.pad(t_BT, ((0, 0), (0, pad)))
+    w_DV = jax.lax.stop_gradient(w_DV).astype(cdt)
+    h_BTD = jax.lax.stop_gradient(h_BTD).astype(cdt)
+    if n * C != T:
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, n * C - T), (0, 0)))
     h_NBCD = h_BTD.reshape(B, n, C, D).transpose(1, 0, 2, 3)
-    t_NBC = t_BT.reshape(B, n, C).transpose(1, 0, 2)
 
-    @jax.checkpoint
-    def chunk(_, xs):
-        h_BCD, t_BC = xs
+    def chunk(h_BCD: jax.Array) -> jax.Array:
         logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
         lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        tgt_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        sg_BCV = jax.lax.stop_gradient(logits_BCV)
-        sg_lse_BC = jax.lax.stop_gradient(lse_BC)
-        p_BCV = jnp.exp(sg_BCV - sg_lse_BC[..., None])
-        ent_BC = sg_lse_BC - jnp.sum(p_BCV * sg_BCV, axis=-1)
-        return None, (tgt_BC - lse_BC, ent_BC)
+        p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+        return lse_BC - jnp.sum(p_BCV * logits_BCV, axis=-1)
 
-    _, (logp_NBC, ent_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
-    unchunk = lambda x: x.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
-    return unchunk(logp_NBC), unchunk(ent_NBC)
+    ent_NBC = jax.lax.map(chunk, h_NBCD)
+    return ent_NBC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
 
 
 def _model_logp_entropy(
@@ -187,9 +178,11 @@ def _model_logp_entropy(
     batch: Mapping[str, jax.Array],
     adapter_ids_B: jax.Array,
     *,
+    entropy: bool,
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array | None]:
+    """(logp [B, T], entropy [B, T] or None) of the targets under each row's adapter."""
     h_BTD, _ = model.hidden(
         batch["inputs"],
         positions_BT=batch.get("positions"),
@@ -197,13 +190,14 @@ def _model_logp_entropy(
         adapter_ids_B=adapter_ids_B,
         dropout_rng=dropout_rng,
     )
-    return chunked_logp_entropy(
-        h_BTD,
-        model.head_weight_DV(),
-        batch["targets"],
-        compute_dtype=model.config.compute_dtype,
-        chunk_tokens=chunk_tokens,
+    w_DV = model.head_weight_DV()
+    cdt = model.config.compute_dtype
+    logp_BT = chunked_token_logp(
+        h_BTD, w_DV, batch["targets"], compute_dtype=cdt, chunk_tokens=chunk_tokens
     )
+    if not entropy:
+        return logp_BT, None
+    return logp_BT, chunked_entropy(h_BTD, w_DV, compute_dtype=cdt, chunk_tokens=chunk_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_tokens", "use_none"))
@@ -211,7 +205,7 @@ def _logp_jit(graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: b
     model = nnx.merge(graphdef, params, frozen)
     B = batch["inputs"].shape[0]
     ids = jnp.full((B,), NONE_SLOT, jnp.int32) if use_none else batch["adapter_ids"]
-    return _model_logp_entropy(model, batch, ids, chunk_tokens=chunk_tokens)[0]
+    return _model_logp_entropy(model, batch, ids, entropy=False, chunk_tokens=chunk_tokens)[0]
 
 
 def _model_batch(batch: Mapping[str, Any], *extra: str) -> dict[str, jax.Array]:
@@ -282,7 +276,12 @@ def cmat_loss_sums(
     if dropout_rng is not None and model.lora.config.dropout == 0:
         dropout_rng = None
     logp_BT, ent_BT = _model_logp_entropy(
-        model, batch, batch["adapter_ids"], dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
+        model,
+        batch,
+        batch["adapter_ids"],
+        entropy=cfg.entropy,
+        dropout_rng=dropout_rng,
+        chunk_tokens=chunk_tokens,
     )
     valid_BT = jnp.asarray(batch["loss_mask"]) > 0
     m_BT = valid_BT.astype(jnp.float32)
@@ -305,10 +304,11 @@ def cmat_loss_sums(
     sums = {
         "loss": sg(objective),
         "policy_loss": msum(sg(LOSSES[cfg.mode](logp_sg, b, cfg))),
-        "entropy": msum(ent_BT),
         "nll": msum(nll_BT),
         "tokens": jnp.sum(m_BT),
     }
+    if ent_BT is not None:
+        sums["entropy"] = msum(ent_BT)
     if "ref_logp" in b:
         sums["kl"] = msum(k3_kl(logp_sg, b["ref_logp"]))
     if "behavior_logp" in b:
