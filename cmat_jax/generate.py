@@ -709,8 +709,8 @@ class Generator:
 
         tokens = np.asarray(state.tokens_BN)
         logp = np.asarray(state.logp_BN)
-        lengths = np.asarray(state.length_B)[:n].astype(np.int32)
-        finish = np.asarray(state.finish_B)[:n]
+        lengths = np.array(state.length_B)[:n].astype(np.int32)
+        finish = np.array(state.finish_B)[:n]
         if checker is not None:
             for i, (k, _) in checker.hits.items():
                 lengths[i], finish[i] = k, _STOP

@@ -1,0 +1,353 @@
+"""Generation engine: exactness vs transformers and the no-cache forward, sampling, stops, adapters.
+
+Tiny-model tests share one Generator and one batch/prompt/new-token bucket (batch 4, prompt 16,
+16 new tokens) so the whole file compiles few programs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cmat_jax.generate import (
+    Cache,
+    GenerationError,
+    Generator,
+    SamplingParams,
+    _filter_top_k_top_p,
+    bucket_batch,
+    bucket_length,
+    cached_forward,
+    compile_counts,
+)
+from cmat_jax.model.config import ModelConfig
+from cmat_jax.model.llama import Llama
+from cmat_jax.model.lora import LoRAConfig
+from cmat_jax.tokenizer import load_tokenizer
+from tests.fixtures_hf import save_tiny_tokenizer
+
+TINY = ModelConfig(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
+PROMPT_LENS = (3, 9, 14, 6)  # one prompt bucket (16) and one batch bucket (4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny f32 model with two random (non-zero) LoRA slots, a trained BPE tokenizer, prompts."""
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    model.add_lora(LoRAConfig(rank=4, slots=("assistant", "checker")), rngs=nnx.Rngs(1))
+    for i, b in enumerate(model.lora.b.values()):
+        b[...] = 0.5 * jax.random.normal(jax.random.key(10 + i), b[...].shape)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 300, size=n).tolist() for n in PROMPT_LENS]
+    return model, prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tmp_path_factory):
+    return load_tokenizer(save_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def gen(tiny, tiny_tok):
+    model, _ = tiny
+    return Generator(model, tiny_tok, cache_dtype="float32")
+
+
+_FORWARDS = {}
+
+
+def _no_cache_logits(model, seq, adapter_id):
+    """Raw logits [len(seq), V] of the plain (no cache) forward; one compile for the whole file
+    (right-padded to 32 tokens: causal attention makes the padding invisible)."""
+    if id(model) not in _FORWARDS:
+        _FORWARDS[id(model)] = jax.jit(lambda ids, ad: model(ids, adapter_ids_B=ad))
+    buf = np.zeros((1, 32), np.int32)
+    buf[0, : len(seq)] = seq
+    out = _FORWARDS[id(model)](buf, jnp.array([adapter_id], jnp.int32))
+    return np.asarray(out)[0, : len(seq)]
+
+
+def _no_cache_rollout(model, prompt, tokens, adapter_id=-1):
+    """Raw logits [len(tokens), V] of the no-cache forward at each generated step."""
+    logits = _no_cache_logits(model, list(prompt) + list(tokens), adapter_id)
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
+
+
+# ------------------------------------------------------------------------ exactness
+
+
+def test_cached_forward_logits_equal_no_cache(tiny):
+    """Prefill of left-padded ragged prompts + 3 single-token steps == the no-cache forward."""
+    model, prompts = tiny
+    T, S = 16, 24
+    B = len(prompts)
+    ids = np.zeros((B, T), np.int32)
+    start = np.array([T - len(p) for p in prompts], np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, start[i] :] = p
+    extra = np.random.default_rng(1).integers(3, 300, size=(B, 3)).astype(np.int32)
+    adapters = jnp.array([-1, 0, 1, 0], jnp.int32)
+
+    @jax.jit
+    def run(ids, start, extra):
+        cache = Cache.init(TINY, B, S, jnp.float32, start)
+        h, cache = cached_forward(model, ids, cache, jnp.float32, adapters, prefill=True)
+        hs = [h[:, -1]]
+        for t in range(extra.shape[1]):
+            h, cache = cached_forward(model, extra[:, t : t + 1], cache, jnp.float32, adapters)
+            hs.append(h[:, 0])
+        return jnp.stack(hs, 1) @ model.head_weight_DV()
+
+    got = np.asarray(run(ids, start, extra))
+    for i, p in enumerate(prompts):
+        ref = _no_cache_logits(model, list(p) + extra[i].tolist(), int(adapters[i]))
+        np.testing.assert_allclose(got[i], ref[len(p) - 1 :], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_tokens_and_logprobs_equal_no_cache(gen, tiny):
+    model, prompts = tiny
+    out = gen.generate(prompts, max_new_tokens=12, eos_ids=[])
+    assert out.finish_reasons == ["length"] * 4 and out.lengths.tolist() == [12] * 4
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs, strict=True):
+        ref = _no_cache_rollout(model, p, toks, adapter_id=-1)
+        assert toks == ref.argmax(-1).tolist()
+        ref_lp = jax.nn.log_softmax(ref, axis=-1)[np.arange(len(toks)), toks]
+        np.testing.assert_allclose(lps, ref_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_sampled_logprobs_are_raw_model_logprobs(gen, tiny):
+    """Behaviour log-probs are log_softmax of the raw logits (T=1, unfiltered), not the sampler's."""
+    model, prompts = tiny
+    params = SamplingParams(temperature=1.7, top_k=5, top_p=0.9)
+    out = gen.generate(prompts, max_new_tokens=12, sampling=params, key=jax.random.key(3))
+    for p, toks, lps in zip(prompts, out.tokens, out.logprobs, strict=True):
+        ref = _no_cache_rollout(model, p, toks, adapter_id=-1)
+        top5 = np.argsort(-ref, axis=-1)[:, :5]
+        assert all(t in row for t, row in zip(toks, top5, strict=True))
+        ref_lp = jax.nn.log_softmax(ref, axis=-1)[np.arange(len(toks)), toks]
+        np.testing.assert_allclose(lps, ref_lp, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_matches_transformers_smollm2():
+    """8 chat prompts of different lengths in one batch == HF greedy generate, token for token."""
+    import torch
+    import transformers
+
+    from cmat_jax import load_model
+    from cmat_jax.weights.registry import smollm2_gguf_path
+
+    model, tok = load_model("smollm2-135m-instruct", dtype="float32")
+    questions = [
+        "Hi!",
+        "What is the capital of France?",
+        "Write a SQL query that counts the rows of table users.",
+        "Name three colors.",
+        "Explain in one sentence what a database index is and why it is useful for queries.",
+        "2+2=?",
+        "Translate 'good morning' to Spanish, then to French, then to German, please.",
+        "What does the SQL keyword DISTINCT do?",
+    ]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True
+        )
+        for q in questions
+    ]
+    assert len({len(p) for p in prompts}) == len(prompts)
+    new = 20
+    out = Generator(model, tok, cache_dtype="float32").generate(prompts, max_new_tokens=new)
+
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    eos = sorted(tok.eos_ids)
+    config = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=tok.pad_id
+    )
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist()
+        assert out.tokens[i] == ref, (i, out.tokens[i], ref)
+        assert out.finish_reasons[i] == ("eos" if ref[-1] in eos else "length")
+        assert out.texts[i] == tok.decode([t for t in ref if t not in eos])
+
+
+# ------------------------------------------------------------------------ sampling
+
+
+def test_sampling_reproducible_with_fixed_key(gen, tiny):
+    _, prompts = tiny
+    params = SamplingParams(temperature=1.0, top_p=0.95)
+    a = gen.generate(prompts, max_new_tokens=12, sampling=params, key=jax.random.key(7))
+    b = gen.generate(prompts, max_new_tokens=12, sampling=params, key=jax.random.key(7))
+    chunked = gen.generate(
+        prompts, max_new_tokens=12, sampling=params, key=jax.random.key(7), chunk_steps=3
+    )
+    other = gen.generate(prompts, max_new_tokens=12, sampling=params, key=jax.random.key(8))
+    assert a.tokens == b.tokens == chunked.tokens
+    assert all(np.array_equal(x, y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+    assert a.tokens != other.tokens
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(gen, tiny):
+    _, prompts = tiny
+    greedy = gen.generate(prompts, max_new_tokens=12, eos_ids=[])
+    k1 = SamplingParams(temperature=2.0, top_k=1)
+    p0 = SamplingParams(temperature=2.0, top_p=1e-6)
+    mixed = [k1, p0, SamplingParams(), k1]  # per-row sampling parameters
+    for sampling in (k1, p0, mixed):
+        out = gen.generate(
+            prompts, max_new_tokens=12, sampling=sampling, key=jax.random.key(1), eos_ids=[]
+        )
+        assert out.tokens == greedy.tokens
+
+
+def test_top_k_top_p_filter_keeps_the_right_set():
+    p = np.array([[0.5, 0.3, 0.15, 0.05]] * 3, np.float32)
+    logits = jnp.log(jnp.asarray(p))
+    top_k = jnp.array([0, 3, 3], jnp.int32)
+    top_p = jnp.array([0.7, 1.0, 0.75], jnp.float32)
+    kept = np.isfinite(np.asarray(_filter_top_k_top_p(logits, top_k, top_p)))
+    # top_p=0.7: 0.5 + 0.3 reach it; top_k=3; top_k=3 then top_p=0.75 of the renormalized 3.
+    assert kept.tolist() == [
+        [True, True, False, False],
+        [True, True, True, False],
+        [True, True, False, False],
+    ]
+
+
+# ------------------------------------------------------------------------ stops, adapters
+
+
+def test_eos_ends_a_row(gen, tiny):
+    _, prompts = tiny
+    ref = gen.generate(prompts, max_new_tokens=12, eos_ids=[])
+    eos = ref.tokens[1][4]
+    first = [toks.index(eos) if eos in toks else None for toks in ref.tokens]
+    out = gen.generate(prompts, max_new_tokens=12, eos_ids=[eos])
+    for i, f in enumerate(first):
+        if f is None:
+            assert out.finish_reasons[i] == "length" and out.tokens[i] == ref.tokens[i]
+        else:
+            assert out.finish_reasons[i] == "eos"
+            assert out.tokens[i] == ref.tokens[i][: f + 1]
+            assert out.texts[i] == gen.tokenizer.decode(ref.tokens[i][:f])
+
+
+def test_stop_strings_truncate_text_and_tokens(gen, tiny):
+    _, prompts = tiny
+    tok = gen.tokenizer
+    ref = gen.generate(prompts, max_new_tokens=12, eos_ids=[])
+    text = ref.texts[2]
+    # A 2-character ASCII stop string from the middle of row 2's output.
+    stop = next(
+        text[i : i + 2]
+        for i in range(4, len(text) - 1)
+        if text[i : i + 2].isascii() and text[i : i + 2].strip() == text[i : i + 2]
+    )
+    out = gen.generate(prompts, max_new_tokens=12, eos_ids=[], stop=[stop], chunk_steps=2)
+    for i, toks in enumerate(ref.tokens):
+        full = ref.texts[i]
+        if stop not in full:
+            assert out.finish_reasons[i] == "length" and out.tokens[i] == toks
+            continue
+        k = next(k for k in range(1, len(toks) + 1) if stop in tok.decode(toks[:k]))
+        assert out.finish_reasons[i] == "stop"
+        assert out.tokens[i] == toks[:k] and len(out.logprobs[i]) == k
+        assert out.texts[i] == full[: full.index(stop) + len(stop)]
+    assert out.finish_reasons[2] == "stop"
+
+
+def test_streaming_delivers_every_token_once(gen, tiny):
+    _, prompts = tiny
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    out = gen.generate(
+        prompts, max_new_tokens=12, eos_ids=[], stream=lambda i, t: got[i].extend(t), chunk_steps=5
+    )
+    assert [got[i] for i in range(len(prompts))] == out.tokens
+
+
+def test_adapter_ids_mix_rows(gen, tiny):
+    """Rows of one batch use different LoRA slots; -1 / 'none' rows equal the base model."""
+    model, prompts = tiny
+    same = [prompts[1]] * 4
+    out = gen.generate(same, max_new_tokens=12, eos_ids=[], adapter_ids=["none", 0, -1, "checker"])
+    base = gen.generate(same, max_new_tokens=12, eos_ids=[])  # no adapter ids: base model
+    assert out.tokens[0] == out.tokens[2] == base.tokens[0]
+    assert out.tokens[1] != out.tokens[0] and out.tokens[3] != out.tokens[0]
+    assert out.tokens[1] != out.tokens[3]
+    for row, slot in ((1, 0), (3, 1)):
+        ref = _no_cache_rollout(model, same[row], out.tokens[row], adapter_id=slot)
+        assert out.tokens[row] == ref.argmax(-1).tolist()
+
+
+# ------------------------------------------------------------------------ compile reuse, buckets
+
+
+def test_rollout_loop_reuses_compiled_programs(gen, tiny):
+    _, prompts = tiny
+    gen.generate(prompts, max_new_tokens=12)
+    before = compile_counts()
+    # Other lengths in the same buckets, other sampling knobs, adapters, keys: no recompile.
+    rng = np.random.default_rng(5)
+    shorter = [rng.integers(3, 300, size=n).tolist() for n in (2, 16, 5)]
+    gen.generate(shorter, max_new_tokens=9, sampling=SamplingParams(0.5, 3, 0.8))
+    gen.generate(prompts, max_new_tokens=16, adapter_ids=[0, 1, -1, 0], key=jax.random.key(2))
+    assert compile_counts() == before
+
+
+def test_buckets():
+    assert [bucket_length(n) for n in (1, 16, 17, 64, 65, 256, 257, 300, 1000)] == [
+        16, 16, 32, 64, 96, 256, 384, 384, 1024,
+    ]  # fmt: skip
+    assert [bucket_batch(n) for n in (1, 3, 4, 5, 16)] == [1, 4, 4, 8, 16]
+    assert bucket_batch(3, multiple=8) == 8
+
+
+# ------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_raise_clear_errors(gen, tiny):
+    _, prompts = tiny
+    with pytest.raises(GenerationError, match="prompt 1 is empty"):
+        gen.generate([[5, 6], []])
+    with pytest.raises(GenerationError, match="non-empty list"):
+        gen.generate([])
+    with pytest.raises(GenerationError, match="prompt 0 has 120 tokens.*cache holds 128"):
+        gen.generate([[5] * 120], max_new_tokens=16)
+    with pytest.raises(GenerationError, match="outside"):
+        gen.generate([[5, 999]])
+    with pytest.raises(GenerationError, match=r"adapter_ids\[1\] = 'critic' is not a LoRA slot"):
+        gen.generate(prompts[:2], adapter_ids=["assistant", "critic"])
+    with pytest.raises(GenerationError, match=r"adapter_ids\[0\] = 2 is not a valid slot"):
+        gen.generate(prompts[:2], adapter_ids=[2, 0])
+    with pytest.raises(GenerationError, match="adapter_ids has 1 entries for 2 prompts"):
+        gen.generate(prompts[:2], adapter_ids=[0])
+    no_lora = Generator(Llama(TINY, rngs=nnx.Rngs(0)))
+    with pytest.raises(GenerationError, match="model has no LoRA slots"):
+        no_lora.generate(prompts[:1], adapter_ids=[0])
+    with pytest.raises(GenerationError, match="temperature"):
+        SamplingParams(temperature=-0.1)
+    with pytest.raises(GenerationError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(GenerationError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(GenerationError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        gen.generate(prompts, max_new_tokens=0)
+    with pytest.raises(GenerationError, match="no tokenizer"):
+        no_lora.generate(["hello"])
