@@ -326,7 +326,7 @@ def test_bad_inputs_raise_clear_errors(gen, tiny):
         gen.generate([[5, 6], []])
     with pytest.raises(GenerationError, match="non-empty list"):
         gen.generate([])
-    with pytest.raises(GenerationError, match="prompt 0 has 120 tokens.*cache holds 128"):
+    with pytest.raises(GenerationError, match=r"prompt 0 has 120 tokens.*cache holds 128"):
         gen.generate([[5] * 120], max_new_tokens=16)
     with pytest.raises(GenerationError, match="outside"):
         gen.generate([[5, 999]])
