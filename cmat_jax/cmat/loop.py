@@ -165,7 +165,8 @@ def resolved_config(job: CMATJob) -> dict:
         out=str(Path(job.out).expanduser().resolve()),
         dev_data=str(resolve_dev_data(job.dev_data) or ""),
     )
-    return {"job": "cmat", "slot": "assistant", **dataclasses.asdict(job)}
+    # JSON round trip: tuples become lists, as they read back from DIR/config.json on resume.
+    return json.loads(json.dumps({"job": "cmat", "slot": "assistant", **dataclasses.asdict(job)}))
 
 
 def resolve_dev_data(dev_data: str) -> Path | None:
@@ -289,8 +290,19 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
             )
         )
     if job.checker_sft:
+        # Capped and balanced: at most half as many rows as the Assistant's (each is a long
+        # prompt for one trained token), expert mistakes (reject) and at most twice as many
+        # good steps (accept).
+        rng = np.random.default_rng(seed)
+        bad = [c for c in checker_items if not c[3]]
+        good_items = [c for c in checker_items if c[3]]
+        rng.shuffle(good_items)
+        cap = max(2, len(rows) // 2)
+        n_bad = min(len(bad), cap // 2)
+        n_good = min(len(good_items), cap - n_bad, 2 * max(n_bad, 1))
+        chosen = bad[:n_bad] + good_items[:n_good]
         ids = R.verdict_token_ids(tokenizer)
-        for task_text, history, proposal, good in checker_items:
+        for task_text, history, proposal, good in chosen:
             msgs = R.checker_messages(roles.checker, task_text, history, proposal)
             prompt = tokenizer.encode(R.checker_prompt_text(tokenizer, msgs), add_bos=False)
             prompt = prompt[-job.seq_len :]
@@ -677,7 +689,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             clip_eps=job.clip_eps,
         )
         backend = SQLiteBackend(time_limit_s=3.0)
-        start_round = int(r.progress["round"]) if stage == "round" else 0
+        start_round = int(r.progress["round"]) if stage in ("round", "done") else 0
         for rnd in range(start_round, job.rounds):
             t = time.perf_counter()
             tasks = synth_tasks(job.tasks_per_round, job.seed, rnd * job.tasks_per_round)
