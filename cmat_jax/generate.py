@@ -118,19 +118,60 @@ class SamplingArrays(NamedTuple):
     top_p_B: jax.Array  # f32
 
 
+_CANDIDATES = 256  # top-k / top-p work on this many best tokens when they provably suffice
+
+
+def _keep_threshold(
+    sorted_BC: jax.Array, lse_B: jax.Array, k_B: jax.Array, top_p_B: jax.Array
+) -> jax.Array:
+    """Smallest kept logit, given each row's C best logits in descending order: the top k_B
+    tokens, then the top-p nucleus of their renormalized distribution (smallest prefix whose
+    mass reaches top_p). `lse_B` normalizes when the top-k set does not fit in the C values."""
+    C = sorted_BC.shape[-1]
+    rank_C = jnp.arange(C)
+    in_k_BC = rank_C[None] < k_B[:, None]
+    masked_BC = jnp.where(in_k_BC, sorted_BC, -jnp.inf)
+    norm_B = jnp.where(k_B <= C, jax.nn.logsumexp(masked_BC, axis=-1), lse_B)
+    p_BC = jnp.exp(masked_BC - norm_B[:, None])
+    before_BC = jnp.cumsum(p_BC, axis=-1) - p_BC  # mass strictly above each rank
+    n_keep_B = jnp.maximum(jnp.sum((before_BC < top_p_B[:, None]) & in_k_BC, axis=-1), 1)
+    return jnp.take_along_axis(sorted_BC, (n_keep_B - 1)[:, None], axis=-1)[:, 0]
+
+
 def _filter_top_k_top_p(x_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """Mask (to -inf) tokens outside the top-k, then outside the top-p nucleus of what is left."""
+    """Mask (to -inf) tokens outside the top-k, then outside the top-p nucleus of what is left.
+
+    A full sort of the vocabulary costs ~140 ms per step for [16, 49152] on the 2-core CPU, so
+    the threshold comes from the best `_CANDIDATES` tokens (`lax.top_k`, ~2.5 ms) whenever that
+    is exact — top_k <= C, or top-k off and the C best tokens hold >= top_p of the mass — and
+    from a full sort only in a step where some row needs it."""
     V = x_BV.shape[-1]
-    sorted_BV = -jnp.sort(-x_BV, axis=-1)  # descending
-    rank_V = jnp.arange(V)
+    C = min(_CANDIDATES, V)
     k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, V), V)
-    sorted_BV = jnp.where(rank_V[None] < k_B[:, None], sorted_BV, -jnp.inf)
-    p_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(p_BV, axis=-1) - p_BV  # mass strictly above each rank
-    keep_BV = (before_BV < top_p_B[:, None]) & (rank_V[None] < k_B[:, None])
-    n_keep_B = jnp.maximum(jnp.sum(keep_BV, axis=-1), 1)
-    threshold_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
-    return jnp.where(x_BV >= threshold_B, x_BV, -jnp.inf)
+    lse_B = jax.nn.logsumexp(x_BV, axis=-1)
+    best_BC, _ = jax.lax.top_k(x_BV, C)
+    mass_C_B = jnp.sum(jnp.exp(best_BC - lse_B[:, None]), axis=-1)
+    no_filter_B = (k_B >= V) & (top_p_B >= 1.0)
+    exact_B = (k_B <= C) | no_filter_B | ((k_B >= V) & (mass_C_B >= top_p_B))
+    threshold_B = jax.lax.cond(
+        jnp.all(exact_B),
+        lambda: _keep_threshold(best_BC, lse_B, k_B, top_p_B),
+        lambda: _keep_threshold(-jnp.sort(-x_BV, axis=-1), lse_B, k_B, top_p_B),
+    )
+    threshold_B = jnp.where(no_filter_B, -jnp.inf, threshold_B)
+    return jnp.where(x_BV >= threshold_B[:, None], x_BV, -jnp.inf)
+
+
+def _draw(keys_B: jax.Array, x_BV: jax.Array) -> jax.Array:
+    """One draw per row from softmax(x) by inverse CDF: one uniform per row instead of a Gumbel
+    per vocabulary entry (measured 13 ms per step for [16, 49152]); masked tokens (-inf) have
+    zero mass and are never chosen."""
+    u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_B)
+    p_BV = jnp.exp(x_BV - jnp.max(x_BV, axis=-1, keepdims=True))
+    cdf_BV = jnp.cumsum(p_BV, axis=-1)
+    target_B = (1.0 - u_B) * cdf_BV[:, -1]  # in (0, total]: lands on a token with mass > 0
+    idx_B = jnp.sum(cdf_BV < target_B[:, None], axis=-1)
+    return jnp.minimum(idx_B, x_BV.shape[-1] - 1).astype(jnp.int32)
 
 
 def sample_tokens(
@@ -142,20 +183,16 @@ def sample_tokens(
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     greedy_row_B = s.temperature_B <= 0
 
-    def sampled(_: None) -> jax.Array:
+    def sampled() -> jax.Array:
         x_BV = logits_BV / jnp.where(greedy_row_B, 1.0, s.temperature_B)[:, None]
-        needs_filter = jnp.any((s.top_k_B > 0) | (s.top_p_B < 1.0))
+        needs_filter = jnp.any(((s.top_k_B > 0) | (s.top_p_B < 1.0)) & ~greedy_row_B)
         x_BV = jax.lax.cond(
-            needs_filter,
-            lambda x: _filter_top_k_top_p(x, s.top_k_B, s.top_p_B),
-            lambda x: x,
-            x_BV,
+            needs_filter, lambda: _filter_top_k_top_p(x_BV, s.top_k_B, s.top_p_B), lambda: x_BV
         )
-        draw_B = jax.vmap(jax.random.categorical)(keys_B, x_BV).astype(jnp.int32)
-        return jnp.where(greedy_row_B, greedy_B, draw_B)
+        return jnp.where(greedy_row_B, greedy_B, _draw(keys_B, x_BV))
 
-    # Skip the sort and the draw entirely when every row is greedy.
-    tok_B = jax.lax.cond(jnp.all(greedy_row_B), lambda _: greedy_B, sampled, None)
+    # Skip the filter and the draw entirely when every row is greedy.
+    tok_B = jax.lax.cond(jnp.all(greedy_row_B), lambda: greedy_B, sampled)
     return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
 
 
@@ -187,10 +224,16 @@ def _from_scan(a: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
 
 
-class _ParamCache:
-    """The model state with bf16 leaves bit-cast to uint16, recomputed only when a leaf changes.
+def _in_scan(path: tuple) -> bool:
+    first = path[0]
+    return getattr(first, "key", getattr(first, "name", None)) in ("layers", "lora")
 
-    Done outside jit: inside, the bitcast of a whole stacked array would be a full copy per call."""
+
+class _ParamCache:
+    """The model state with the bf16 leaves of the layer stack and LoRA (the arrays the layer
+    scan slices) bit-cast to uint16; recomputed only when a leaf changes. Done outside jit:
+    inside, a bitcast of a whole array is a copy per call (measured: the tied LM head's matmul
+    goes from 6 ms to 38 ms). Embedding and head stay bf16."""
 
     def __init__(self) -> None:
         self._leaves: list[Any] = []
@@ -201,7 +244,9 @@ class _ParamCache:
         if len(leaves) != len(self._leaves) or any(
             a is not b for a, b in zip(leaves, self._leaves, strict=True)
         ):
-            self._converted = jax.tree.map(_to_scan, state)
+            self._converted = jax.tree_util.tree_map_with_path(
+                lambda path, a: _to_scan(a) if _in_scan(path) else a, state
+            )
             self._leaves = leaves
         return self._converted
 

@@ -17,6 +17,7 @@ from cmat_jax.generate import (
     GenerationError,
     Generator,
     SamplingParams,
+    _draw,
     _filter_top_k_top_p,
     bucket_batch,
     bucket_length,
@@ -227,6 +228,44 @@ def test_top_k_top_p_filter_keeps_the_right_set():
         [True, True, True, False],
         [True, True, False, False],
     ]
+
+
+def _reference_keep(x, k, p):
+    order = np.argsort(-x, kind="stable")
+    k = len(x) if k == 0 else min(k, len(x))
+    top = order[:k]
+    probs = np.exp(x[top] - x[top].max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    keep = np.zeros(len(x), bool)
+    keep[top[before < p]] = True
+    return keep
+
+
+def test_filter_matches_sort_reference_on_both_paths():
+    """Candidate (top-256) path and full-sort fallback agree with a numpy sort reference."""
+    rng = np.random.default_rng(0)
+    V = 1000
+    peaked = rng.normal(size=(4, V)) * 4.0  # the best 256 hold nearly all mass
+    flat = rng.normal(size=(4, V)) * 0.1  # they do not: top_p = 0.9 needs the full sort
+    settings = [(0, 0.9), (5, 1.0), (50, 0.5), (600, 0.95)]
+    for x in (peaked, flat):
+        k = np.array([s[0] for s in settings], np.int32)
+        p = np.array([s[1] for s in settings], np.float32)
+        got = np.isfinite(np.asarray(_filter_top_k_top_p(jnp.asarray(x, jnp.float32), k, p)))
+        for row in range(4):
+            ref = _reference_keep(x[row].astype(np.float32), k[row], p[row])
+            assert (got[row] == ref).all(), (row, got[row].sum(), ref.sum())
+
+
+def test_draw_follows_the_distribution():
+    probs = np.array([0.5, 0.0, 0.3, 0.15, 0.05])
+    n = 8000
+    x = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 5))
+    draws = np.asarray(_draw(jax.random.split(jax.random.key(0), n), x))
+    freq = np.bincount(draws, minlength=5) / n
+    assert freq[1] == 0
+    np.testing.assert_allclose(freq, probs, atol=0.02)
 
 
 # ------------------------------------------------------------------------ stops, adapters
