@@ -191,7 +191,7 @@ def merged_tensors(
 ) -> dict[str, np.ndarray]:
     """HF-named weights of the base with `slot` folded in (Linear weights as [out, in])."""
     from cmat_jax.model.lora import merged_weights
-    from cmat_jax.weights.load import _HF_LAYER
+    from cmat_jax.weights.load import HF_LAYER_NAMES
 
     if adapters.lora_cfg.slot_id(slot) < 0:
         raise ExportError("--slot: 'none' is the base model; export the base itself instead")
@@ -201,7 +201,7 @@ def merged_tensors(
     out["model.norm.weight"] = _np(model.final_norm[...], dtype)
     if model.lm_head is not None:
         out["lm_head.weight"] = _np(np.asarray(model.lm_head[...], np.float32).T, dtype)
-    for suffix, (name, transpose) in _HF_LAYER.items():
+    for suffix, (name, transpose) in HF_LAYER_NAMES.items():
         param = getattr(model.layers, name, None)
         if param is None:
             continue  # e.g. biases this architecture does not have

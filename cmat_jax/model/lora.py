@@ -47,13 +47,20 @@ class LoRAParam(nnx.Param):
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
+    """LoRA adapters on the frozen base."""
+
     rank: int = 16
+    """Adapter rank r."""
     alpha: float = 32.0
+    """Scale numerator: the update is (alpha / rank) * x A B."""
     dropout: float = 0.0
-    # Name patterns (fnmatch) over short names (q, k, ...) or HF names (q_proj, ...).
+    """Dropout on the adapter input (training only)."""
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    """Projections to adapt: short names (q k v o gate up down) or HF names / patterns (*_proj)."""
     slots: tuple[str, ...] = ("assistant",)
+    """Adapter slots (one per agent role); 'none' is reserved for the base model."""
     dtype: str = "float32"
+    """Storage dtype of the adapter weights (and of their optimizer state)."""
 
     def __post_init__(self) -> None:
         if self.rank <= 0:

@@ -17,7 +17,7 @@ from cmat_jax.model.llama import Llama, layer_param_specs
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # HF per-layer suffix -> (our stacked param, transpose the [out, in] Linear weight).
-_HF_LAYER = {
+HF_LAYER_NAMES = {
     "input_layernorm.weight": ("attn_norm", False),
     "self_attn.q_proj.weight": ("wq", True),
     "self_attn.k_proj.weight": ("wk", True),
@@ -32,7 +32,7 @@ _HF_LAYER = {
     "mlp.up_proj.weight": ("w_up", True),
     "mlp.down_proj.weight": ("w_down", True),
 }
-_HF_TOP = {
+HF_TOP_NAMES = {
     "model.embed_tokens.weight": ("embed", False),
     "model.norm.weight": ("final_norm", False),
     "lm_head.weight": ("lm_head", True),
@@ -68,9 +68,9 @@ def build_model(
         m = _LAYER_RE.match(hf_name)
         if m:
             layer, suffix = int(m.group(1)), m.group(2)
-            if suffix not in _HF_LAYER or layer >= cfg.num_layers:
+            if suffix not in HF_LAYER_NAMES or layer >= cfg.num_layers:
                 raise LoadError(f"{where}: unexpected tensor {hf_name!r} for this config")
-            name, transpose = _HF_LAYER[suffix]
+            name, transpose = HF_LAYER_NAMES[suffix]
             if name not in buffers:
                 raise LoadError(
                     f"{where}: tensor {hf_name!r} is not used by this config "
@@ -85,8 +85,8 @@ def build_model(
                 )
             buffers[name][layer] = value
             filled[name][layer] = True
-        elif hf_name in _HF_TOP:
-            name, transpose = _HF_TOP[hf_name]
+        elif hf_name in HF_TOP_NAMES:
+            name, transpose = HF_TOP_NAMES[hf_name]
             if name == "lm_head" and cfg.tie_embeddings:
                 continue  # some tied checkpoints still store a copy
             value = array.T if transpose else array
