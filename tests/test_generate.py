@@ -390,3 +390,45 @@ def test_bad_inputs_raise_clear_errors(gen, tiny):
         gen.generate(prompts, max_new_tokens=0)
     with pytest.raises(GenerationError, match="no tokenizer"):
         no_lora.generate(["hello"])
+
+
+# ------------------------------------------------------------------------ chat
+
+
+def test_chat_streams_keeps_history_and_resets(tiny, tiny_tok):
+    import io
+
+    from cmat_jax.chat import ChatArgs, chat
+
+    model, _ = tiny
+    args = ChatArgs(max_new_tokens=6, chunk_steps=2)
+    out = io.StringIO()
+    history = chat(args, model, tiny_tok, io.StringIO("hello\nmore\n/reset\nhello\n"), out)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    reply = history[1]["content"]
+    # Same conversation after /reset -> the same greedy reply, streamed exactly once.
+    text = out.getvalue()
+    assert text.startswith(reply + "\n") and text.endswith("\n[history cleared]\n" + reply + "\n")
+    with pytest.raises(GenerationError, match="'critic' is not a LoRA slot"):
+        chat(ChatArgs(adapter="critic"), model, tiny_tok, io.StringIO("hi\n"), io.StringIO())
+
+
+def test_chat_cli_driven_by_a_pipe(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.fixtures_hf import save_tiny_model_dir
+
+    path = save_tiny_model_dir(tmp_path / "m")
+    cmd = [sys.executable, "-m", "cmat_jax.chat", "--model", str(path), "--dtype", "float32"]
+    cmd += ["--max-new-tokens", "5"]
+    proc = subprocess.run(
+        cmd, input="hello\n/reset\nhello\n/quit\nignored\n", capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.split("[history cleared]\n")
+    assert first == second and first.endswith("\n") and len(first) > 1
+    bad = subprocess.run(
+        [*cmd, "--adapter", "critic"], input="hi\n", capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: adapter_ids[0] = 'critic'")
