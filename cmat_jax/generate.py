@@ -447,13 +447,29 @@ def _finish(
     )
 
 
+def cache_spec(mesh: Any) -> Any:
+    """PartitionSpec of the [L, B, K, S, Dh] cache: batch over (data, fsdp), kv heads over
+    tensor (the project's logical-axis rules), restricted to the axes `mesh` has."""
+    from jax.sharding import PartitionSpec as P
+
+    from cmat_jax.sharding import logical_to_spec
+
+    spec = logical_to_spec(("layers", "batch", "kv_heads", "seq", "head_dim"))
+    return P(*(_only_axes(mesh, s) for s in spec))
+
+
+def _only_axes(mesh: Any, entry: Any) -> Any:
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    kept = tuple(a for a in names if a in mesh.axis_names)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
 def _cache_sharding(cache: Cache, mesh: Any) -> Cache:
     if mesh is None:
         return cache
     from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    kv = NamedSharding(mesh, P(None, _batch_axes(mesh), _kv_axis(mesh), None, None))
+    kv = NamedSharding(mesh, cache_spec(mesh))
     return cache._replace(
         k_LBKSD=jax.lax.with_sharding_constraint(cache.k_LBKSD, kv),
         v_LBKSD=jax.lax.with_sharding_constraint(cache.v_LBKSD, kv),
@@ -461,12 +477,10 @@ def _cache_sharding(cache: Cache, mesh: Any) -> Cache:
 
 
 def _batch_axes(mesh: Any) -> tuple[str, ...] | None:
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    return axes or None
+    from cmat_jax.sharding import LOGICAL_RULES
 
-
-def _kv_axis(mesh: Any) -> str | None:
-    return "tensor" if "tensor" in mesh.axis_names else None
+    axes = _only_axes(mesh, LOGICAL_RULES["batch"])
+    return (axes,) if isinstance(axes, str) else axes
 
 
 def _prefill_impl(
