@@ -132,6 +132,14 @@ _SCRIPT = textwrap.dedent(
             spec = str(state.params["lora"]["b"]["q"].sharding.spec)
         out[name] = dict(losses=losses, b_q_spec=spec,
                          b_q=np.asarray(state.params["lora"]["b"]["q"]).ravel()[:64].tolist())
+    # The activation hook: a no-op without a mesh, a sharding constraint under one.
+    from cmat_jax.sharding import constrain
+    x = np.ones((8, 4, 32), np.float32)
+    f = jax.jit(lambda x: constrain(x * 2, ("batch", "seq", "embed")))
+    out["no_mesh_ok"] = bool((np.asarray(f(x)) == 2).all())
+    with jax.set_mesh(make_mesh(MeshConfig(2, 2, 2))):
+        spec = tuple(f(x).sharding.spec)
+        out["constrained_spec"] = str(spec + (None,) * (3 - len(spec)))
     print(json.dumps(out))
     """
 )
@@ -173,3 +181,5 @@ def test_one_device_and_8_device_meshes_train_identically(tmp_path):
             assert abs(a - b) <= 1e-4 * max(abs(b), 1e-3), name
     assert out["2x2x2"]["b_q_spec"] == str(P(None, None, None, "tensor"))
     assert out["8x1x1"]["b_q_spec"] == str(P(None, None, None, "tensor"))
+    assert out["no_mesh_ok"]
+    assert out["constrained_spec"] == str((("data", "fsdp"), None, None))

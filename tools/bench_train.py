@@ -257,7 +257,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--part", part, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
         if proc.returncode:
-            sys.exit(f"bench_train: part {part!r} failed:\n{proc.stderr[-4000:]}")
+            why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            sys.exit(f"bench_train: part {part!r} failed ({why}):\n{proc.stderr[-4000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{part}: {json.dumps(res)}", file=sys.stderr)
         return res
