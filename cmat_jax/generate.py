@@ -16,10 +16,19 @@ array (params, LoRA, sampling knobs, max_new_tokens, EOS ids) is traced — so a
 compiled once per (batch bucket, prompt bucket, new-token bucket) and then reused; `compile_counts()`
 reports how often each was traced.
 
+A rollout loop at a fixed batch size and max_new_tokens therefore compiles 2 programs per prompt
+bucket it meets (4 buckets per octave: prompts of 200..1000 tokens -> 256, 384, 512, 768, 1024
+-> 10 compilations, once per process); a changing number of live rows adds a batch bucket
+(powers of two) each.
+
 Log-probs: `logprobs[i][t]` is log_softmax of the *raw* logits (temperature 1, before top-k /
 top-p filtering) at the chosen token — the behaviour policy's log-prob under the unmodified model,
 which is what the CMAT/PPO ratio needs. Tokens include the EOS token that ended a row (its
-log-prob too); `texts` leave it out.
+log-prob too); `texts` leave it out. A stop string ends a row at the token that completes it:
+tokens and log-probs stop there, `texts` end right after the stop string (which is included).
+
+The forward pass used here (`cached_forward`) is the model's math with a decode-friendly cache;
+see the comment above it for the measured reasons it does not call `Llama.__call__`.
 """
 
 from __future__ import annotations
@@ -672,7 +681,10 @@ class Generator:
         stream: Callable[[int, list[int]], None] | None = None,
     ) -> GenerationOutput:
         """Generate up to `max_new_tokens` per prompt. `stream(row, new_tokens)` is called after
-        every decode chunk (of `chunk_steps` steps, default 8 when streaming / 32 with stop strings)."""
+        every decode chunk (of `chunk_steps` steps, default 8 when streaming / 32 with stop strings).
+
+        `eos_ids` defaults to `tokenizer.eos_ids` (none without a tokenizer); `adapter_ids` are
+        slot names or ints per row (-1 / "none" = base model); `key` defaults to key(0)."""
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
