@@ -85,7 +85,7 @@ class ScriptedEnv:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny"), max_position_embeddings=1024)
+    path = save_tiny_model_dir(tmp_path_factory.mktemp("tiny"), max_position_embeddings=2048)
     model, tok = load_model(path, "float32")
     model.add_lora(LoRAConfig(rank=4, alpha=8.0, slots=("assistant", "checker")), rngs=nnx.Rngs(1))
     # Non-zero B so the two slots and the base give different outputs.
@@ -112,8 +112,9 @@ def _engine(tiny, envs, *, cmat=None, rollout=None, ltm=None):
         tok,
         make_env,
         roles=ROLES,
-        cmat_cfg=cmat or CMATConfig(group_size=3),
-        rollout_cfg=rollout or RolloutConfig(max_new_tokens=8, max_context=1024),
+        # One memory snippet with room for a random model's (long, garbled) trajectory summary.
+        cmat_cfg=cmat or CMATConfig(group_size=3, ltm_k=1, ltm_token_budget=1500),
+        rollout_cfg=rollout or RolloutConfig(max_new_tokens=8, max_context=2048),
         ltm=ltm,
     )
 
