@@ -27,8 +27,8 @@ which is what the CMAT/PPO ratio needs. Tokens include the EOS token that ended 
 log-prob too); `texts` leave it out. A stop string ends a row at the token that completes it:
 tokens and log-probs stop there, `texts` end right after the stop string (which is included).
 
-The forward pass used here (`cached_forward`) is the model's math with a decode-friendly cache;
-see the comment above it for the measured reasons it does not call `Llama.__call__`.
+The forward pass is the model's own cache path (`Llama.hidden(..., cache=)`); the bf16 layer and
+LoRA weights are bit-cast to uint16 once outside jit (`_ParamCache`) so no call pays for it.
 """
 
 from __future__ import annotations
@@ -44,15 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cmat_jax.model.config import ModelConfig
-from cmat_jax.model.llama import (
-    Llama,
-    apply_rope,
-    matmul,
-    rms_norm,
-    rope_tables,
-)
-from cmat_jax.model.lora import TARGETS, LoRAConfig, lora_delta
+from cmat_jax.model.llama import KVCache, Llama, to_scan_bits
 
 FINISH_REASONS = ("running", "eos", "stop", "length")
 _RUNNING, _EOS, _STOP, _LENGTH = range(4)
@@ -211,26 +203,7 @@ def _step_keys(key: jax.Array, step: jax.Array, batch: int) -> jax.Array:
     return jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(batch))
 
 
-# ------------------------------------------------------------------------------ cached forward
-#
-# The model's own cache path (`Llama.__call__(..., cache=)`) is exact but slow for decoding on
-# XLA:CPU, for two measured reasons (SmolLM2-135M, batch 16, 384 cache slots, one decode step):
-#  - bf16 arrays sliced by `lax.scan` (the stacked [L, ...] weights and cache) are converted to
-#    f32 *as a whole* on every call before slicing: ~30x slower layer loop. Crossing the scan as
-#    uint16 and bitcasting back inside the body avoids it.
-#  - the cache passes through the layer scan as xs -> ys, i.e. the whole cache is copied every
-#    step. Here it is a scan *carry*: each layer writes only its T new slots in place.
-# The math is the model's (`decoder_layer`), built from the same pure functions; a test checks
-# these logits against the model's no-cache forward.
-
-
-def _to_scan(a: jax.Array) -> jax.Array:
-    """bf16 -> its uint16 bits (no other array here is uint16, so the mapping is reversible)."""
-    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
-
-
-def _from_scan(a: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+# ------------------------------------------------------------------------------ params
 
 
 def _in_scan(path: tuple) -> bool:
@@ -254,173 +227,17 @@ class _ParamCache:
             a is not b for a, b in zip(leaves, self._leaves, strict=True)
         ):
             self._converted = jax.tree_util.tree_map_with_path(
-                lambda path, a: _to_scan(a) if _in_scan(path) else a, state
+                lambda path, a: to_scan_bits(a) if _in_scan(path) else a, state
             )
             self._leaves = leaves
         return self._converted
-
-
-def head_logits(model: Llama, h_BD: jax.Array) -> jax.Array:
-    """LM-head logits [B, V] f32 of hidden states whose params may be uint16 bits of bf16."""
-    cdt = jnp.dtype(model.config.compute_dtype)
-    if model.lm_head is None:  # tied: contract against embed [V, D] directly, no transpose
-        w_VD = _from_scan(model.embed[...]).astype(cdt)
-        return jnp.einsum("bd,vd->bv", h_BD.astype(cdt), w_VD, preferred_element_type=jnp.float32)
-    w_DV = _from_scan(model.lm_head[...]).astype(cdt)
-    return jnp.einsum("bd,dv->bv", h_BD.astype(cdt), w_DV, preferred_element_type=jnp.float32)
-
-
-class Cache(NamedTuple):
-    """KV cache like the model's `KVCache`, but laid out [L, B, K, S, Dh] (a layer's slice is a
-    ready batched-matmul operand: no per-step transpose) with bf16 stored bit-cast to uint16."""
-
-    k_LBKSD: jax.Array
-    v_LBKSD: jax.Array
-    start_B: jax.Array  # first valid slot per row (left padding before it)
-    index: jax.Array  # next slot to write (scalar, the same for every row)
-
-    @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, length: int, dtype: Any, start_B: jax.Array):
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
-        k, v = (_to_scan(jnp.zeros(shape, dtype)) for _ in range(2))  # two buffers (donation)
-        return cls(k, v, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def cached_forward(
-    model: Llama,
-    ids_BT: jax.Array,
-    cache: Cache,
-    cache_dtype: jnp.dtype,
-    adapter_ids_B: jax.Array | None = None,
-    *,
-    prefill: bool = False,
-) -> tuple[jax.Array, Cache]:
-    """Final-normed hidden states [B, T, D] f32 of T new tokens per row, and the updated cache.
-
-    Positions are `index + t - start_B` (left padding), as in `Llama.hidden` with a cache. The
-    new tokens attend to the cache's valid slots [start_B, index) and causally to each other;
-    `prefill=True` (static) promises an empty cache (index 0) and skips reading it. The new keys
-    and values are written into the cache once, after the layer loop."""
-    cfg = model.config
-    T = ids_BT.shape[1]
-    positions_BT = cache.index + jnp.arange(T, dtype=jnp.int32)[None] - cache.start_B[:, None]
-    x_BTD = _from_scan(model.embed[...][ids_BT]).astype(jnp.float32)
-    rope = rope_tables(cfg, positions_BT)
-    params = model.layers.stacked()
-    lora, lora_cfg = None, None
-    if model.lora is not None and adapter_ids_B is not None:
-        lora, lora_cfg = model.lora.stacked(), model.lora.config
-    kv = None if prefill else (cache.k_LBKSD, cache.v_LBKSD)
-    xs = (*jax.tree.map(_to_scan, (params, lora)), kv)  # no-op for leaves already uint16
-
-    def layer(x_BTD, xs_l):
-        p, lora_l, kv_l = jax.tree.map(_from_scan, xs_l)
-        x_BTD, k_BKTD, v_BKTD = _cached_layer(
-            cfg, p, x_BTD, rope, lora_l, lora_cfg, adapter_ids_B, kv_l, cache, cache_dtype
-        )
-        return x_BTD, (_to_scan(k_BKTD), _to_scan(v_BKTD))
-
-    x_BTD, (k_LBKTD, v_LBKTD) = jax.lax.scan(layer, x_BTD, xs)
-    at = (0, 0, 0, cache.index, 0)
-    cache = cache._replace(
-        k_LBKSD=jax.lax.dynamic_update_slice(cache.k_LBKSD, k_LBKTD, at),
-        v_LBKSD=jax.lax.dynamic_update_slice(cache.v_LBKSD, v_LBKTD, at),
-        index=cache.index + T,
-    )
-    return rms_norm(x_BTD, _from_scan(model.final_norm[...]), cfg.rms_norm_eps), cache
-
-
-def _cached_layer(
-    cfg: ModelConfig,
-    p: dict[str, jax.Array],
-    x_BTD: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    lora_l: dict[str, tuple[jax.Array, jax.Array]] | None,
-    lora_cfg: LoRAConfig | None,
-    adapter_ids_B: jax.Array | None,
-    kv_l: tuple[jax.Array, jax.Array] | None,
-    cache: Cache,
-    cache_dtype: jnp.dtype,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder layer (the model's `decoder_layer` math); returns x and the new k, v."""
-    B, T, _ = x_BTD.shape
-    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    cdt = cfg.compute_dtype
-    adt = jnp.dtype(cdt)
-
-    def proj(target: str, x: jax.Array, bias: str | None = None) -> jax.Array:
-        y = matmul(x, p[TARGETS[target][0]], cdt)
-        if bias is not None and bias in p:
-            y = y + p[bias].astype(jnp.float32)
-        if lora_l is not None and target in lora_l:
-            a, b = lora_l[target]
-            y = y + lora_delta(x, a, b, adapter_ids_B, lora_cfg.scale, adt)
-        return y
-
-    h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_norm_eps)
-    q_BTHD = apply_rope(proj("q", h_BTD, "bq").reshape(B, T, H, Dh), rope)
-    k_BTKD = apply_rope(proj("k", h_BTD, "bk").reshape(B, T, K, Dh), rope)
-    k_BKTD = k_BTKD.transpose(0, 2, 1, 3).astype(cache_dtype)
-    v_BKTD = proj("v", h_BTD, "bv").reshape(B, T, K, Dh).transpose(0, 2, 1, 3).astype(cache_dtype)
-    o_BTHD = _attend(q_BTHD.astype(adt), k_BKTD, v_BKTD, kv_l, cache.start_B, cache.index)
-    x_BTD = x_BTD + proj("o", o_BTHD.reshape(B, T, H * Dh), "bo")
-
-    h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_norm_eps)
-    g_BTF = proj("gate", h_BTD)
-    u_BTF = proj("up", h_BTD)
-    x_BTD = x_BTD + proj("down", (jax.nn.silu(g_BTF) * u_BTF).astype(adt))
-    return x_BTD, k_BKTD, v_BKTD
-
-
-def _attend(
-    q_BTHD: jax.Array,
-    k_BKTD: jax.Array,
-    v_BKTD: jax.Array,
-    kv_l: tuple[jax.Array, jax.Array] | None,
-    start_B: jax.Array,
-    index: jax.Array,
-) -> jax.Array:
-    """Queries at slots index + t attend to cached slots [start_B, index) and new slots <= own.
-
-    One softmax over [cached | new] scores; the cache part is skipped when `kv_l` is None."""
-    B, T, H, Dh = q_BTHD.shape
-    K = k_BKTD.shape[1]
-    dt = q_BTHD.dtype
-    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
-
-    def scores(k_BKSD: jax.Array) -> jax.Array:
-        s = jnp.einsum(
-            "bkgtd,bksd->bkgts", q_BKGTD, k_BKSD.astype(dt), preferred_element_type=jnp.float32
-        )
-        return s * Dh**-0.5
-
-    def weighted(p_BKGTS: jax.Array, v_BKSD: jax.Array) -> jax.Array:
-        return jnp.einsum(
-            "bkgts,bksd->bkgtd", p_BKGTS, v_BKSD.astype(dt), preferred_element_type=jnp.float32
-        )
-
-    slot_T = index + jnp.arange(T)
-    ok_BTT = (slot_T[None, None, :] <= slot_T[None, :, None]) & (
-        slot_T[None, None, :] >= start_B[:, None, None]
-    )
-    s_BKGTS = jnp.where(ok_BTT[:, None, None], scores(k_BKTD), -1e30)
-    if kv_l is not None:
-        slot_S = jnp.arange(kv_l[0].shape[2])
-        ok_BS = (slot_S[None] >= start_B[:, None]) & (slot_S[None] < index)
-        s_old_BKGTS = jnp.where(ok_BS[:, None, None, None], scores(kv_l[0]), -1e30)
-        s_BKGTS = jnp.concatenate([s_BKGTS, s_old_BKGTS], axis=-1)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(dt)
-    o_BKGTD = weighted(p_BKGTS[..., :T], v_BKTD)
-    if kv_l is not None:
-        o_BKGTD = o_BKGTD + weighted(p_BKGTS[..., T:], kv_l[1])
-    return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
 
 # ------------------------------------------------------------------------------ jitted core
 
 
 class DecodeState(NamedTuple):
-    cache: Cache
+    cache: KVCache
     last_B: jax.Array  # int32: the latest token of each row (the next decode input)
     tokens_BN: jax.Array  # int32 generated tokens
     logp_BN: jax.Array  # f32 behaviour log-probs
@@ -473,7 +290,7 @@ def _only_axes(mesh: Any, entry: Any) -> Any:
     return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
-def _cache_sharding(cache: Cache, mesh: Any) -> Cache:
+def _cache_sharding(cache: KVCache, mesh: Any) -> KVCache:
     if mesh is None:
         return cache
     from jax.sharding import NamedSharding
@@ -512,11 +329,11 @@ def _prefill_impl(
     model: Llama = nnx.merge(graphdef, params)
     B, T = ids_BT.shape
     cdt = jnp.dtype(cache_dtype)
-    cache = _cache_sharding(Cache.init(model.config, B, T + new_bucket, cdt, start_B), mesh)
-    h_BTD, cache = cached_forward(model, ids_BT, cache, cdt, adapter_ids_B, prefill=True)
+    cache = _cache_sharding(KVCache.init(model.config, B, T + new_bucket, cdt, start_B), mesh)
+    h_BTD, cache = model.hidden(ids_BT, adapter_ids_B=adapter_ids_B, cache=cache, prefill=True)
     cache = _cache_sharding(cache, mesh)
     # Left padding puts every row's last prompt token at T - 1: only that position needs logits.
-    logits_BV = head_logits(model, h_BTD[:, -1])
+    logits_BV = model.logits(h_BTD[:, -1])
     tok_B, logp_B = sample_tokens(logits_BV, _step_keys(key, jnp.int32(0), B), sampling)
     state = DecodeState(
         cache=cache,
@@ -546,15 +363,14 @@ def _decode_impl(
     _COMPILES["decode"] += 1
     model: Llama = nnx.merge(graphdef, params)
     B = state.last_B.shape[0]
-    cdt = _from_scan(state.cache.k_LBKSD[:0]).dtype
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < step_limit) & jnp.any(s.finish_B == _RUNNING)
 
     def body(s: DecodeState) -> DecodeState:
-        h_B1D, cache = cached_forward(model, s.last_B[:, None], s.cache, cdt, adapter_ids_B)
+        h_B1D, cache = model.hidden(s.last_B[:, None], adapter_ids_B=adapter_ids_B, cache=s.cache)
         cache = _cache_sharding(cache, mesh)
-        logits_BV = head_logits(model, h_B1D[:, 0])
+        logits_BV = model.logits(h_B1D[:, 0])
         tok_B, logp_B = sample_tokens(logits_BV, _step_keys(s.key, s.step, B), sampling)
         return _finish(s._replace(cache=cache), tok_B, logp_B, eos_E, max_new)
 

@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from cmat_jax.generate import (
-    Cache,
     GenerationError,
     Generator,
     SamplingParams,
@@ -21,11 +20,10 @@ from cmat_jax.generate import (
     _filter_top_k_top_p,
     bucket_batch,
     bucket_length,
-    cached_forward,
     compile_counts,
 )
 from cmat_jax.model.config import ModelConfig
-from cmat_jax.model.llama import Llama
+from cmat_jax.model.llama import KVCache, Llama
 from cmat_jax.model.lora import LoRAConfig
 from cmat_jax.tokenizer import load_tokenizer
 from tests.fixtures_hf import save_tiny_tokenizer
@@ -103,11 +101,11 @@ def test_cached_forward_logits_equal_no_cache(tiny):
 
     @jax.jit
     def run(ids, start, extra):
-        cache = Cache.init(TINY, B, S, jnp.float32, start)
-        h, cache = cached_forward(model, ids, cache, jnp.float32, adapters, prefill=True)
+        cache = KVCache.init(TINY, B, S, jnp.float32, start)
+        h, cache = model.hidden(ids, adapter_ids_B=adapters, cache=cache, prefill=True)
         hs = [h[:, -1]]
         for t in range(extra.shape[1]):
-            h, cache = cached_forward(model, extra[:, t : t + 1], cache, jnp.float32, adapters)
+            h, cache = model.hidden(extra[:, t : t + 1], adapter_ids_B=adapters, cache=cache)
             hs.append(h[:, 0])
         return jnp.stack(hs, 1) @ model.head_weight_DV()
 
@@ -444,7 +442,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 from cmat_jax.generate import Generator, SamplingParams, cache_spec
 from cmat_jax.model.config import ModelConfig
-from cmat_jax.model.llama import Llama
+from cmat_jax.model.llama import KVCache, Llama
 from cmat_jax.sharding import shard_model
 cfg = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2,
                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)

@@ -11,6 +11,7 @@ K kv heads, Dh head dim, F mlp, V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -52,11 +53,22 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tupl
     }
 
 
-class KVCache(NamedTuple):
-    """Preallocated per-layer keys/values. Row b's valid slots are [start_B[b], index)."""
+def to_scan_bits(a: jax.Array) -> jax.Array:
+    """bf16 -> its uint16 bits. XLA:CPU converts a whole stacked bf16 array to f32 each time
+    `lax.scan` slices it (measured ~30x slower layer loop); slicing uint16 bits does not."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
 
-    k_LBSKD: jax.Array
-    v_LBSKD: jax.Array
+
+def from_scan_bits(a: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values, [L, B, K, S, Dh] (a layer's slice is a ready batched-matmul
+    operand), bf16 stored as uint16 bits. Row b's valid slots are [start_B[b], index)."""
+
+    k_LBKSD: jax.Array
+    v_LBKSD: jax.Array
     start_B: jax.Array  # first valid slot per row (left padding before it)
     index: jax.Array  # scalar int32: next slot to write, the same for every row
 
@@ -69,11 +81,14 @@ class KVCache(NamedTuple):
         dtype: Any = jnp.bfloat16,
         start_B: jax.Array | None = None,
     ) -> KVCache:
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, length, cfg.head_dim)
         start = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B.astype(jnp.int32)
-        return cls(
-            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), start, jnp.zeros((), jnp.int32)
-        )
+        k, v = (to_scan_bits(jnp.zeros(shape, dtype)) for _ in range(2))
+        return cls(k, v, start, jnp.zeros((), jnp.int32))
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return jnp.dtype(jnp.bfloat16) if self.k_LBKSD.dtype == jnp.uint16 else self.k_LBKSD.dtype
 
 
 class Llama(nnx.Module):
@@ -109,6 +124,7 @@ class Llama(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         adapter_ids_B: jax.Array | None = None,
         cache: KVCache | None = None,
+        prefill: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits [B, T, V] float32 (and the updated cache when one is given)."""
@@ -118,10 +134,22 @@ class Llama(nnx.Module):
             segment_ids_BT=segment_ids_BT,
             adapter_ids_B=adapter_ids_B,
             cache=cache,
+            prefill=prefill,
             dropout_rng=dropout_rng,
         )
-        logits_BTV = matmul(h_BTD, self.head_weight_DV(), self.config.compute_dtype)
+        logits_BTV = self.logits(h_BTD)
         return logits_BTV if cache is None else (logits_BTV, cache)
+
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """LM-head logits f32. A tied head contracts against `embed` [V, D] as stored: its
+        transpose is a slow bf16 matmul layout on CPU."""
+        dt = jnp.dtype(self.config.compute_dtype)
+        if self.lm_head is None:
+            w_VD = from_scan_bits(self.embed[...]).astype(dt)
+            return jnp.einsum(
+                "...d,vd->...v", h_BTD.astype(dt), w_VD, preferred_element_type=jnp.float32
+            )
+        return matmul(h_BTD, from_scan_bits(self.lm_head[...]), self.config.compute_dtype)
 
     def hidden(
         self,
@@ -131,9 +159,15 @@ class Llama(nnx.Module):
         segment_ids_BT: jax.Array | None = None,
         adapter_ids_B: jax.Array | None = None,
         cache: KVCache | None = None,
+        prefill: bool = False,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states [B, T, D] float32 — the input of a chunked LM-head loss."""
+        """Final-norm hidden states [B, T, D] float32 — the input of a chunked LM-head loss.
+
+        With a cache, the T new tokens of each row go to slots [index, index+T) and attend to
+        the valid slots [start_B, own slot]; `prefill=True` (static) promises an empty cache
+        (index 0) and skips reading it.
+        """
         cfg = self.config
         input_ids_BT = jnp.asarray(input_ids_BT, jnp.int32)
         B, T = input_ids_BT.shape
@@ -146,7 +180,7 @@ class Llama(nnx.Module):
                 f"sequence length {T} exceeds the model's sliding_window {cfg.sliding_window}; "
                 "sliding-window attention is not implemented"
             )
-        x_BTD = self.embed[...][input_ids_BT].astype(jnp.float32)
+        x_BTD = from_scan_bits(self.embed[...][input_ids_BT]).astype(jnp.float32)
         rope = rope_tables(cfg, positions_BT)
         lora = None
         if self.lora is not None and adapter_ids_B is not None:
@@ -190,10 +224,35 @@ class DecoderStack(nnx.Module):
 
 
 def matmul(x: jax.Array, w: jax.Array, compute_dtype: str) -> jax.Array:
-    dt = jnp.dtype(compute_dtype)
-    return jnp.einsum(
-        "...d,dn->...n", x.astype(dt), w.astype(dt), preferred_element_type=jnp.float32
-    )
+    """x @ w with inputs in `compute_dtype`, accumulated and returned in float32."""
+    return _matmul_fn(jnp.dtype(compute_dtype), jnp.dtype(x.dtype), jnp.dtype(w.dtype))(x, w)
+
+
+@functools.cache
+def _matmul_fn(cdt: jnp.dtype, x_dt: jnp.dtype, w_dt: jnp.dtype) -> Any:
+    # Autodiff of a bf16 x bf16 -> f32 dot gives f32-cotangent x bf16 backward dots, which run at
+    # f32 speed on CPU; casting the cotangent to the compute dtype keeps them bf16 x bf16
+    # (measured ~1.3x per training step). In f32 this is exactly the autodiff result.
+    def fwd_dot(xc: jax.Array, wc: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,dn->...n", xc, wc, preferred_element_type=jnp.float32)
+
+    @jax.custom_vjp
+    def mm(x: jax.Array, w: jax.Array) -> jax.Array:
+        return fwd_dot(x.astype(cdt), w.astype(cdt))
+
+    def fwd(x, w):
+        xc, wc = x.astype(cdt), w.astype(cdt)
+        return fwd_dot(xc, wc), (xc, wc)
+
+    def bwd(res, dy):
+        xc, wc = res
+        dyc = dy.astype(cdt)
+        dx = jnp.einsum("...n,dn->...d", dyc, wc, preferred_element_type=jnp.float32)
+        dw = jnp.einsum("...d,...n->dn", xc, dyc, preferred_element_type=jnp.float32)
+        return dx.astype(x_dt), dw.astype(w_dt)
+
+    mm.defvjp(fwd, bwd)
+    return mm
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -245,15 +304,21 @@ def decoder(
     lora_cfg: LoRAConfig | None = None,
     adapter_ids_B: jax.Array | None = None,
     cache: KVCache | None = None,
+    prefill: bool = False,
     dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """All layers as one scan; returns the residual stream and the updated cache."""
+    """All layers as one scan; returns the residual stream and the updated cache.
+
+    The frozen base weights cross the scan as uint16 bits when bf16 (see `to_scan_bits`; they
+    take no gradient). LoRA weights cross as they are, so they stay differentiable.
+    """
     L = cfg.num_layers
     drop_keys = None if dropout_rng is None else jax.random.split(dropout_rng, L)
+    old_kv = None if cache is None or prefill else (cache.k_LBKSD, cache.v_LBKSD)
 
     def layer(x_BTD, xs):
-        p, lora_l, kv_l, key = xs
-        x_BTD, kv_l = decoder_layer(
+        p, lora_l, kv_l, key = jax.tree.map(from_scan_bits, xs)
+        x_BTD, new_kv = decoder_layer(
             cfg,
             p,
             x_BTD,
@@ -266,7 +331,7 @@ def decoder(
             kv_l=kv_l,
             dropout_key=key,
         )
-        return x_BTD, kv_l
+        return x_BTD, None if new_kv is None else jax.tree.map(to_scan_bits, new_kv)
 
     if cfg.remat == "full":
         layer = jax.checkpoint(layer, prevent_cse=False)
@@ -276,11 +341,16 @@ def decoder(
             prevent_cse=False,
             policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         )
-    kv = None if cache is None else (cache.k_LBSKD, cache.v_LBSKD)
-    x_BTD, kv = jax.lax.scan(layer, x_BTD, (params, lora, kv, drop_keys))
+    xs = (jax.tree.map(to_scan_bits, params), lora, old_kv, drop_keys)
+    x_BTD, new_kv = jax.lax.scan(layer, x_BTD, xs)
     if cache is not None:
-        T = x_BTD.shape[1]
-        cache = cache._replace(k_LBSKD=kv[0], v_LBSKD=kv[1], index=cache.index + T)
+        # New keys/values are written once, after the layer loop: the cache is never copied.
+        at = (0, 0, 0, cache.index, 0)
+        cache = cache._replace(
+            k_LBKSD=jax.lax.dynamic_update_slice(cache.k_LBKSD, new_kv[0], at),
+            v_LBKSD=jax.lax.dynamic_update_slice(cache.v_LBKSD, new_kv[1], at),
+            index=cache.index + x_BTD.shape[1],
+        )
     return x_BTD, cache
 
 
@@ -323,6 +393,7 @@ def decoder_layer(
     k_BTKD = apply_rope(proj("k", h_BTD, "bk").reshape(B, T, K, Dh), rope)
     v_BTKD = proj("v", h_BTD, "bv").reshape(B, T, K, Dh)
     adt = jnp.dtype(cdt)
+    new_kv = None
     if cache is None:
         o_BTHD = attention(
             q_BTHD.astype(adt),
@@ -333,15 +404,11 @@ def decoder_layer(
             impl=cfg.attention_impl,
         )
     else:
-        k_BSKD, v_BSKD = kv_l
-        k_BSKD = jax.lax.dynamic_update_slice(
-            k_BSKD, k_BTKD.astype(k_BSKD.dtype), (0, cache.index, 0, 0)
+        new_kv = (
+            k_BTKD.transpose(0, 2, 1, 3).astype(cache.dtype),
+            v_BTKD.transpose(0, 2, 1, 3).astype(cache.dtype),
         )
-        v_BSKD = jax.lax.dynamic_update_slice(
-            v_BSKD, v_BTKD.astype(v_BSKD.dtype), (0, cache.index, 0, 0)
-        )
-        kv_l = (k_BSKD, v_BSKD)
-        o_BTHD = cached_attention(q_BTHD.astype(adt), k_BSKD, v_BSKD, cache.start_B, cache.index)
+        o_BTHD = cached_attention(q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index)
     x_BTD = x_BTD + proj("o", o_BTHD.reshape(B, T, H * Dh), "bo")
 
     # SwiGLU MLP block.
@@ -349,37 +416,49 @@ def decoder_layer(
     g_BTF = proj("gate", h_BTD)
     u_BTF = proj("up", h_BTD)
     x_BTD = x_BTD + proj("down", (jax.nn.silu(g_BTF) * u_BTF).astype(adt))
-    return x_BTD, kv_l
+    return x_BTD, new_kv
 
 
 def cached_attention(
-    q_BTHD: jax.Array, k_BSKD: jax.Array, v_BSKD: jax.Array, start_B: jax.Array, index: jax.Array
+    q_BTHD: jax.Array,
+    k_BKTD: jax.Array,
+    v_BKTD: jax.Array,
+    old_kv: tuple[jax.Array, jax.Array] | None,
+    start_B: jax.Array,
+    index: jax.Array,
 ) -> jax.Array:
-    """Queries at slots [index, index+T) attend to slots [start_B, own slot] of the cache."""
+    """Queries at slots index + t attend to cached slots [start_B, index) and new slots <= own.
+
+    One softmax over [new | cached] scores; the cache part is skipped when `old_kv` is None
+    (prefill into an empty cache)."""
     B, T, H, Dh = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    G = H // K
-    q_BKGTD = q_BTHD.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4)
-    s_BKGTS = (
-        jnp.einsum(
-            "bkgtd,bskd->bkgts",
-            q_BKGTD,
-            k_BSKD.astype(q_BTHD.dtype),
-            preferred_element_type=jnp.float32,
+    K = k_BKTD.shape[1]
+    dt = q_BTHD.dtype
+    q_BKGTD = q_BTHD.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+
+    def scores(k_BKSD: jax.Array) -> jax.Array:
+        s = jnp.einsum(
+            "bkgtd,bksd->bkgts", q_BKGTD, k_BKSD.astype(dt), preferred_element_type=jnp.float32
         )
-        * Dh**-0.5
+        return s * Dh**-0.5
+
+    def weighted(p_BKGTS: jax.Array, v_BKSD: jax.Array) -> jax.Array:
+        return jnp.einsum(
+            "bkgts,bksd->bkgtd", p_BKGTS, v_BKSD.astype(dt), preferred_element_type=jnp.float32
+        )
+
+    slot_T = index + jnp.arange(T)
+    ok_BTT = (slot_T[None, None, :] <= slot_T[None, :, None]) & (
+        slot_T[None, None, :] >= start_B[:, None, None]
     )
-    slot_S = jnp.arange(S)
-    q_slot_T = index + jnp.arange(T)
-    valid_BTS = (slot_S[None, None, :] <= q_slot_T[None, :, None]) & (
-        slot_S[None, None, :] >= start_B[:, None, None]
-    )
-    s_BKGTS = jnp.where(valid_BTS[:, None, None], s_BKGTS, -1e30)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    o_BKGTD = jnp.einsum(
-        "bkgts,bskd->bkgtd",
-        p_BKGTS.astype(q_BTHD.dtype),
-        v_BSKD.astype(q_BTHD.dtype),
-        preferred_element_type=jnp.float32,
-    )
+    s_BKGTS = jnp.where(ok_BTT[:, None, None], scores(k_BKTD), -1e30)
+    if old_kv is not None:
+        slot_S = jnp.arange(old_kv[0].shape[2])
+        ok_BS = (slot_S[None] >= start_B[:, None]) & (slot_S[None] < index)
+        s_old_BKGTS = jnp.where(ok_BS[:, None, None, None], scores(old_kv[0]), -1e30)
+        s_BKGTS = jnp.concatenate([s_BKGTS, s_old_BKGTS], axis=-1)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(dt)
+    o_BKGTD = weighted(p_BKGTS[..., :T], v_BKTD)
+    if old_kv is not None:
+        o_BKGTD = o_BKGTD + weighted(p_BKGTS[..., T:], old_kv[1])
     return o_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
