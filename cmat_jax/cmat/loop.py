@@ -887,22 +887,3 @@ def summary_table(out: dict[str, Any]) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     head = f"CMAT run {out['run']} ({out['wall_s']:.0f}s): success rate on held-out synthetic tasks, AgentBench DB dev overall_cat_accuracy"
     return "\n".join([head, *lines])
-
-
-def default_job(out: str | None = None) -> dict[str, Any]:
-    """The CPU default job (preset `cmat-default` in configs/cmat_default.py) into `out`
-    (default: runs/cmat-default-<time>); `--out DIR` and `--dev-data FILE` flags are honoured."""
-    from cmat_jax.train import _flag_value, load_presets
-
-    argv = sys.argv[1:]
-    out = out or _flag_value(argv, "--out")
-    presets = load_presets(CMATJob)
-    job = presets.get("cmat-default", CMATJob())
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    changes: dict[str, Any] = {"out": out or f"runs/cmat-default-{stamp}", "preset": "cmat-default"}
-    dev = _flag_value(argv, "--dev-data")
-    if dev is not None:
-        changes["dev_data"] = dev
-    if "--resume" in argv:
-        changes["resume"] = True
-    return run_cmat(dataclasses.replace(job, **changes))
