@@ -6,19 +6,28 @@ on all their message lists together, and a finished episode's slot is refilled f
 at once. Writes ``DIR/results.json`` (``overall_cat_accuracy``, every per-type accuracy, ``n``,
 the settings, throughput) and ``DIR/transcripts.jsonl`` (one line per episode).
 
-Agents: ``model`` (the generation engine; see :func:`make_model_agent`), ``oracle`` (replays the
-gold labels: the scorer's ceiling) and ``null`` (answers nothing: its floor).
+Agents: ``model`` (an LLM through the CMAT ``RolloutEngine``: the Assistant role, with
+``--checker`` the Checker role verifying every proposal before it runs; see
+:func:`evaluate_model`), ``oracle`` (replays the gold labels: the scorer's ceiling) and ``null``
+(answers nothing: its floor). ``--model`` is anything ``load_model`` takes or a training run
+directory (``cmat_jax.train`` or ``cmat_jax.cmat.loop``): the base named in its config.json plus
+the LoRA adapters of its newest complete checkpoint (see :func:`load_eval_model`).
 
 ``--reflexion-trials N`` (N > 1) re-runs the items not yet solved, up to N attempts in all, with
 the agent's reflections on the failed attempt (when it can reflect) added to the next attempt's
 instructions; the headline numbers stay single-attempt and the retries are reported separately
-under ``reflexion`` as a pass@N-style number.
+under ``reflexion`` as a pass@N-style number. With the model agent the reflections come from the
+Reflector role (the Assistant in reflect mode) through a long-term memory that only this
+evaluation writes (same-item reflections only: the Reflexion protocol).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +37,17 @@ from cmat_jax.envs.agents import Agent, NullAgent, oracle_agent
 from cmat_jax.envs.dbbench import DBBenchEnv, DBTask, dbbench_metrics, load_tasks
 from cmat_jax.envs.sql_backend import SQLBackend
 
-__all__ = ["Agent", "EvalConfig", "evaluate", "main", "make_model_agent", "run_episodes"]
+__all__ = [
+    "Agent",
+    "EvalConfig",
+    "EvalModel",
+    "evaluate",
+    "evaluate_model",
+    "load_eval_model",
+    "main",
+    "make_model_agent",
+    "run_episodes",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +59,8 @@ class EvalConfig:
     out: Path
     """Output directory for results.json and transcripts.jsonl."""
     model: str | None = None
-    """Model source for --agent model: anything load_model takes (HF dir, .gguf, preset)."""
+    """Model source for --agent model: anything load_model takes (HF dir, .gguf, preset) or a
+    training run directory (base from its config.json + its newest LoRA checkpoint)."""
     task: Literal["dbbench"] = "dbbench"
     agent: Literal["model", "oracle", "null"] = "model"
     checker: bool = False
@@ -60,6 +80,14 @@ class EvalConfig:
     statement_time_limit_s: float = 3.0
     max_rounds: int = 15
     max_new_tokens: int = 512
+    """Model agent: token cap of one reply (proposal, Checker reason or reflection)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Model agent: base parameter and matmul dtype."""
+    max_revisions: int = 2
+    """Model agent with --checker: Assistant revisions after rejections in one round (K)."""
+    live_episodes: int | None = None
+    """Model agent: episodes advanced together (default 4 x batch size); their generation calls
+    take --batch-size rows each."""
     overwrite: bool = False
     """Replace an existing DIR/results.json."""
     progress: bool = True
@@ -68,35 +96,117 @@ class EvalConfig:
 # -- agents ----------------------------------------------------------------------------------
 
 
-def make_model_agent(
-    model_source: str | None, *, checker: bool = False, max_new_tokens: int = 512, **kwargs: Any
-) -> Agent:
-    """The LLM agent: chat template + batched generation. Needs ``cmat_jax.generate``."""
-    if model_source is None:
-        raise ValueError("--agent model needs --model (an HF dir, a .gguf file or a preset)")
+@dataclasses.dataclass
+class EvalModel:
+    """A model ready for evaluation: the (LoRA-carrying) model, its tokenizer, the adapter slot
+    of each role ("none" = the frozen base) and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    assistant_slot: str = "none"
+    checker_slot: str = "none"
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ltm_path: Path | None = None
+    """A run's training long-term memory (read, never written, by the evaluation)."""
+
+
+def _run_config(source: str) -> dict[str, Any] | None:
+    """The run config when ``source`` is a training run directory (config.json naming a base
+    ``model`` and a ``lora`` config, beside ``checkpoints/``), else None."""
+    path = Path(source).expanduser()
+    cfg_file = path / "config.json"
+    if not (path.is_dir() and cfg_file.is_file() and (path / "checkpoints").exists()):
+        return None
     try:
-        from cmat_jax import generate as _gen
-    except ImportError as e:
-        raise NotImplementedError(
-            "--agent model needs the generation engine (cmat_jax.generate), which is not "
-            "available in this installation; use --agent oracle or --agent null"
-        ) from e
-    if checker:
-        raise NotImplementedError(
-            "--checker needs the CMAT Checker role wired into the evaluator (cmat_jax.cmat); "
-            "not available yet"
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_file}: unreadable run config ({e})") from None
+    if not (isinstance(cfg, dict) and "lora" in cfg and "model" in cfg):
+        return None
+    return cfg
+
+
+def load_eval_model(source: str | None, dtype: str = "bfloat16") -> EvalModel:
+    """Load ``source``: anything ``load_model`` takes (base model, every role on slot "none"),
+    or a training run directory: the base its config.json names, with the LoRA params of the
+    newest complete checkpoint. The Assistant uses the slot the run trained (``slot``, else the
+    first); the Checker its ``checker`` slot when the run has one, else the base."""
+    if source is None:
+        raise ValueError(
+            "--agent model needs --model (an HF dir, a .gguf file, a preset or a run dir)"
         )
     from cmat_jax import load_model
 
-    model, tokenizer = load_model(model_source, **kwargs)
-    return _ModelAgent(_gen.Generator(model, tokenizer), tokenizer, max_new_tokens)
+    run_cfg = _run_config(source)
+    if run_cfg is None:
+        model, tok = load_model(source, dtype)
+        return EvalModel(model, tok, info={"source": str(source), "kind": "base"})
+
+    import jax
+    from flax import nnx
+
+    from cmat_jax.checkpoint import Checkpointer
+    from cmat_jax.model.lora import LoRAConfig, LoRAParam
+
+    run_dir = Path(source).expanduser().resolve()
+    where = run_dir / "config.json"
+    base = run_cfg["model"]
+    if not isinstance(base, str):
+        raise ValueError(f"{where}: field 'model' must name the base model source")
+    try:
+        lora = dict(run_cfg["lora"])
+        lora["targets"], lora["slots"] = tuple(lora["targets"]), tuple(lora["slots"])
+        lora_cfg = LoRAConfig(**lora)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: bad 'lora' config ({e})") from None
+    model, tok = load_model(base, dtype)
+    model.add_lora(lora_cfg, rngs=nnx.Rngs(0))
+    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state.to_pure_dict()
+    )
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    try:
+        step = ckpt.latest_step()
+        params, meta = ckpt.restore_lora(target)
+    finally:
+        ckpt.close()
+    lora_state.replace_by_pure_dict(params)
+    nnx.update(model, lora_state)
+    assistant = run_cfg.get("slot") or lora_cfg.slots[0]
+    if assistant not in lora_cfg.slots:
+        raise ValueError(f"{where}: slot {assistant!r} is not among lora.slots {lora_cfg.slots}")
+    checker = "checker" if "checker" in lora_cfg.slots else "none"
+    ltm = run_dir / "ltm.sqlite"
+    info = {
+        "source": str(run_dir),
+        "kind": "run",
+        "base": base,
+        "step": step,
+        "stage": meta.get("stage"),
+        "assistant_slot": assistant,
+        "checker_slot": checker,
+    }
+    return EvalModel(model, tok, assistant, checker, info, ltm if ltm.is_file() else None)
+
+
+def make_model_agent(
+    model_source: str | None, *, max_new_tokens: int = 512, dtype: str = "bfloat16"
+) -> Agent:
+    """A plain chat agent (greedy replies from the Assistant slot, no Checker) for
+    :func:`run_episodes`; ``evaluate`` runs the model agent through :func:`evaluate_model`."""
+    from cmat_jax.generate import Generator
+
+    em = load_eval_model(model_source, dtype)
+    return _ModelAgent(Generator(em.model, em.tokenizer), em, max_new_tokens)
 
 
 class _ModelAgent:
     """Greedy replies from one model; an episode whose prompt no longer fits ends (None)."""
 
-    def __init__(self, generator: Any, tokenizer: Any, max_new_tokens: int) -> None:
-        self.gen, self.tok, self.max_new_tokens = generator, tokenizer, max_new_tokens
+    def __init__(self, generator: Any, em: EvalModel, max_new_tokens: int) -> None:
+        self.gen, self.tok, self.max_new_tokens = generator, em.tokenizer, max_new_tokens
+        self.slot = em.assistant_slot
 
     def act(self, batch: Sequence[Sequence[dict[str, str]]]) -> list[str | None]:
         prompts = [
@@ -107,9 +217,126 @@ class _ModelAgent:
         todo = [p for p, ok in zip(prompts, fits, strict=True) if ok]
         texts = iter([])
         if todo:
-            out = self.gen.generate(todo, max_new_tokens=self.max_new_tokens)
-            texts = iter(out.texts or [self.tok.decode(t) for t in out.tokens])
+            out = self.gen.generate(
+                todo, max_new_tokens=self.max_new_tokens, adapter_ids=[self.slot] * len(todo)
+            )
+            texts = iter(out.texts)
         return [next(texts) if ok else None for ok in fits]
+
+
+def _copy_sqlite(src: Path, dst: Path) -> None:
+    with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+        a.backup(b)
+
+
+def evaluate_model(
+    em: EvalModel,
+    tasks: Sequence[DBTask],
+    backend: SQLBackend,
+    cfg: EvalConfig,
+    on_done: Callable[[int], None] | None = None,
+) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
+    """Greedy evaluation of ``em`` through the CMAT ``RolloutEngine`` (the protocol of
+    ``cmat.loop.evaluate_tasks``, with this evaluator's backend and transcripts): the Assistant
+    proposes, with ``cfg.checker`` the Checker accepts iff p_accept >= 0.5 (a rejection asks for
+    up to ``cfg.max_revisions`` revisions), and with ``cfg.reflexion_trials > 1`` unsolved items
+    are retried with the Reflector's lessons on their earlier attempts.
+
+    Returns the transcripts per trial (task order; each with the scorer's ``output``, the
+    Assistant/Checker turn records and the reflection) and the first trial's engine stats.
+    """
+    from cmat_jax.cmat import roles as R
+    from cmat_jax.cmat.config import CMATConfig
+    from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
+    from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine
+    from cmat_jax.envs.dbbench import SYSTEM_PROMPT
+
+    roles = R.make_roles("dbbench", assistant_prompt=SYSTEM_PROMPT, checker_slot=em.checker_slot)
+    # make_roles guards training against an untrainable Assistant; evaluating the frozen base
+    # (zero-shot) is exactly the Assistant (and Reflector) on slot "none".
+    roles = dataclasses.replace(
+        roles,
+        assistant=dataclasses.replace(roles.assistant, adapter_slot=em.assistant_slot),
+        reflector=dataclasses.replace(roles.reflector, adapter_slot=em.assistant_slot),
+    )
+    reflexion = cfg.reflexion_trials > 1
+    live = cfg.live_episodes or 4 * cfg.batch_size
+    if live < 1:
+        raise ValueError(f"--live-episodes must be >= 1, got {live}")
+    work = Path(tempfile.mkdtemp(prefix="cmat_eval_"))
+    ltm = None
+    if em.ltm_path is not None or reflexion:
+        if em.ltm_path is not None:  # a copy: evaluation never changes the run's memory
+            _copy_sqlite(em.ltm_path, work / "ltm.sqlite")
+        ltm = LongTermMemory(work / "ltm.sqlite")
+    trials: list[list[dict[str, Any]]] = []
+    stats: dict[str, Any] = {}
+    envs: list[DBBenchEnv] = []  # the engine's envs of the current chunk, in task order
+
+    def make_env() -> DBBenchEnv:
+        envs.append(DBBenchEnv(backend, max_rounds=cfg.max_rounds))
+        return envs[-1]
+
+    try:
+        todo = list(tasks)
+        for trial in range(cfg.reflexion_trials):
+            engine = RolloutEngine(
+                em.model,
+                em.tokenizer,
+                make_env,
+                roles=roles,
+                cmat_cfg=CMATConfig(
+                    group_size=1,
+                    use_checker=cfg.checker,
+                    max_revisions=cfg.max_revisions,
+                    use_reflection=reflexion and trial + 1 < cfg.reflexion_trials,
+                    ltm_k=3 if ltm is not None else 0,
+                ),
+                rollout_cfg=RolloutConfig(
+                    temperature=0.0,
+                    checker_sample=False,
+                    max_new_tokens=cfg.max_new_tokens,
+                    max_batch=cfg.batch_size,
+                    counterfactual=False,
+                    ltm_split="eval" if reflexion else "",
+                ),
+                ltm=ltm,
+                read_policy=ReadPolicy.evaluation(reflexion=trial > 0),
+            )
+            trs: list[dict[str, Any]] = []
+            for lo in range(0, len(todo), live):
+                part = todo[lo : lo + live]
+                envs.clear()
+                res = engine.run(part, group_size=1, train=False)
+                for k in ("wall_s", "generate_calls", "generated_tokens", "verdict_calls",
+                          "env_steps", "proposals", "executed", "rejections", "revisions"):  # fmt: skip
+                    if trial == 0 and isinstance(res.stats.get(k), (int, float)):
+                        stats[k] = stats.get(k, 0) + res.stats[k]
+                for env, rec, out, refl in zip(
+                    envs, res.episodes, res.outputs, res.reflections, strict=True
+                ):
+                    tr = env.transcript()
+                    tr["output"] = out
+                    tr["turns"] = [dataclasses.asdict(t) for t in rec.turns]
+                    if refl:
+                        tr["reflection"] = refl
+                    trs.append(tr)
+                if on_done is not None:
+                    on_done(len(part))
+            trials.append(trs)
+            todo = [t for t, tr in zip(todo, trs, strict=True) if tr["reward"] < 1.0]
+            if not todo:
+                break
+    finally:
+        if ltm is not None:
+            ltm.close()
+        shutil.rmtree(work, ignore_errors=True)
+    if cfg.checker:
+        turns = [t for tr in trials[0] for t in tr["turns"]] if trials else []
+        stats["checker_rejections"] = sum(t["verdict"] == "reject" for t in turns)
+        p = [t["p_accept"] for t in turns if t["p_accept"] is not None]
+        stats["mean_p_accept"] = round(sum(p) / len(p), 4) if p else None
+    return trials, stats
 
 
 def _make_backend(cfg: EvalConfig) -> SQLBackend:
@@ -201,49 +428,29 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     if (out / "results.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")
     tasks = load_tasks(cfg.data, limit=cfg.limit)
+    em: EvalModel | None = None
     if agent is None:
         if cfg.agent == "oracle":
             agent = oracle_agent(tasks)
         elif cfg.agent == "null":
             agent = NullAgent()
         else:
-            agent = make_model_agent(
-                cfg.model, checker=cfg.checker, max_new_tokens=cfg.max_new_tokens
-            )
+            em = load_eval_model(cfg.model, cfg.dtype)
     backend = _make_backend(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
     bar = _progress(len(tasks) * 1, cfg.progress)
     t0 = time.perf_counter()
     trials: list[list[dict[str, Any]]] = []
-    solved: dict[str, bool] = {}
-    notes: dict[str, str] = {}
+    engine_stats: dict[str, Any] = {}
     try:
-        for trial in range(cfg.reflexion_trials):
-            todo = [t for t in tasks if not solved.get(t.task_id)]
-            if not todo:
-                break
-            if trial > 0:
-                bar.reset(total=len(todo))
-                bar.set_description(f"trial {trial + 1}")
-            trs = run_episodes(
-                todo,
-                agent,
-                backend,
-                batch_size=cfg.batch_size,
-                max_rounds=cfg.max_rounds,
-                notes=notes,
-                on_done=lambda _tr: bar.update(1),
-            )
-            for tr in trs:
-                tr["trial"] = trial + 1
-                solved[tr["task_id"]] = solved.get(tr["task_id"], False) or tr["reward"] == 1.0
-            trials.append(trs)
-            reflect = getattr(agent, "reflect", None)
-            if callable(reflect) and trial + 1 < cfg.reflexion_trials:
-                failed = [tr for tr in trs if tr["reward"] < 1.0]
-                for tr, note in zip(failed, reflect(failed), strict=True):
-                    notes[tr["task_id"]] = note
+        if em is not None:
+            trials, engine_stats = evaluate_model(em, tasks, backend, cfg, on_done=bar.update)
+            for i, trs in enumerate(trials):
+                for tr in trs:
+                    tr["trial"] = i + 1
+        else:
+            trials = _run_trials(tasks, agent, backend, cfg, bar)
     finally:
         bar.close()
         backend.close()
@@ -257,6 +464,9 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     results["wall_s"] = round(wall, 3)
     results["episodes_per_minute"] = round(episodes / wall * 60, 1) if wall > 0 else None
     results["status_counts"] = _counts(tr["status"] for tr in first)
+    if em is not None:
+        results["model_info"] = em.info
+        results["engine"] = engine_stats
     settings = dataclasses.asdict(cfg)
     settings.pop("mysql_password")
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
@@ -264,7 +474,9 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         best = {tr["task_id"]: tr for trs in trials for tr in trs if tr["reward"] == 1.0}
         final = [best.get(tr["task_id"], tr) for tr in first]
         results["reflexion"] = {
-            "note": f"item counts as solved if any of {cfg.reflexion_trials} attempts succeeded",
+            "label": f"pass@{cfg.reflexion_trials}",
+            "note": f"pass@{cfg.reflexion_trials}: item counts as solved if any of "
+            f"{cfg.reflexion_trials} attempts succeeded (later attempts see reflections)",
             "trials": cfg.reflexion_trials,
             **dbbench_metrics(tr["output"] for tr in final),
         }
@@ -274,6 +486,42 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
                 f.write(json.dumps(tr, ensure_ascii=False, default=str) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
+
+
+def _run_trials(
+    tasks: Sequence[DBTask], agent: Agent, backend: SQLBackend, cfg: EvalConfig, bar: Any
+) -> list[list[dict[str, Any]]]:
+    """Attempts of an ``Agent`` (oracle, null, custom): unsolved items are retried, with the
+    agent's reflections (when it has ``reflect``) added to the next attempt's instructions."""
+    trials: list[list[dict[str, Any]]] = []
+    solved: dict[str, bool] = {}
+    notes: dict[str, str] = {}
+    for trial in range(cfg.reflexion_trials):
+        todo = [t for t in tasks if not solved.get(t.task_id)]
+        if not todo:
+            break
+        if trial > 0:
+            bar.reset(total=len(todo))
+            bar.set_description(f"trial {trial + 1}")
+        trs = run_episodes(
+            todo,
+            agent,
+            backend,
+            batch_size=cfg.batch_size,
+            max_rounds=cfg.max_rounds,
+            notes=notes,
+            on_done=lambda _tr: bar.update(1),
+        )
+        for tr in trs:
+            tr["trial"] = trial + 1
+            solved[tr["task_id"]] = solved.get(tr["task_id"], False) or tr["reward"] == 1.0
+        trials.append(trs)
+        reflect = getattr(agent, "reflect", None)
+        if callable(reflect) and trial + 1 < cfg.reflexion_trials:
+            failed = [tr for tr in trs if tr["reward"] < 1.0]
+            for tr, note in zip(failed, reflect(failed), strict=True):
+                notes[tr["task_id"]] = note
+    return trials
 
 
 def _counts(items: Any) -> dict[str, int]:

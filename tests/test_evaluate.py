@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cmat_jax.envs.agents import NullAgent, ReplayAgent, oracle_plan
 from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
-from cmat_jax.evaluate import EvalConfig, evaluate, main, make_model_agent, run_episodes
+from cmat_jax.evaluate import (
+    EvalConfig,
+    evaluate,
+    load_eval_model,
+    main,
+    make_model_agent,
+    run_episodes,
+)
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
 
@@ -111,3 +120,105 @@ def test_context_limit_ends_episode():
 
     trs = run_episodes(load_tasks(DEV, limit=3), Full(), SQLiteBackend())
     assert [tr["status"] for tr in trs] == ["agent_context_limit"] * 3
+
+
+# -- the model agent (a tiny random model through the CMAT rollout engine) -------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.fixtures_hf import save_tiny_model_dir
+
+    # Long enough context for a DBBench prompt (~1000 tokens with the tiny byte-level BPE).
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny"), max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("checker", [False, True])
+def test_model_agent_end_to_end(tmp_path, tiny_dir, checker):
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_dir), "--data", str(DEV), "--out", str(out), "--limit", "3",
+            "--max-new-tokens", "8", "--max-rounds", "2", "--dtype", "float32", "--batch-size",
+            "2", "--no-progress"] + (["--checker"] if checker else [])  # fmt: skip
+    res = main(args)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == res and saved["n"] == 3 and saved["episodes"] == 3
+    assert 0.0 <= saved["overall_cat_accuracy"] <= 1.0
+    assert saved["settings"]["checker"] is checker and saved["settings"]["agent"] == "model"
+    assert saved["settings"]["model"] == str(tiny_dir) and saved["settings"]["batch_size"] == 2
+    assert saved["model_info"] == {"source": str(tiny_dir), "kind": "base"}
+    lines = [json.loads(x) for x in (out / "transcripts.jsonl").read_text().splitlines()]
+    assert [tr["task_id"] for tr in lines] == ["dev-0", "dev-1", "dev-2"]
+    for tr in lines:
+        assert tr["done"] and tr["trial"] == 1 and tr["output"]["type"] == tr["type"]
+        assert tr["turns"], "every episode proposes at least once"
+        for turn in tr["turns"]:
+            if checker:
+                assert turn["verdict"] in ("accept", "reject") and 0 <= turn["p_accept"] <= 1
+            else:
+                assert turn["verdict"] is None and turn["executed"]
+    eng = saved["engine"]
+    assert eng["generate_calls"] >= 2 and eng["proposals"] == sum(len(t["turns"]) for t in lines)
+    assert (eng["verdict_calls"] > 0) is checker
+
+
+def _tiny_run_dir(root: Path, model_dir: Path, slots: tuple[str, ...], slot: str | None):
+    """A training run directory as cmat_jax.train / cmat.loop write it: config.json naming the
+    base and the LoRA config, and one orbax checkpoint of a train state holding LoRA params."""
+    from typing import NamedTuple
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from cmat_jax import load_model
+    from cmat_jax.checkpoint import CheckpointConfig, Checkpointer
+    from cmat_jax.model.lora import LoRAParam
+    from cmat_jax.train import LoRAArgs
+
+    lora = LoRAArgs(rank=2, alpha=4.0, slots=slots)
+    cfg = {"model": str(model_dir), "lora": dataclasses.asdict(lora)}
+    if slot:
+        cfg["slot"] = slot
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_model(model_dir, "float32")
+    model.add_lora(lora.build(), rngs=nnx.Rngs(1))
+    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                          lora_state.to_pure_dict())  # fmt: skip
+
+    class State(NamedTuple):
+        step: Any
+        params: Any
+
+    with Checkpointer(root / "checkpoints", CheckpointConfig(every=1)) as ck:
+        ck.save(State(np.int32(3), params), meta={"stage": "cmat"}, force=True)
+        ck.wait()
+        ck.save(State(np.int32(7), params), meta={"stage": "cmat"}, force=True)
+    return params
+
+
+def test_run_dir_model_source(tmp_path, tiny_dir):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from cmat_jax.model.lora import LoRAParam
+
+    run = tmp_path / "cmat_run"
+    params = _tiny_run_dir(run, tiny_dir, ("assistant", "checker"), "assistant")
+    em = load_eval_model(str(run), "float32")
+    assert (em.assistant_slot, em.checker_slot) == ("assistant", "checker")
+    assert em.info["kind"] == "run" and em.info["step"] == 7 and em.info["base"] == str(tiny_dir)
+    got = nnx.split(em.model, LoRAParam, ...)[1].to_pure_dict()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
+
+    sft = tmp_path / "sft_run"  # an SFT run: one trained slot, no Checker adapter
+    _tiny_run_dir(sft, tiny_dir, ("tuned",), None)
+    em = load_eval_model(str(sft), "float32")
+    assert (em.assistant_slot, em.checker_slot) == ("tuned", "none")
+
+    (sft / "config.json").write_text(json.dumps({"model": 5, "lora": {}}))
+    with pytest.raises(ValueError, match=r"config\.json: field 'model'"):
+        load_eval_model(str(sft))
