@@ -57,8 +57,9 @@ class CMATJob:
     remat: Literal["none", "full", "dots_saveable"] = "full"
     """Rematerialize each layer in the backward pass: the SFT / CMAT batches of a 135M model
     otherwise keep ~10 GB of activations."""
-    attention_impl: str = "xla"
-    """Attention kernel: xla | cudnn | pallas | chunked."""
+    attention_impl: str = "chunked"
+    """Attention kernel of the training steps: xla | cudnn | pallas | chunked | auto (chunked:
+    blockwise, skips causal blocks — measured ~4x faster than xla fwd+bwd on CPU)."""
     lora: LoRAArgs = field(
         default_factory=lambda: LoRAArgs(rank=8, alpha=16.0, slots=("assistant", "checker"))
     )
