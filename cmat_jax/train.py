@@ -285,6 +285,7 @@ def run_sft(job: SFTJob) -> dict:
     from cmat_jax.checkpoint import Checkpointer
     from cmat_jax.data import build_iterator
     from cmat_jax.distributed import batch_share, global_batch
+    from cmat_jax.mfu import MFUMeter
     from cmat_jax.run_dir import MetricsLogger, Progress, RunDir
     from cmat_jax.train_step import init_train_state, make_optimizer, make_train_step
     from cmat_jax.weights.load import load_model
@@ -325,6 +326,7 @@ def run_sft(job: SFTJob) -> dict:
     graphdef, frozen, state = init_train_state(
         model, optimizer, job.seed, base_dtype=job.param_dtype
     )
+    model_cfg = model.config
     del model
     if primary and run.is_fresh():
         # Everything the user gave has been validated: only now create the run dir.
@@ -350,6 +352,9 @@ def run_sft(job: SFTJob) -> dict:
     bar = Progress(job.steps, start, enabled=primary and job.progress)
     meta = {"model": config["model"], "slot": job.slot}
     last: dict = {}
+    # MFU over the wall time between log points (the first, compiling step is not counted).
+    mfu = MFUMeter(model_cfg, job.seq_len, lora_rank=lora_cfg.rank)
+    timer, timed_steps = time.perf_counter(), 0
     try:
         for step in range(start + 1, job.steps + 1):
             batch = next(data)
@@ -359,10 +364,17 @@ def run_sft(job: SFTJob) -> dict:
                 batch = global_batch(batch, mesh)
             state, metrics = step_fn(state, frozen, batch)
             loss = None
-            if step % job.log_every == 0 or step == job.steps:
+            timed_steps += 1
+            if step % job.log_every == 0 or step == job.steps or step == start + 1:
                 last = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                if step > start + 1:
+                    step_s = (now - timer) / timed_steps
+                    last.update(mfu.metrics(step_s, job.batch_size * job.seq_len))
+                timer, timed_steps = now, 0
                 loss = last["loss"]
-                logger.log(step, last)
+                if step % job.log_every == 0 or step == job.steps:
+                    logger.log(step, last)
             bar.update(1, tokens, loss)
             if step % job.checkpoint.every == 0 or step == job.steps:
                 ckpt.save(state, data_state=data.state(), meta=meta, force=True)

@@ -117,7 +117,11 @@ def test_crash_resume_matches_uninterrupted_run(workspace, tmp_path):
     full_log = read_metrics(full_dir / "metrics.jsonl")
     crash_log_records = read_metrics(crash_dir / "metrics.jsonl")
     assert [r["step"] for r in full_log] == list(range(1, STEPS + 1))
-    assert crash_log_records == full_log  # every metric of every step, bit for bit
+    # Throughput metrics are wall-clock; every other metric of every step matches bit for bit.
+    timing = {"mfu", "tflops_per_device", "tokens_per_second"}
+    assert all(0 < r["mfu"] < 1 and r["tokens_per_second"] > 0 for r in full_log[1:])
+    strip = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log]
+    assert strip(crash_log_records) == strip(full_log)
     assert full_log[-1]["loss"] < full_log[0]["loss"]  # it trained
 
     assert completed_steps(crash_dir / "checkpoints") == [15, 20]  # keep=2
