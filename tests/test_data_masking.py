@@ -7,7 +7,7 @@ import pytest
 
 from cmat_jax.data import DataError, load_dataset, parse_record, tokenize_conversation
 from cmat_jax.tokenizer import load_tokenizer
-from tests._smollm2 import smollm2_gguf_path
+from cmat_jax.weights.registry import smollm2_gguf_path
 from tests.test_data_helpers import (
     make_llama2_tokenizer,
     make_tokenizer,

@@ -131,7 +131,7 @@ def test_export_errors_exit_2(run, tmp_path, capsys):
 
 def test_gguf_tokenizer_files_load_in_transformers(tmp_path):
     from cmat_jax.tokenizer import load_tokenizer
-    from tests._smollm2 import smollm2_gguf_path
+    from cmat_jax.weights.registry import smollm2_gguf_path
 
     ours = load_tokenizer(smollm2_gguf_path())
     export.write_tokenizer_files(ours, tmp_path, 8192)

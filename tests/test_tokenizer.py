@@ -18,7 +18,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, LlamaTokenizer
 
 from cmat_jax.tokenizer import BUILTIN_TEMPLATES, Tokenizer, TokenizerError, load_tokenizer
-from tests._smollm2 import smollm2_gguf_path
+from cmat_jax.weights.registry import smollm2_gguf_path
 
 # ---------------------------------------------------------------------------------------------
 # Deterministic test strings.
