@@ -152,7 +152,35 @@ def state_specs(graphdef: Any, optimizer: Any, state: TrainState, frozen: Any) -
     return specs, f_specs
 
 
-def _split_micro(x: jax.Array, accum: int) -> jax.Array:
+def guarded_update(
+    optimizer: optax.GradientTransformation,
+    state: TrainState,
+    grads: Any,
+    loss: jax.Array,
+    rng: jax.Array,
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One optimizer update that is skipped (params and optimizer state kept, the skip
+    counted) when the loss or the gradient norm is not finite. Returns the new state, the
+    gradient norm and the int32 skip flag."""
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Zero non-finite grads so the (discarded) update stays NaN-free.
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
+    updates, new_opt = optimizer.update(safe, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    skipped = (~ok).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=pick(new_params, state.params),
+        opt_state=pick(new_opt, state.opt_state),
+        rng=jax.random.key_data(rng),
+        skipped=state.skipped + skipped,
+    )
+    return new_state, grad_norm, skipped
+
+
+def split_micro(x: jax.Array, accum: int) -> jax.Array:
     """[B, ...] -> [accum, B/accum, ...] with row b in micro-batch b % accum."""
     B = x.shape[0]
     x = x.reshape(B // accum, accum, *x.shape[1:])
@@ -209,7 +237,7 @@ class TrainStep:
         if self.accum == 1:
             (nll, ntok), grads = grad_fn(state.params, frozen, batch, step_rng)
         else:
-            micro = {k: _split_micro(v, self.accum) for k, v in batch.items()}
+            micro = {k: split_micro(v, self.accum) for k, v in batch.items()}
             keys = jax.random.split(step_rng, self.accum)
 
             def body(carry, xs):
@@ -225,26 +253,13 @@ class TrainStep:
         denom = jnp.maximum(ntok, 1.0)
         loss = nll / denom
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Zero non-finite grads so the (discarded) update stays NaN-free.
-        safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
-        updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=pick(new_params, state.params),
-            opt_state=pick(new_opt, state.opt_state),
-            rng=jax.random.key_data(rng),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
+        new_state, grad_norm, skipped = guarded_update(self.optimizer, state, grads, loss, rng)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "lr": current_lr(new_opt),
+            "lr": current_lr(new_state.opt_state),
             "tokens": ntok,
-            "skipped": (~ok).astype(jnp.int32),
+            "skipped": skipped,
         }
         return new_state, metrics
 

@@ -45,12 +45,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from cmat_jax.losses import DEFAULT_CHUNK_TOKENS, chunk_length, chunked_token_logp
 from cmat_jax.model.lora import NONE_SLOT
-from cmat_jax.train_step import TrainState, TrainStep, _split_micro, current_lr
+from cmat_jax.train_step import TrainState, TrainStep, current_lr, guarded_update, split_micro
 
 MODES = ("rwr", "pg", "ppo")
 MODEL_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -451,7 +450,7 @@ class CMATStep(TrainStep):
         if self.accum == 1:
             (_, sums), grads = grad_fn(state.params, batch, step_rng)
         else:
-            micro = {k: _split_micro(v, self.accum) for k, v in batch.items()}
+            micro = {k: split_micro(v, self.accum) for k, v in batch.items()}
             keys = jax.random.split(step_rng, self.accum)
             shapes = jax.eval_shape(
                 grad_fn, state.params, jax.tree.map(lambda v: v[0], micro), keys[0]
@@ -467,20 +466,10 @@ class CMATStep(TrainStep):
         denom = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         metrics = finalize_metrics(sums)
-        grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        safe = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)
-        updates, new_opt = self.optimizer.update(safe, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        pick = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=pick(new_params, state.params),
-            opt_state=pick(new_opt, state.opt_state),
-            rng=jax.random.key_data(rng),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
+        new_state, grad_norm, skipped = guarded_update(
+            self.optimizer, state, grads, metrics["loss"], rng
         )
-        metrics.update(grad_norm=grad_norm, lr=current_lr(new_opt), skipped=(~ok).astype(jnp.int32))
+        metrics.update(grad_norm=grad_norm, lr=current_lr(new_state.opt_state), skipped=skipped)
         return new_state, metrics
 
     def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, Any]):
