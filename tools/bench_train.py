@@ -72,46 +72,6 @@ def _batch_np(B: int, T: int, V: int, seed: int = 0):
     return ids[:, :-1], ids[:, 1:]
 
 
-def bf16_grad_matmul():
-    """Experiment (--patch-matmul): `llama.matmul` with a custom VJP whose backward dots take
-    compute-dtype cotangents (bf16 x bf16 -> f32) instead of autodiff's f32 x bf16 mixed dots,
-    and which saves the bf16-cast input as its residual. Proposed for cmat_jax/model/llama.py."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-
-    f32 = jnp.float32
-
-    @functools.cache
-    def make(cdt, x_dt, w_dt):
-        @jax.custom_vjp
-        def mm(x, w):
-            return jnp.einsum(
-                "...d,dn->...n", x.astype(cdt), w.astype(cdt), preferred_element_type=f32
-            )
-
-        def fwd(x, w):
-            xc, wc = x.astype(cdt), w.astype(cdt)
-            return jnp.einsum("...d,dn->...n", xc, wc, preferred_element_type=f32), (xc, wc)
-
-        def bwd(res, dy):
-            xc, wc = res
-            dyc = dy.astype(cdt)
-            dx = jnp.einsum("...n,dn->...d", dyc, wc, preferred_element_type=f32)
-            dw = jnp.einsum("...d,...n->dn", xc, dyc, preferred_element_type=f32)
-            return dx.astype(x_dt), dw.astype(w_dt)
-
-        mm.defvjp(fwd, bwd)
-        return mm
-
-    def matmul(x, w, compute_dtype):
-        dt = jnp.dtype(compute_dtype)
-        return make(dt, jnp.dtype(x.dtype), jnp.dtype(w.dtype))(x, w)
-
-    return matmul
-
-
 def run_ours(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -123,10 +83,6 @@ def run_ours(args) -> dict:
     from cmat_jax.model.lora import LoRAConfig
     from cmat_jax.train_step import OptimConfig, init_train_state, make_optimizer, make_train_step
 
-    if args.patch_matmul:
-        import cmat_jax.model.llama as llama
-
-        llama.matmul = bf16_grad_matmul()
     cfg = ModelConfig(
         **SMOLLM2_135M,
         param_dtype="bfloat16",
@@ -243,10 +199,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--attention", default="chunked")
-    p.add_argument("--remat", default="none")
+    p.add_argument("--remat", default="dots_saveable")
     p.add_argument("--chunk-tokens", type=int, default=1024)
     p.add_argument("--no-peer", action="store_true")
-    p.add_argument("--patch-matmul", action="store_true", help=bf16_grad_matmul.__doc__)
     p.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
@@ -280,7 +235,6 @@ def main() -> None:
         "seq": args.seq,
         "attention": args.attention,
         "remat": args.remat,
-        "patch_matmul": args.patch_matmul,
         "cpu_load_1m": round(os.getloadavg()[0], 2),
     }
     print(json.dumps(result))

@@ -3,7 +3,7 @@
 Each piece is jitted on its own and timed (best of --repeats after a compile call):
 the whole step, the forward loss only, the decoder forward+backward without the LM head, the
 chunked CE forward+backward, and one layer's attention forward+backward per attention impl
-(times x num_layers). Optionally `--patch-matmul` (see bench_train.py).
+(times x num_layers).
 
     python tools/profile_train.py [--repeats 2] [--attention chunked]
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_train import SMOLLM2_135M, TARGETS, bf16_grad_matmul
+from bench_train import SMOLLM2_135M, TARGETS
 
 
 def best_time(f, *args, repeats: int) -> float:
@@ -40,7 +40,6 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--attention", default="chunked")
     p.add_argument("--remat", default="none")
-    p.add_argument("--patch-matmul", action="store_true")
     p.add_argument("--only", default="", help="comma list of pieces to time")
     args = p.parse_args()
 
@@ -55,8 +54,6 @@ def main() -> None:
     from cmat_jax.model.lora import LoRAConfig
     from cmat_jax.train_step import OptimConfig, init_train_state, make_optimizer, make_train_step
 
-    if args.patch_matmul:
-        llama.matmul = bf16_grad_matmul()
     cfg = ModelConfig(
         **SMOLLM2_135M,
         param_dtype="bfloat16",
