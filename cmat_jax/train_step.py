@@ -208,6 +208,8 @@ class TrainStep:
     axes, the batch is sharded over ('data', 'fsdp'), and the state is donated.
     """
 
+    batch_keys: tuple[str, ...] = BATCH_KEYS  # fields the jitted step receives
+
     def __init__(
         self,
         graphdef: Any,
@@ -292,7 +294,7 @@ class TrainStep:
         return jax.device_put((state, frozen, dict(batch)), self._shardings)
 
     def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, Any]):
-        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS and v is not None}
+        batch = {k: v for k, v in batch.items() if k in self.batch_keys and v is not None}
         B = jnp.shape(batch["inputs"])[0]
         if B % self.accum:
             raise ValueError(f"batch size {B} is not divisible by accum_steps={self.accum}")

@@ -421,6 +421,8 @@ class CMATStep(TrainStep):
     or gradient norm leaves params and optimizer state untouched and counts a skip.
     `accum_steps` micro-batches sum exactly to the big batch (the loss is one token mean)."""
 
+    batch_keys = BATCH_KEYS
+
     def __init__(
         self,
         graphdef: Any,
@@ -474,17 +476,7 @@ class CMATStep(TrainStep):
 
     def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, Any]):
         validate_batch(batch, self.loss_cfg)
-        batch = {k: v for k, v in batch.items() if k in BATCH_KEYS and v is not None}
-        B = np.shape(batch["inputs"])[0]
-        if B % self.accum:
-            raise ValueError(f"batch size {B} is not divisible by accum_steps={self.accum}")
-        if self._jitted is None:
-            self._jitted = self._compile(state, frozen, batch)
-        state, frozen, batch = self.place(state, frozen, batch)
-        if self.mesh is None:
-            return self._jitted(state, frozen, batch)
-        with jax.set_mesh(self.mesh):
-            return self._jitted(state, frozen, batch)
+        return super().__call__(state, frozen, batch)
 
 
 def make_cmat_step(
