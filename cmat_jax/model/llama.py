@@ -196,6 +196,7 @@ class Llama(nnx.Module):
             lora_cfg=None if lora is None else self.lora.config,
             adapter_ids_B=adapter_ids_B,
             cache=cache,
+            prefill=prefill,
             dropout_rng=dropout_rng,
         )
         return rms_norm(x_BTD, self.final_norm[...], cfg.rms_norm_eps), cache
