@@ -175,13 +175,22 @@ def _draw(keys_B: jax.Array, x_BV: jax.Array) -> jax.Array:
     return jnp.minimum(idx_B, x_BV.shape[-1] - 1).astype(jnp.int32)
 
 
+def first_argmax(x_BV: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (first index of the maximum) as two plain reductions:
+    XLA:CPU's variadic argmax reduce takes ~2 ms for [16, 49152], a max and a min ~0.1 ms."""
+    V = x_BV.shape[-1]
+    hit_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    idx_B = jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.minimum(idx_B, V - 1)  # a NaN row matches nothing: keep the index in range
+
+
 def sample_tokens(
     logits_BV: jax.Array, keys_B: jax.Array, s: SamplingArrays
 ) -> tuple[jax.Array, jax.Array]:
     """Chosen tokens [B] int32 and their log-probs under log_softmax(raw logits) [B] f32."""
     logits_BV = logits_BV.astype(jnp.float32)
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = first_argmax(logits_BV)
     greedy_row_B = s.temperature_B <= 0
 
     def sampled() -> jax.Array:

@@ -48,28 +48,22 @@ _ACTION_RE = re.compile(r"Action: (.*?)\n")
 _SQL_RE = re.compile(r"```sql\n([\s\S]*?)\n```")
 _ANSWER_RE = re.compile(r"\nFinal Answer:(.*)")
 
-SYSTEM_PROMPT = """You are working with a MySQL database to complete a task I give you. Each turn, \
-first think out loud: explain what the task needs and how you will get it. Then take exactly one \
-of two actions.
+SYSTEM_PROMPT = """You complete tasks on a MySQL table. Each reply is one short line of reasoning, \
+then exactly one action.
 
-To run SQL, write:
+To run SQL:
 Action: Operation
 ```sql
-SELECT * FROM `my table` WHERE `some column` = 'value';
+SELECT * FROM `table name` WHERE `column` = 'value';
 ```
-Put exactly one SQL statement, on one line, inside the sql code block and nothing else there. \
-Only the first sql block of a reply is executed. After each Operation I run the statement and \
-reply with the raw MySQL output (a list of row tuples) or the error message.
+One statement, on one line; I reply with the result rows or the error message.
 
-When you know the answer, write:
+To finish:
 Action: Answer
-Final Answer: ["ANSWER1", "ANSWER2", ...]
-The final answer is a list and must match the correct answer exactly, so only answer once you \
-are sure. If the task asks you to change the database, make the change with Operations first; \
-after that the content of the final answer does not matter.
+Final Answer: ["value 1", "value 2"]
+The list must match the correct answer exactly. After changing the table, any list finishes.
 
-A reply that follows neither pattern fails the task at once. You may run at most 15 \
-operations."""
+Any other reply fails the task. At most 15 operations."""
 
 
 class DBBenchDataError(ValueError):
