@@ -21,6 +21,7 @@ from cmat_jax.generate import (
     bucket_batch,
     bucket_length,
     compile_counts,
+    first_argmax,
 )
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import KVCache, Llama
@@ -212,6 +213,14 @@ def test_top_k_1_and_tiny_top_p_are_greedy(gen, tiny):
             prompts, max_new_tokens=12, sampling=sampling, key=jax.random.key(1), eos_ids=[]
         )
         assert out.tokens == greedy.tokens
+
+
+def test_first_argmax_equals_argmax_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(64, 300)).astype(np.float32)  # many ties per row
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+    x[3] = np.nan
+    assert 0 <= int(first_argmax(jnp.asarray(x))[3]) < 300
 
 
 def test_top_k_top_p_filter_keeps_the_right_set():
