@@ -100,3 +100,30 @@ def test_job_validation_names_the_field():
         CMATJob(lora=LoRAArgs(slots=("assistant",)))
     with pytest.raises(FileNotFoundError, match="--dev-data"):
         loop.resolve_dev_data("/nonexistent/dev.jsonl")
+
+
+def test_select_rows_drops_failed_groups_and_caps_checker_rows():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from cmat_jax.cmat.rollout import TrainRow
+
+    def row(role, episode):
+        z = np.zeros(2, np.float32)
+        return TrainRow(np.zeros(2, np.int32), z, z, z, z, 0, role, episode, 0.0)
+
+    episodes = [
+        SimpleNamespace(group_id="g0", reward=0.0),
+        SimpleNamespace(group_id="g0", reward=1.0),
+        SimpleNamespace(group_id="g1", reward=0.0),
+    ]
+    rows = [row("assistant", e) for e in range(3)] + [row("checker", e % 3) for e in range(10)]
+    res = SimpleNamespace(episodes=episodes, rows=rows)
+    kept = loop.select_rows(res, CMATJob(checker_rows_per_round=4), seed=1)
+    assert [r.episode for r in kept if r.role == "assistant"] == [0, 1]  # g1 failed everywhere
+    assert sum(r.role == "checker" for r in kept) == 4
+    assert kept == loop.select_rows(res, CMATJob(checker_rows_per_round=4), seed=1)
+    assert len(loop.select_rows(res, CMATJob(), seed=1)) == 12
+    with pytest.raises(ValueError, match="checker-rows-per-round"):
+        CMATJob(checker_rows_per_round=-1)

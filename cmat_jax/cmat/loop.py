@@ -103,6 +103,10 @@ class CMATJob:
     drop_failed_groups: bool = True
     """rwr: leave out Assistant rows of groups in which every episode failed (their RWR weights
     are all 1, which would be plain SFT on failures)."""
+    checker_rows_per_round: int = 0
+    """Train the Checker on at most this many of a round's verdict rows (a seeded random
+    subset; 0 = all). Each is a whole Checker prompt for one trained token, so on a CPU they
+    can cost more than the Assistant's trajectories."""
     # -- evaluation
     eval_tasks: int = 24
     """Held-out synthetic tasks (the same items before and after every stage)."""
@@ -144,7 +148,14 @@ class CMATJob:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        for name in ("sft_steps", "sft_examples", "rounds", "eval_tasks", "eval_every"):
+        for name in (
+            "sft_steps",
+            "sft_examples",
+            "rounds",
+            "eval_tasks",
+            "eval_every",
+            "checker_rows_per_round",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
@@ -721,7 +732,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                 )
                 res = engine.run(tasks, key=jax.random.key(job.seed * 1000 + rnd))
             t_roll = time.perf_counter() - t
-            rows = select_rows(res, job)
+            rows = select_rows(res, job, seed=job.seed * 1000 + rnd)
             hist = []
             for epoch in range(job.epochs):
                 if rows:
@@ -767,18 +778,25 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
     return final
 
 
-def select_rows(res: Any, job: CMATJob) -> list:
-    """The round's training rows (see `CMATJob.drop_failed_groups`)."""
-    if job.loss_mode != "rwr" or not job.drop_failed_groups:
-        return list(res.rows)
-    best: dict[str, float] = {}
-    for e in res.episodes:
-        best[e.group_id] = max(best.get(e.group_id, 0.0), e.reward)
-    return [
-        row
-        for row in res.rows
-        if row.role != "assistant" or best[res.episodes[row.episode].group_id] > 0.0
-    ]
+def select_rows(res: Any, job: CMATJob, seed: int = 0) -> list:
+    """The round's training rows (see `CMATJob.drop_failed_groups` and
+    `CMATJob.checker_rows_per_round`)."""
+    rows = list(res.rows)
+    if job.loss_mode == "rwr" and job.drop_failed_groups:
+        best: dict[str, float] = {}
+        for e in res.episodes:
+            best[e.group_id] = max(best.get(e.group_id, 0.0), e.reward)
+        rows = [
+            row
+            for row in rows
+            if row.role != "assistant" or best[res.episodes[row.episode].group_id] > 0.0
+        ]
+    checker = [i for i, row in enumerate(rows) if row.role == "checker"]
+    cap = job.checker_rows_per_round
+    if cap and len(checker) > cap:
+        drop = set(np.random.default_rng(seed).choice(checker, len(checker) - cap, replace=False))
+        rows = [row for i, row in enumerate(rows) if i not in drop]
+    return rows
 
 
 def finish_run(
