@@ -330,3 +330,18 @@ def test_ltm_boundary_errors(tmp_path):
             mem.add(rec("T1", T1, reward=2.0))
         with pytest.raises(ValueError, match=r"MemoryRecord\.task_id"):
             mem.add(rec("", T1))
+
+
+def test_failed_record_without_a_lesson_is_not_injected(tmp_path):
+    with LongTermMemory(tmp_path / "ltm.sqlite", clock=make_clock()) as mem:
+        mem.add(rec("A", "How many singers are from Spain?", "", 0.0, summary="SELECT 1 FROM x"))
+        mem.add(rec("B", "How many singers are from Peru?", "count the country column"))
+        got = mem.retrieve(
+            "dbbench",
+            "C",
+            "How many singers are from Chile?",
+            k=5,
+            token_budget=1000,
+            count_tokens=words,
+        )
+    assert [r.record.task_id for r in got] == ["B"]

@@ -185,6 +185,9 @@ def test_message_builders():
     )
     long = clean_reflection("word " * 200, max_chars=30)
     assert len(long) <= 30 and long.endswith("word")
+    acted = "Check the columns first.\nAction: Operation\n```sql\nSELECT * FROM `t`\n```"
+    assert clean_reflection(acted) == "Check the columns first."
+    assert clean_reflection("Action: Answer\nFinal Answer: [1]") == ""
 
 
 @pytest.mark.parametrize("which", ["bpe", "spm"])

@@ -355,6 +355,19 @@ def test_rollout_loop_reuses_compiled_programs(gen, tiny):
     assert compile_counts() == before
 
 
+def test_min_batch_pads_dwindling_batches_into_one_bucket(gen, tiny, tiny_tok):
+    model, prompts = tiny
+    padded = Generator(model, tiny_tok, cache_dtype="float32", min_batch=4)
+    padded.generate(prompts, max_new_tokens=12)
+    before = compile_counts()
+    for n in (3, 2, 1):  # rows ending one by one: still the 4-row programs
+        out = padded.generate(prompts[:n], max_new_tokens=12)
+        ref = gen.generate(prompts[:n], max_new_tokens=12)
+        assert out.tokens == ref.tokens
+    assert compile_counts()["prefill"] - before["prefill"] <= 2  # only `gen`'s 2- and 1-row
+    assert bucket_batch(1, minimum=4) == 4 and bucket_batch(5, minimum=4) == 8
+
+
 def test_buckets():
     assert [bucket_length(n) for n in (1, 16, 17, 64, 65, 256, 257, 300, 1000)] == [
         16, 16, 32, 64, 96, 256, 384, 384, 1024,

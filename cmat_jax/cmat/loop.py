@@ -98,8 +98,14 @@ class CMATJob:
     beta: float = 0.1
     tau: float = 0.5
     ltm_k: int = 3
+    stm_token_budget: int = 1536
+    """Training rollouts: the Assistant prompt's token budget (older observations are shortened
+    first, then old turns dropped); evaluation keeps the CMATConfig default."""
     max_batch: int = 32
     """Rows per generation call."""
+    min_batch: int = 8
+    """Generation / verdict calls are padded to at least this many rows, so episodes that end
+    one by one do not compile programs for 4, 2 and 1 rows (each a few seconds on a CPU)."""
     drop_failed_groups: bool = True
     """rwr: leave out Assistant rows of groups in which every episode failed (their RWR weights
     are all 1, which would be plain SFT on failures)."""
@@ -140,6 +146,7 @@ class CMATJob:
             "max_new_tokens",
             "train_max_rounds",
             "max_batch",
+            "min_batch",
             "sft_batch_size",
             "reflexion_trials",
             "eval_max_new_tokens",
@@ -389,6 +396,7 @@ def evaluate_tasks(
                     checker_sample=False,
                     max_new_tokens=job.eval_max_new_tokens,
                     max_batch=job.max_batch,
+                    min_batch=job.min_batch,
                     counterfactual=False,
                     ltm_split="eval" if reflexion_trials > 1 else "",
                 ),
@@ -702,6 +710,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             use_checker=job.use_checker,
             use_reflection=job.use_reflection,
             ltm_k=job.ltm_k,
+            stm_token_budget=job.stm_token_budget,
         )
         loss_cfg = LossConfig(
             mode=job.loss_mode,
@@ -725,6 +734,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                         temperature=job.temperature,
                         max_new_tokens=job.max_new_tokens,
                         max_batch=job.max_batch,
+                        min_batch=job.min_batch,
                     ),
                     ltm=ltm,
                     read_policy=ReadPolicy.training(),

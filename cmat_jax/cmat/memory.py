@@ -469,6 +469,8 @@ class LongTermMemory:
             if len(out) >= k:
                 break
             snippet = format_snippet(record, source)
+            if not snippet:
+                continue
             n = int(count_tokens(snippet))
             if used + n > token_budget:
                 continue
@@ -484,5 +486,6 @@ def format_snippet(record: MemoryRecord, source: Literal["same_task", "similar"]
     task = _compact(record.task_text, 120)
     if record.reflection.strip():
         return f"On a similar task ({task}): {record.reflection.strip()}"
-    outcome = "solved" if record.reward >= 1.0 else f"scored {record.reward:.2f}"
-    return f"A similar task ({task}) was {outcome} with: {record.trajectory_summary.strip()}"
+    if record.reward < 1.0:
+        return ""  # a failed attempt without a lesson teaches nothing: not injected
+    return f"A similar task ({task}) was solved with: {record.trajectory_summary.strip()}"

@@ -279,9 +279,17 @@ def reflector_messages(
 _LESSON_LABEL = re.compile(r"^\s*(?:\*\*)?(?:lesson|reflection)s?(?:\*\*)?\s*[:\-]\s*", re.I)
 
 
+_ACTION_START = re.compile(r"Action:|```|Final Answer:")
+
+
 def clean_reflection(text: str, max_chars: int = 400) -> str:
-    """A generated reflection made storable: label dropped, whitespace collapsed, length cut."""
+    """A generated reflection made storable: label dropped, anything from an action onwards cut
+    (an agent-tuned Reflector tends to answer with an action; injected into another task's
+    prompt, its SQL on another table is copied and fails), whitespace collapsed, length cut."""
     text = _LESSON_LABEL.sub("", text.strip())
+    m = _ACTION_START.search(text)
+    if m:
+        text = text[: m.start()]
     text = " ".join(text.split())
     if len(text) > max_chars:
         cut = text[:max_chars]

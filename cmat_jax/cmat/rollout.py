@@ -63,6 +63,8 @@ class RolloutConfig:
     max_generations: safety cap on Assistant generations per episode (revisions included).
     prompt_bucket: prompt lengths are padded to multiples of at least this many tokens, so
       growing prompts reuse a few compiled programs instead of compiling one per length.
+    min_batch: generation and verdict calls are padded to at least this many rows (power-of-two
+      buckets), so the last few live episodes reuse the programs of the full batch.
     """
 
     temperature: float = 0.7
@@ -77,6 +79,7 @@ class RolloutConfig:
     max_generations: int = 48
     reflection_chars: int = 400
     prompt_bucket: int = 64
+    min_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.max_batch < 1 or self.max_generations < 1:
@@ -150,6 +153,7 @@ def verdict_logprobs(
     ids: tuple[int, int],
     *,
     bucket: int = 16,
+    min_batch: int = 1,
 ) -> np.ndarray:
     """Full-vocab log-probs [n, 2] of (accept, reject) as the next token after each prompt.
 
@@ -158,7 +162,7 @@ def verdict_logprobs(
     """
     n = len(prompts)
     T = bucket_length(max(len(p) for p in prompts), bucket)
-    B = bucket_batch(n)
+    B = bucket_batch(n, minimum=min_batch)
     ids_BT = np.zeros((B, T), np.int32)
     last_B = np.zeros((B,), np.int32)
     for i, p in enumerate(prompts):
@@ -329,7 +333,11 @@ class RolloutEngine:
         self.chat = ChatTokens(tokenizer)
         max_len = min(rollout_cfg.max_context, model.config.max_position_embeddings)
         self.gen = Generator(
-            model, tokenizer, max_cache_len=max_len, min_prompt_bucket=rollout_cfg.prompt_bucket
+            model,
+            tokenizer,
+            max_cache_len=max_len,
+            min_prompt_bucket=rollout_cfg.prompt_bucket,
+            min_batch=rollout_cfg.min_batch,
         )
         self.max_len = max_len
         lora = model.lora
@@ -506,6 +514,7 @@ class RolloutEngine:
                     self.slot["checker"],
                     self.verdict_ids,
                     bucket=self.rcfg.prompt_bucket,
+                    min_batch=self.rcfg.min_batch,
                 )
                 for lo in range(0, len(prompts), self.rcfg.max_batch)
             ]
