@@ -178,7 +178,7 @@ def _draw(keys_B: jax.Array, x_BV: jax.Array) -> jax.Array:
 
 def first_argmax(x_BV: jax.Array) -> jax.Array:
     """`jnp.argmax` over the last axis (first index of the maximum) as two plain reductions:
-    XLA:CPU's variadic argmax reduce takes ~2 ms for [16, 49152], a max and a min ~0.1 ms."""
+    XLA:CPU's variadic argmax reduce took 2.0 ms for [16, 49152], this 0.37 ms (measured)."""
     V = x_BV.shape[-1]
     hit_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
     idx_B = jnp.min(jnp.where(hit_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
