@@ -36,7 +36,9 @@ def test_cmat_loop_smoke_with_crash_and_resume(tmp_path, monkeypatch):
         tasks_per_round=2,
         group_size=2,
         batch_size=4,
-        seq_len=256,
+        # The tiny fixture's tokenizer spends ~4x the tokens of SmolLM2's on the same prompt.
+        seq_len=1024,
+        sft_seq_len=256,
         max_new_tokens=12,
         train_max_rounds=2,
         eval_tasks=2,
@@ -102,28 +104,49 @@ def test_job_validation_names_the_field():
         loop.resolve_dev_data("/nonexistent/dev.jsonl")
 
 
-def test_select_rows_drops_failed_groups_and_caps_checker_rows():
+def test_select_rows_drops_failed_groups_and_balances_checker_rows():
     from types import SimpleNamespace
 
     import numpy as np
 
     from cmat_jax.cmat.rollout import TrainRow
 
-    def row(role, episode):
+    def row(role, episode, label=None):
         z = np.zeros(2, np.float32)
-        return TrainRow(np.zeros(2, np.int32), z, z, z, z, 0, role, episode, 0.0)
+        w = np.array([0.0, 1.0], np.float32)
+        return TrainRow(np.zeros(2, np.int32), z, z, w, z, 0, role, episode, 0.0, label)
 
     episodes = [
         SimpleNamespace(group_id="g0", reward=0.0),
         SimpleNamespace(group_id="g0", reward=1.0),
         SimpleNamespace(group_id="g1", reward=0.0),
     ]
-    rows = [row("assistant", e) for e in range(3)] + [row("checker", e % 3) for e in range(10)]
+    # 8 "reject" labels and 2 "accept" ones, as in a round where most episodes failed.
+    checker = [row("checker", e % 3, label=e < 2) for e in range(10)]
+    rows = [row("assistant", e) for e in range(3)] + checker
     res = SimpleNamespace(episodes=episodes, rows=rows)
-    kept = loop.select_rows(res, CMATJob(checker_rows_per_round=4), seed=1)
+
+    def summary(kept):
+        return [(r.role, r.episode, r.label, float(r.weight[-1])) for r in kept]
+
+    kept = loop.select_rows(res, CMATJob(checker_rows_per_round=6), seed=1)
     assert [r.episode for r in kept if r.role == "assistant"] == [0, 1]  # g1 failed everywhere
-    assert sum(r.role == "checker" for r in kept) == 4
-    assert kept == loop.select_rows(res, CMATJob(checker_rows_per_round=4), seed=1)
-    assert len(loop.select_rows(res, CMATJob(), seed=1)) == 12
+    c = [r for r in kept if r.role == "checker"]
+    # Capped at 6: both accepts, 4 rejects; each label carries half of the total weight.
+    assert len(c) == 6 and sum(r.label for r in c) == 2
+    w = {lab: sum(float(r.weight[-1]) for r in c if r.label == lab) for lab in (True, False)}
+    assert w[True] == pytest.approx(3.0) and w[False] == pytest.approx(3.0)
+    assert summary(kept) == summary(
+        loop.select_rows(res, CMATJob(checker_rows_per_round=6), seed=1)
+    )
+    # No cap: all 10, weights 10/(2*2) for accepts and 10/(2*8) for rejects.
+    c = [r for r in loop.select_rows(res, CMATJob(), seed=1) if r.role == "checker"]
+    assert len(c) == 10
+    assert {(r.label, float(r.weight[-1])) for r in c} == {(True, 2.5), (False, 0.625)}
+    # Only one label present: weights unchanged.
+    one = SimpleNamespace(episodes=episodes, rows=[row("checker", 0, label=False)] * 3)
+    assert [float(r.weight[-1]) for r in loop.select_rows(one, CMATJob(), seed=1)] == [1.0] * 3
+    capped = loop.select_rows(one, CMATJob(checker_rows_per_round=2), seed=1)
+    assert [float(r.weight[-1]) for r in capped] == [1.0] * 2
     with pytest.raises(ValueError, match="checker-rows-per-round"):
         CMATJob(checker_rows_per_round=-1)

@@ -84,11 +84,14 @@ def test_stm_protects_recent_turns_until_old_ones_are_gone():
     assert m.token_count(msgs) == 13 + NOTE_WORDS + 19 + 60
 
 
-def test_stm_never_cuts_head_or_newest_turn():
+def test_stm_never_drops_head_or_newest_turn_and_shortens_it_last():
     m = stm(budget=50, keep_recent=1)
     msgs = m.messages()
-    assert [x["content"] for x in msgs[2:]] == ["a2 b2", OBS]
-    assert not m.fits()
+    # old turns dropped (13 + note 10 + 60 = 83 > 50): the newest observation is shortened
+    assert [x["content"] for x in msgs[2:]] == ["a2 b2", "x x x x x ... [90 characters cut]"]
+    assert m.token_count(msgs) == 13 + NOTE_WORDS + 19 and m.fits()
+    m = stm(budget=30, keep_recent=1)
+    assert m.messages()[2]["content"] == "a2 b2" and not m.fits()
 
 
 def test_stm_keeps_rejections_whole_and_summarises():
@@ -200,6 +203,31 @@ def test_ltm_retrieval_order_dedup_and_families(tmp_path):
     assert got[2].score > got[3].score > got[4].score > 0
     assert got[0].snippet == f"Your earlier attempt at this task failed: {LONG}"
     assert all(r.tokens == words(r.snippet) for r in got)
+
+
+def test_ltm_repeated_lessons_are_injected_once(tmp_path):
+    with LongTermMemory(tmp_path / "ltm.sqlite", clock=make_clock()) as mem:
+        fill(mem)
+        # Two more tasks whose Reflector wrote T3's lesson again (case and spacing aside).
+        mem.add(rec("T6", "Which singer in table singer is the oldest", "Order  by AGE desc"))
+        mem.add(rec("T7", "Name the oldest singer from table singer", "order by age desc"))
+        got = mem.retrieve("dbbench", "T1", T1, k=10, token_budget=10_000, count_tokens=words)
+    lessons = [" ".join(r.record.reflection.lower().split()) for r in got]
+    assert lessons.count("order by age desc") == 1
+    assert len(lessons) == len(set(lessons))
+
+
+def test_ltm_without_solutions_injects_lessons_only(tmp_path):
+    with LongTermMemory(tmp_path / "ltm.sqlite", clock=make_clock()) as mem:
+        fill(mem)
+        kw = dict(k=10, token_budget=10_000, count_tokens=words)
+        full = mem.retrieve("dbbench", "T1", T1, **kw)
+        lessons = mem.retrieve("dbbench", "T1", T1, solutions=False, **kw)
+    # T2 was solved without a lesson: its SQL is what a small model would copy; left out.
+    assert [r.record.task_id for r in lessons] == [
+        r.record.task_id for r in full if r.record.task_id != "T2"
+    ]
+    assert all(r.record.reflection for r in lessons)
 
 
 def test_ltm_k_and_token_budget_cap(tmp_path):

@@ -18,6 +18,7 @@ from cmat_jax.cmat.roles import (
     checker_messages,
     checker_prompt_text,
     clean_reflection,
+    fit_history,
     format_verdict,
     make_roles,
     p_accept,
@@ -92,6 +93,10 @@ def spm_tokenizer(tmp_path_factory) -> Tokenizer:
         ("I would not accept this: it drops the table", False, "it drops the table"),
         ("\n\n  Reject:\n  quote the string value\n", False, "quote the string value"),
         ("reject: reason. accept", False, "reason. accept"),  # the first verdict word decides
+        # A weak Checker repeats the verdict word instead of giving a reason.
+        (" reject: reject: reject: reject: reje", False, NO_REASON),
+        (" reject: accept: reject: reject", False, NO_REASON),
+        (" reject: reject: wrong table name", False, "wrong table name"),
     ],
 )
 def test_parse_verdict_on_messy_output(text, accept, reason):
@@ -263,3 +268,21 @@ def test_verdict_tokens_of_smollm2():
     n = len(tok.encode(prompt, add_bos=False))
     assert tok.encode(prompt + format_verdict(True), add_bos=False)[n:] == [accept_id]
     assert tok.encode(prompt + format_verdict(False, "x"), add_bos=False)[n] == reject_id
+
+
+def test_fit_history_drops_oldest_steps_first():
+    history = [
+        {"role": "assistant", "content": f"a{i}"}
+        if k == 0
+        else {"role": "user", "content": f"o{i}"}
+        for i in range(4)
+        for k in range(2)
+    ]
+
+    def encode(h):  # one "token" per character of the head plus each message
+        return list("SYSTEM+TASK" + "".join(m["content"] for m in h))
+
+    assert encode(history) == fit_history(encode, history, 100)
+    fitted = "".join(fit_history(encode, history, len("SYSTEM+TASK") + 5))
+    assert fitted == "SYSTEM+TASKa3o3"  # whole (action, feedback) pairs, newest kept
+    assert "".join(fit_history(encode, history, 4)) == "TASK"  # nothing left to drop: cut

@@ -20,6 +20,7 @@ from cmat_jax.cmat.rollout import (
     ChatTokens,
     RolloutConfig,
     RolloutEngine,
+    checker_prompt_ids,
     rows_to_batch,
     verdict_logprobs,
 )
@@ -243,3 +244,59 @@ def test_chat_tokens_grow_like_the_template(tiny):
     full = [*msgs, {"role": "assistant", "content": reply}, {"role": "user", "content": "obs"}]
     rendered = tok.apply_chat_template(full, add_generation_prompt=True, tokenize=False)
     assert tok.decode(grown) == rendered
+
+
+def test_training_rows_fit_the_context_and_keep_the_task(tiny):
+    """Long episodes in a short context: prompts are rebuilt from short-term memory, so every
+    row fits `max_context` whole, starts with the system prompt and task, and ends with a
+    proposal."""
+    model, tok = tiny
+    envs: list[ScriptedEnv] = []
+    head = ChatTokens(tok).head(R.assistant_messages(ROLES.assistant, TASKS[0].text))
+    max_context = len(head) + 160
+    engine = RolloutEngine(
+        model,
+        tok,
+        lambda: envs.append(ScriptedEnv(rounds=8)) or envs[-1],
+        roles=ROLES,
+        cmat_cfg=CMATConfig(group_size=2, ltm_k=0, max_revisions=1),
+        rollout_cfg=RolloutConfig(max_new_tokens=8, max_context=max_context, ltm_split=""),
+    )
+    res = engine.run(TASKS[:1], key=jax.random.key(5))
+    assert res.stats["context_rebuilds"] >= 1
+    a_rows = [r for r in res.rows if r.role == "assistant"]
+    assert len(a_rows) > len(res.episodes)  # rebuilt prompts start new rows
+    for r in a_rows:
+        assert len(r.tokens) <= max_context
+        # The system prompt and the task open every row (a rebuilt one may note omitted steps).
+        text = tok.decode(r.tokens)
+        first_reply = text.index("<|im_start|>assistant")
+        assert text.startswith(tok.decode(head[:3])) and ROLES.assistant.system_prompt in text
+        assert text.index(TASKS[0].text) < first_reply
+        assert r.loss_mask[-1] == 1.0
+    c_rows = [r for r in res.rows if r.role == "checker"]
+    assert c_rows and all(len(r.tokens) <= max_context for r in c_rows)
+    batch = rows_to_batch(res.rows, seq_len=max_context - 1)
+    assert batch["inputs"].shape == (len(res.rows), max_context - 1)
+    with pytest.raises(ValueError, match="exceed seq_len"):
+        rows_to_batch(res.rows, seq_len=len(head))
+
+
+def test_checker_prompt_drops_old_steps_not_its_instructions(tiny):
+    _, tok = tiny
+    history = []
+    for i in range(6):
+        history += [
+            {"role": "assistant", "content": f"Action: Operation\nSELECT name FROM t{i};"},
+            {"role": "user", "content": f"[('row {i}',)]"},
+        ]
+    args = (tok, ROLES.checker, TASKS[0].text)
+    bare = checker_prompt_ids(*args, [], "SELECT 1;", 10_000)
+    full = checker_prompt_ids(*args, history, "SELECT 1;", 10_000)
+    limit = (len(bare) + len(full)) // 2
+    ids = checker_prompt_ids(*args, history, "SELECT 1;", limit)
+    text = tok.decode(ids)
+    assert len(bare) < len(ids) <= limit < len(full)
+    assert text.startswith(tok.decode(bare[:8])) and TASKS[0].text in text
+    assert "row 5" in text and "row 0" not in text  # the newest steps stay
+    assert text.endswith(tok.decode(bare[-4:]))  # still asks for the verdict

@@ -29,6 +29,10 @@ class CMATConfig:
     use_checker, use_reflection: the Checker and the Reflector on or off.
     ltm_k: at most this many long-term-memory records are injected into a prompt.
     ltm_token_budget: at most this many tokens of injected long-term-memory text.
+    ltm_solutions: also inject how similar tasks were solved (their action summaries), not only
+      lessons. Off for small models: a 135M Assistant copies the other task's SQL, table name
+      and all (measured: round-2 rollouts of the default job ran `Rowing Crews` queries on
+      every table, success 0.000).
     stm_token_budget: token budget of the Assistant's short-term memory (whole prompt).
     """
 
@@ -45,6 +49,7 @@ class CMATConfig:
     use_reflection: bool = True
     ltm_k: int = 3
     ltm_token_budget: int = 256
+    ltm_solutions: bool = True
     stm_token_budget: int = 1536
 
     def __post_init__(self) -> None:

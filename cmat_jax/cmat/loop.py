@@ -74,6 +74,9 @@ class CMATJob:
     checker_sft: bool = True
     """Also tune the Checker on the expert trajectories' implied verdicts."""
     sft_batch_size: int = 8
+    sft_seq_len: int | None = None
+    """Tokens per agent-tuning row (None = seq_len). Longer expert trajectories lose their
+    trailing turns, never their start."""
     # -- CMAT rounds (stage 3)
     rounds: int = 2
     tasks_per_round: int = 8
@@ -81,7 +84,8 @@ class CMATJob:
     epochs: int = 1
     batch_size: int = 8
     seq_len: int = 768
-    """Tokens per training row (longer rows keep their end)."""
+    """Tokens per CMAT training row. Training rollouts run with a context of seq_len + 1, so
+    every row is trained whole; a prompt that outgrows it is rebuilt from short-term memory."""
     lr: float = 2e-4
     loss_mode: Literal["rwr", "pg", "ppo"] = "rwr"
     kl_coef: float = 0.05
@@ -98,6 +102,11 @@ class CMATJob:
     beta: float = 0.1
     tau: float = 0.5
     ltm_k: int = 3
+    ltm_token_budget: int = 256
+    """Tokens of long-term-memory lessons injected into a prompt (training and evaluation)."""
+    ltm_solutions: bool = False
+    """Also inject similar tasks' solutions from long-term memory (see
+    `CMATConfig.ltm_solutions`: a small model copies them onto the wrong table)."""
     stm_token_budget: int = 1536
     """Training rollouts: the Assistant prompt's token budget (older observations are shortened
     first, then old turns dropped); evaluation keeps the CMATConfig default."""
@@ -122,6 +131,8 @@ class CMATJob:
     """Evaluate the base model (before agent tuning) too."""
     eval_checker: bool = True
     """Report the with-Checker setting beside the single-attempt one."""
+    dev_checker: bool = True
+    """On the dev split too (when eval_checker is on)."""
     reflexion_trials: int = 1
     """> 1: also report reflexion retries (pass@N) with this many attempts."""
     dev_data: str = "auto"
@@ -150,6 +161,7 @@ class CMATJob:
             "sft_batch_size",
             "reflexion_trials",
             "eval_max_new_tokens",
+            "ltm_token_budget",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -167,6 +179,13 @@ class CMATJob:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
+        if self.sft_seq_len is not None and self.sft_seq_len < 1:
+            raise ValueError(f"--sft-seq-len must be >= 1, got {self.sft_seq_len}")
+        if self.seq_len <= self.max_new_tokens:
+            raise ValueError(
+                f"--seq-len ({self.seq_len}) must exceed --max-new-tokens ({self.max_new_tokens}):"
+                " a training rollout's prompt and reply both fit in seq_len + 1 tokens"
+            )
         if "assistant" not in self.lora.slots or "checker" not in self.lora.slots:
             raise ValueError(
                 f"--lora.slots must include 'assistant' and 'checker', got {self.lora.slots}"
@@ -265,12 +284,13 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
     """Agent-tuning rows: the Assistant on expert trajectories (assistant tokens), the Checker
     on each expert step's verdict (reject when it errored, else accept)."""
     from cmat_jax.cmat import roles as R
-    from cmat_jax.cmat.rollout import TrainRow
+    from cmat_jax.cmat.rollout import TrainRow, checker_prompt_ids
     from cmat_jax.data import parse_record, read_jsonl, tokenize_conversation
     from cmat_jax.envs.dbbench import DBBenchEnv
     from cmat_jax.envs.dbbench_synth import expert_episode, generate_tasks
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
+    sft_len = job.sft_seq_len or job.seq_len
     rows: list[TrainRow] = []
     convs = []
     checker_items = []
@@ -296,7 +316,7 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
         for where, rec in read_jsonl(path):
             convs.append(parse_record(rec, where))
     for conv in convs:
-        ex = tokenize_conversation(tokenizer, conv, seq_len=job.seq_len + 1, overlong="truncate")
+        ex = tokenize_conversation(tokenizer, conv, seq_len=sft_len + 1, overlong="truncate")
         if ex is None:
             continue
         m = ex.loss_mask.astype(np.float32)
@@ -327,9 +347,9 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
         chosen = bad[:n_bad] + good_items[:n_good]
         ids = R.verdict_token_ids(tokenizer)
         for task_text, history, proposal, good in chosen:
-            msgs = R.checker_messages(roles.checker, task_text, history, proposal)
-            prompt = tokenizer.encode(R.checker_prompt_text(tokenizer, msgs), add_bos=False)
-            prompt = prompt[-job.seq_len :]
+            prompt = checker_prompt_ids(
+                tokenizer, roles.checker, task_text, history, proposal, sft_len
+            )
             toks = np.asarray([*prompt, ids[0] if good else ids[1]], np.int32)
             one = np.zeros(len(toks), np.float32)
             one[-1] = 1.0
@@ -390,6 +410,8 @@ def evaluate_tasks(
                     max_revisions=job.max_revisions,
                     use_reflection=reflexion_trials > 1,
                     ltm_k=job.ltm_k if ltm is not None else 0,
+                    ltm_token_budget=job.ltm_token_budget,
+                    ltm_solutions=job.ltm_solutions,
                 ),
                 rollout_cfg=RolloutConfig(
                     temperature=0.0,
@@ -567,7 +589,14 @@ class _Run:
         from cmat_jax.cmat.rollout import rows_to_batch
 
         job = self.job
-        B = job.batch_size if tag != "sft" else job.sft_batch_size
+        B, T = (
+            (job.sft_batch_size, job.sft_seq_len or job.seq_len)
+            if tag == "sft"
+            else (
+                job.batch_size,
+                job.seq_len,
+            )
+        )
         step_fn = make_cmat_step(self.graphdef, self.optimizer, loss_cfg)
         rng = np.random.default_rng(key_seed)
         if steps is None:  # one pass over the rows in a random order
@@ -581,7 +610,7 @@ class _Run:
         out = []
         pad_id = int(self.tok.pad_id)
         for idx in batches:
-            batch = rows_to_batch(_pad_rows([rows[k] for k in idx], B), job.seq_len, pad_id)
+            batch = rows_to_batch(_pad_rows([rows[k] for k in idx], B), T, pad_id)
             if loss_cfg.kl_coef > 0:
                 batch["ref_logp"] = np.asarray(
                     reference_logp(self.graphdef, self.state.params, self.frozen, batch)
@@ -641,7 +670,7 @@ def _eval_all(r: _Run, stage: str, held_out: list, dev: list | None) -> dict[str
             work_dir=base / "dev_a",
             reflexion_trials=job.reflexion_trials,
         )
-        if job.eval_checker:
+        if job.eval_checker and job.dev_checker:
             res["dev_checker"] = evaluate_tasks(
                 r.model,
                 r.tok,
@@ -710,6 +739,8 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             use_checker=job.use_checker,
             use_reflection=job.use_reflection,
             ltm_k=job.ltm_k,
+            ltm_token_budget=job.ltm_token_budget,
+            ltm_solutions=job.ltm_solutions,
             stm_token_budget=job.stm_token_budget,
         )
         loss_cfg = LossConfig(
@@ -735,6 +766,9 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                         max_new_tokens=job.max_new_tokens,
                         max_batch=job.max_batch,
                         min_batch=job.min_batch,
+                        # every training row fits seq_len whole: prompts that would outgrow it
+                        # are rebuilt from short-term memory instead
+                        max_context=job.seq_len + 1,
                     ),
                     ltm=ltm,
                     read_policy=ReadPolicy.training(),
@@ -801,12 +835,37 @@ def select_rows(res: Any, job: CMATJob, seed: int = 0) -> list:
             for row in rows
             if row.role != "assistant" or best[res.episodes[row.episode].group_id] > 0.0
         ]
-    checker = [i for i, row in enumerate(rows) if row.role == "checker"]
-    cap = job.checker_rows_per_round
-    if cap and len(checker) > cap:
-        drop = set(np.random.default_rng(seed).choice(checker, len(checker) - cap, replace=False))
-        rows = [row for i, row in enumerate(rows) if i not in drop]
-    return rows
+    checker = [row for row in rows if row.role == "checker"]
+    rows = [row for row in rows if row.role != "checker"]
+    return rows + balance_checker_rows(checker, job.checker_rows_per_round, seed)
+
+
+def balance_checker_rows(rows: list, cap: int, seed: int) -> list:
+    """Checker rows with both verdicts weighted equally: at most `cap` rows (0 = all), drawn
+    half from each label where both have enough, and each label's rows weighted so that the
+    two labels carry the same total weight.
+
+    Labels follow the episode's outcome, so in a round where most episodes fail most labels are
+    "reject"; trained as they come, a few steps teach the Checker to reject everything, and its
+    rejections then derail the Assistant's next round."""
+    rng = np.random.default_rng(seed)
+    by_label = {True: [r for r in rows if r.label], False: [r for r in rows if not r.label]}
+    if cap and len(rows) > cap:
+        minority = min(by_label, key=lambda label: len(by_label[label]))
+        small, big = by_label[minority], by_label[not minority]
+        n_small = min(len(small), cap // 2)
+        keep_small = [small[i] for i in rng.permutation(len(small))[:n_small]]
+        keep_big = [big[i] for i in rng.permutation(len(big))[: cap - n_small]]
+        by_label = {True: [], False: []}
+        for r in keep_small + keep_big:
+            by_label[bool(r.label)].append(r)
+    present = [label for label, rs in by_label.items() if rs]
+    total = sum(len(by_label[label]) for label in present)
+    out = []
+    for label in present:
+        scale = total / (len(present) * len(by_label[label]))
+        out += [dataclasses.replace(r, weight=r.weight * scale) for r in by_label[label]]
+    return out
 
 
 def finish_run(

@@ -129,6 +129,9 @@ class ShortTermMemory:
                     break
                 alive[i] = False
                 dropped += 1
+        # Last resort before the prompt no longer fits: shorten the newest observation too.
+        if n and total() > self.budget_tokens and turns[-1].kind == "observation":
+            turns[-1].feedback = self._shorten(turns[-1].feedback)
         return [t for t, a in zip(turns, alive, strict=True) if a], dropped
 
     @staticmethod
@@ -424,6 +427,7 @@ class LongTermMemory:
         token_budget: int,
         count_tokens: TokenCounter,
         policy: ReadPolicy = ReadPolicy(),
+        solutions: bool = True,
     ) -> list[Retrieved]:
         """Records to inject at the start of an episode, in order.
 
@@ -431,7 +435,7 @@ class LongTermMemory:
         2. Other tasks of the same family by BM25 of their task text against `task_text`,
            best first; one record per task (its best reward, then newest), zero scores left out.
         At most `k` records; a snippet that would push the total past `token_budget` tokens is
-        skipped (later, shorter ones may still fit).
+        skipped (later, shorter ones may still fit), and so is a lesson already injected.
         """
         if k <= 0 or token_budget <= 0:
             return []
@@ -465,27 +469,33 @@ class LongTermMemory:
 
         out: list[Retrieved] = []
         used = 0
+        lessons: set[str] = set()
         for record, source, score in candidates:
             if len(out) >= k:
                 break
-            snippet = format_snippet(record, source)
-            if not snippet:
-                continue
+            snippet = format_snippet(record, source, solutions)
+            lesson = " ".join(record.reflection.split()).lower()
+            if not snippet or (lesson and lesson in lessons):
+                continue  # nothing to say, or a lesson already injected (a Reflector repeats)
             n = int(count_tokens(snippet))
             if used + n > token_budget:
                 continue
             used += n
+            lessons.add(lesson)
             out.append(Retrieved(record, source, score, snippet, n))
         return out
 
 
-def format_snippet(record: MemoryRecord, source: Literal["same_task", "similar"]) -> str:
-    """The text injected for one record (a lesson, or how a similar task was solved)."""
+def format_snippet(
+    record: MemoryRecord, source: Literal["same_task", "similar"], solutions: bool = True
+) -> str:
+    """The text injected for one record: a lesson, or (`solutions`) how a similar task was
+    solved; "" when there is nothing to inject."""
     if source == "same_task":
         return f"Your earlier attempt at this task failed: {record.reflection.strip()}"
     task = _compact(record.task_text, 120)
     if record.reflection.strip():
         return f"On a similar task ({task}): {record.reflection.strip()}"
-    if record.reward < 1.0:
+    if record.reward < 1.0 or not solutions:
         return ""  # a failed attempt without a lesson teaches nothing: not injected
     return f"A similar task ({task}) was solved with: {record.trajectory_summary.strip()}"

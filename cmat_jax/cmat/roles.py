@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -250,6 +250,24 @@ def checker_prompt_text(tokenizer: TokenizerLike, messages: list[Message]) -> st
     return f"{text}{CHECKER_PREFIX}"
 
 
+def fit_history(
+    encode_prompt: Callable[[Sequence[Message]], list[int]],
+    history: Sequence[Message],
+    limit: int,
+) -> list[int]:
+    """Token ids of `encode_prompt(history)` within `limit`: the oldest (action, feedback)
+    pairs are dropped first, so the system prompt and the task always survive. Only a prompt
+    too long even without history is cut, keeping its end (the question asked)."""
+    history = list(history)
+    while True:
+        ids = encode_prompt(history)
+        if len(ids) <= limit:
+            return ids
+        if not history:
+            return ids[-limit:]
+        history = history[2:]
+
+
 def rejection_feedback(reason: str) -> str:
     """The user-side STM message after a rejection: the Assistant revises in its next reply."""
     return f"A reviewer rejected this action: {reason.strip() or NO_REASON}. Revise it and reply again."
@@ -343,8 +361,14 @@ def parse_verdict(text: str) -> CheckerVerdict:
         return CheckerVerdict(accept=True)
     rest = text[m.end() :]
     rest = _REASON_LEAD.sub("", rest)
+    # A weak Checker repeats itself ("reject: reject: reject: ..."): verdict words are no reason.
+    while (lead := _VERDICT_WORD.match(rest.lstrip())) is not None:
+        rest = _REASON_LEAD.sub("", rest.lstrip()[lead.end() :])
     lines = [ln.strip() for ln in rest.splitlines() if ln.strip()]
     reason = lines[0].strip(" *") if lines else ""
+    words = re.findall(r"\w+", _VERDICT_WORD.sub("", reason).lower())
+    if all("accept".startswith(w) or "reject".startswith(w) for w in words):  # cut-off repeats
+        reason = ""
     return CheckerVerdict(accept=False, reason=reason or NO_REASON)
 
 

@@ -114,6 +114,7 @@ class TrainRow:
     role: str
     episode: int  # index into RolloutResult.episodes
     reward: float
+    label: bool | None = None  # Checker rows: the verdict trained (True = accept)
 
 
 @dataclasses.dataclass
@@ -230,6 +231,26 @@ class ChatTokens:
 
     def count(self, text: str) -> int:
         return len(self.tok.encode(text, add_bos=False))
+
+
+def checker_prompt_ids(
+    tokenizer: Any,
+    role: R.Role,
+    task_text: str,
+    history: Sequence[dict[str, str]],
+    proposal: str,
+    limit: int,
+) -> list[int]:
+    """The Checker's prompt ids (ending in the verdict prefix) within `limit` tokens: the
+    oldest steps are left out first, so the instructions and the task are always read."""
+    return R.fit_history(
+        lambda h: tokenizer.encode(
+            R.checker_prompt_text(tokenizer, R.checker_messages(role, task_text, h, proposal)),
+            add_bos=False,
+        ),
+        history,
+        limit,
+    )
 
 
 # ------------------------------------------------------------------------- episode state
@@ -349,6 +370,7 @@ class RolloutEngine:
             name: R.slot_index(roles, slots, name) for name in ("assistant", "checker", "reflector")
         }
         self.verdict_ids = R.verdict_token_ids(tokenizer) if cmat_cfg.use_checker else (0, 0)
+        self.reject_prefix = tokenizer.encode(R.REJECT_WORD + ":", add_bos=False)
 
     # -------------------------------------------------------------- public
 
@@ -402,6 +424,14 @@ class RolloutEngine:
             rows = self._rows(eps, records)
         stats["wall_s"] = time.perf_counter() - t0
         stats.update(summarize(records, self.cfg))
+        # Does injected long-term memory help? Success with and without lessons in the prompt.
+        ok = [e.reward >= self.cfg.success_threshold for e in eps]
+        with_mem = [o for o, e in zip(ok, eps, strict=True) if e.snippets]
+        without = [o for o, e in zip(ok, eps, strict=True) if not e.snippets]
+        stats["episodes_with_memory"] = len(with_mem)
+        stats["success_with_memory"] = float(np.mean(with_mem)) if with_mem else None
+        stats["success_without_memory"] = float(np.mean(without)) if without else None
+        stats["context_rebuilds"] = sum(len(e.chains) - 1 for e in eps)
         return RolloutResult(
             records, [e.output for e in eps], rows, stats, [e.reflection for e in eps]
         )
@@ -420,6 +450,7 @@ class RolloutEngine:
                 token_budget=self.cfg.ltm_token_budget,
                 count_tokens=self.chat.count,
                 policy=self.read_policy,
+                solutions=self.cfg.ltm_solutions,
             )
             ep.snippets = [r.snippet for r in got]
         head = R.assistant_messages(self.roles.assistant, ep.task_text, (), ep.snippets)
@@ -432,26 +463,37 @@ class RolloutEngine:
     def _requests(self, ep: _Episode) -> tuple[list[int], str] | None:
         if ep.phase == "propose":
             budget = self.max_len - self.rcfg.max_new_tokens
-            if len(ep.chain.ids) > min(budget, self.cfg.stm_token_budget):
+            limit = min(budget, self.cfg.stm_token_budget)
+            if len(ep.chain.ids) > limit:
                 ids = self.chat.head(ep.stm.messages())  # rebuilt from fitted STM: a new row
+                # STM counts message text (+ a per-message allowance); the rendered prompt can
+                # come out longer. Tighten its budget by the overshoot until it fits or nothing
+                # more can go.
+                while len(ids) > limit and ep.stm.budget_tokens > 1:
+                    ep.stm.budget_tokens = max(1, ep.stm.budget_tokens - (len(ids) - limit))
+                    tighter = self.chat.head(ep.stm.messages())
+                    if len(tighter) >= len(ids):
+                        break
+                    ids = tighter
                 if len(ids) > budget:
                     self._end_context(ep)
                     return None
                 ep.chains.append(_Chain(ids, [], []))
             return ep.chain.ids, "assistant"
         if ep.phase == "reason":
-            ids = ep.checker_prompt + self.tok.encode(R.REJECT_WORD + ":", add_bos=False)
-            return ids[-(self.max_len - self.rcfg.max_new_tokens) :], "checker"
+            # The verdict prompt was fitted with room for this prefix and the reason.
+            return ep.checker_prompt + self.reject_prefix, "checker"
         if ep.phase == "reflect":
-            msgs = R.reflector_messages(
-                self.roles.reflector,
-                ep.task_text,
+            ids = R.fit_history(
+                lambda h: self.chat.head(
+                    R.reflector_messages(
+                        self.roles.reflector, ep.task_text, h, ep.reward, ep.last_feedback
+                    )
+                ),
                 ep.stm.turn_messages(),
-                ep.reward,
-                ep.last_feedback,
+                self.max_len - self.rcfg.max_new_tokens,
             )
-            ids = self.chat.head(msgs)
-            return ids[-(self.max_len - self.rcfg.max_new_tokens) :], "reflector"
+            return ids, "reflector"
         return None
 
     def _generate_phase(self, eps: list[_Episode], key: jax.Array, stats: dict) -> None:
@@ -499,13 +541,19 @@ class RolloutEngine:
         todo = [e for e in eps if e.phase == "verdict"]
         if not todo:
             return
-        limit = self.max_len - 1
+        limit = self.max_len - self.rcfg.max_new_tokens - len(self.reject_prefix)
         prompts = []
         for ep in todo:
-            history = ep.stm.turn_messages()
-            msgs = R.checker_messages(self.roles.checker, ep.task_text, history, ep.pending.text)
-            ids = self.tok.encode(R.checker_prompt_text(self.tok, msgs), add_bos=False)
-            prompts.append(ids[-limit:])
+            prompts.append(
+                checker_prompt_ids(
+                    self.tok,
+                    self.roles.checker,
+                    ep.task_text,
+                    ep.stm.turn_messages(),
+                    ep.pending.text,
+                    limit,
+                )
+            )
         logp = np.concatenate(
             [
                 verdict_logprobs(
@@ -680,15 +728,15 @@ class RolloutEngine:
             for ch in ep.chains:
                 if not ch.spans:
                     continue
-                n = len(ch.ids)
+                n = ch.spans[-1][1]  # the row ends with its last proposal, not the feedback
                 spans = [(s, e) for s, e, _ in ch.spans]
                 turn_adv = [adv[t] for _, _, t in ch.spans]
                 mask = fb.broadcast_to_tokens(np.ones(len(spans)), spans, n)
                 logp = np.zeros(n, np.float32)
-                logp[: len(ch.logp)] = ch.logp
+                logp[: min(n, len(ch.logp))] = ch.logp[:n]
                 rows.append(
                     TrainRow(
-                        tokens=np.asarray(ch.ids, np.int32),
+                        tokens=np.asarray(ch.ids[:n], np.int32),
                         loss_mask=mask,
                         advantage=fb.broadcast_to_tokens(turn_adv, spans, n),
                         weight=(mask * w).astype(np.float32),
@@ -721,6 +769,7 @@ class RolloutEngine:
                         role="checker",
                         episode=ep.index,
                         reward=rec.reward,
+                        label=bool(label),
                     )
                 )
         return rows
@@ -761,9 +810,18 @@ ROW_KEYS = ("inputs", "targets", "loss_mask", "advantage", "weight", "behavior_l
 
 def rows_to_batch(rows: Sequence[TrainRow], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Right-padded next-token batch [B, seq_len] from rows: inputs = tokens[:-1], targets =
-    tokens[1:], and the per-token arrays taken at the target positions. Rows longer than
-    seq_len + 1 keep their last seq_len + 1 tokens (the generated end of an episode)."""
+    tokens[1:], and the per-token arrays taken at the target positions.
+
+    A row longer than seq_len + 1 is an error, not a silent cut: cutting its start would train
+    on replies whose task and table are no longer in view. Rollouts for training run with
+    `RolloutConfig.max_context = seq_len + 1`, which keeps every row within it."""
     B = len(rows)
+    long = [len(r.tokens) for r in rows if len(r.tokens) > seq_len + 1]
+    if long:
+        raise ValueError(
+            f"rows_to_batch: {len(long)} row(s) of up to {max(long)} tokens exceed seq_len + 1 = "
+            f"{seq_len + 1}; roll out with max_context <= seq_len + 1 or raise seq_len"
+        )
     out = {
         "inputs": np.full((B, seq_len), pad_id, np.int32),
         "targets": np.full((B, seq_len), pad_id, np.int32),
@@ -774,12 +832,11 @@ def rows_to_batch(rows: Sequence[TrainRow], seq_len: int, pad_id: int = 0) -> di
         "adapter_ids": np.zeros((B,), np.int32),
     }
     for b, r in enumerate(rows):
-        cut = slice(max(0, len(r.tokens) - (seq_len + 1)), None)
-        toks = r.tokens[cut]
+        toks = r.tokens
         n = len(toks) - 1
         out["inputs"][b, :n] = toks[:-1]
         out["targets"][b, :n] = toks[1:]
         for k in ("loss_mask", "advantage", "weight", "behavior_logp"):
-            out[k][b, :n] = getattr(r, k)[cut][1:]
+            out[k][b, :n] = getattr(r, k)[1:]
         out["adapter_ids"][b] = r.adapter_id
     return out
