@@ -1,10 +1,9 @@
 """CMAT presets for `python -m cmat_jax.train cmat --preset NAME` (flags override any field).
 
 `cmat-default` is the job `python -m cmat_jax.train` runs with no arguments, meant for a 2-core
-CPU in about 20 minutes (SmolLM2-135M-Instruct, a short agent tuning, two CMAT rounds).
-Measured with these settings on an idle 2-core machine: agent tuning 374 s (loss 1.814 ->
-0.106), held-out synthetic success 0.312, CMAT rounds 239 s and 457 s; round 2 ended 20.5 minutes
-in, so the job is not yet within its budget (see the README, "The default job")."""
+CPU in about 20 minutes (SmolLM2-135M-Instruct, a short agent tuning, two CMAT rounds). It does
+not fit yet: measured on the 2-core dev box, agent tuning 328-418 s, one evaluation of the 16
+held-out tasks 323 s, a CMAT round 320-335 s (see the README, "The default job")."""
 
 from cmat_jax.cmat.loop import CMATJob
 from cmat_jax.train import LoRAArgs
@@ -36,6 +35,8 @@ PRESETS = {
         stm_token_budget=1024,
         eval_tasks=16,
         eval_max_new_tokens=96,
+        eval_max_context=1024,
+        eval_checker=False,
         dev_stages=("cmat",),
         dev_limit=20,
         max_batch=16,

@@ -142,6 +142,10 @@ class CMATJob:
     dev_stages: tuple[str, ...] = ("agent_tuning", "cmat")
     """Stages evaluated on the dev split (base, agent_tuning, cmat)."""
     eval_max_new_tokens: int = 192
+    eval_max_context: int = 2048
+    """Evaluation prompt + reply tokens; longer episodes continue from short-term memory. On a
+    CPU the last live episodes of a batch otherwise prefill ~1500-token prompts for 16 padded
+    rows per turn."""
     progress: bool = True
     checkpoint_keep: int = 2
     export: bool = True
@@ -161,6 +165,7 @@ class CMATJob:
             "sft_batch_size",
             "reflexion_trials",
             "eval_max_new_tokens",
+            "eval_max_context",
             "ltm_token_budget",
         ):
             if getattr(self, name) < 1:
@@ -419,6 +424,7 @@ def evaluate_tasks(
                     max_new_tokens=job.eval_max_new_tokens,
                     max_batch=job.max_batch,
                     min_batch=job.min_batch,
+                    max_context=job.eval_max_context,
                     counterfactual=False,
                     ltm_split="eval" if reflexion_trials > 1 else "",
                 ),
