@@ -151,6 +151,10 @@ class CMATJob:
     export: bool = True
     """Export the Assistant adapter as PEFT files into DIR/export/assistant-peft."""
 
+    @property
+    def sft_row_len(self) -> int:
+        return self.sft_seq_len or self.seq_len
+
     def __post_init__(self) -> None:
         for name in (
             "tasks_per_round",
@@ -295,7 +299,7 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
     from cmat_jax.envs.dbbench_synth import expert_episode, generate_tasks
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
-    sft_len = job.sft_seq_len or job.seq_len
+    sft_len = job.sft_row_len
     rows: list[TrainRow] = []
     convs = []
     checker_items = []
@@ -595,14 +599,10 @@ class _Run:
         from cmat_jax.cmat.rollout import rows_to_batch
 
         job = self.job
-        B, T = (
-            (job.sft_batch_size, job.sft_seq_len or job.seq_len)
-            if tag == "sft"
-            else (
-                job.batch_size,
-                job.seq_len,
-            )
-        )
+        if tag == "sft":
+            B, T = job.sft_batch_size, job.sft_row_len
+        else:
+            B, T = job.batch_size, job.seq_len
         step_fn = make_cmat_step(self.graphdef, self.optimizer, loss_cfg)
         rng = np.random.default_rng(key_seed)
         if steps is None:  # one pass over the rows in a random order
