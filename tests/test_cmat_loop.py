@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from cmat_jax.checkpoint import completed_steps
@@ -38,7 +39,7 @@ def test_cmat_loop_smoke_with_crash_and_resume(tmp_path, monkeypatch):
         batch_size=4,
         # The tiny fixture's tokenizer spends ~4x the tokens of SmolLM2's on the same prompt.
         seq_len=1024,
-        sft_seq_len=256,
+        sft_seq_len=768,  # the Assistant rows need ~500 tokens to reach a first reply
         max_new_tokens=12,
         train_max_rounds=2,
         eval_tasks=2,
@@ -46,6 +47,8 @@ def test_cmat_loop_smoke_with_crash_and_resume(tmp_path, monkeypatch):
         dev_data="",
         progress=False,
         drop_failed_groups=False,  # a random model fails every group; train its rows anyway
+        anchor_coef=1.0,
+        anchor_rows=2,
     )
     # Crash inside the second round's rollout (after round 1 was checkpointed).
     calls = {"n": 0}
@@ -92,6 +95,9 @@ def test_cmat_loop_smoke_with_crash_and_resume(tmp_path, monkeypatch):
     assert any((out / "tb").iterdir())
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("train/kl" in m for m in metrics) and any("round/success_rate" in m for m in metrics)
+    # The SFT anchor trains on expert rows in every round's update.
+    anchor = [m["train/anchor_nll"] for m in metrics if m.get("train/anchor_tokens", 0) > 0]
+    assert anchor and all(np.isfinite(anchor))
     assert len(completed_steps(out / "checkpoints")) >= 1
 
 
@@ -100,6 +106,12 @@ def test_job_validation_names_the_field():
         CMATJob(group_size=0)
     with pytest.raises(ValueError, match=r"--lora\.slots"):
         CMATJob(lora=LoRAArgs(slots=("assistant",)))
+    with pytest.raises(ValueError, match="--anchor-coef"):
+        CMATJob(anchor_rows=4)
+    with pytest.raises(ValueError, match="--sft-seq-len"):
+        CMATJob(anchor_rows=4, anchor_coef=1.0, sft_seq_len=1024, seq_len=512)
+    with pytest.raises(ValueError, match="--reflector-slot"):
+        CMATJob(reflector_slot="user")
     with pytest.raises(FileNotFoundError, match="--dev-data"):
         loop.resolve_dev_data("/nonexistent/dev.jsonl")
 
@@ -150,3 +162,23 @@ def test_select_rows_drops_failed_groups_and_balances_checker_rows():
     assert [float(r.weight[-1]) for r in capped] == [1.0] * 2
     with pytest.raises(ValueError, match="checker-rows-per-round"):
         CMATJob(checker_rows_per_round=-1)
+
+
+def test_anchor_rows_are_expert_rows_trained_by_the_anchor_term_only():
+    from cmat_jax.cmat.rollout import TrainRow, rows_to_batch
+
+    def expert(i):
+        m = np.array([0, 0, 1, 1], np.float32)
+        return TrainRow(np.arange(4, dtype=np.int32) + i, m, m, m, m * 0, 0, "assistant", -1, 1.0)
+
+    pool = [expert(i) for i in range(3)]
+    drawn = loop.draw_anchor_rows(pool, 5, seed=0)
+    assert len(drawn) == 5 and all(r.anchor for r in drawn)
+    # Every pool row is drawn once before any repeats; the pool itself is left as it was.
+    assert sorted(int(r.tokens[0]) for r in drawn[:3]) == [0, 1, 2]
+    assert all(not r.weight.any() and not r.advantage.any() for r in drawn)
+    assert all(r.loss_mask.tolist() == [0, 0, 1, 1] for r in drawn)
+    assert all(not r.anchor and r.weight.any() for r in pool)
+    assert loop.draw_anchor_rows([], 4, seed=0) == []
+    batch = rows_to_batch([pool[0], drawn[0]], seq_len=4)
+    assert batch["anchor"].tolist() == [0.0, 1.0]

@@ -199,7 +199,8 @@ def test_ltm_retrieval_order_dedup_and_families(tmp_path):
     # T2 is represented by its best (successful) record, with its solution summary
     assert got[2].record.reward == 1.0
     assert got[2].snippet.endswith("was solved with: SELECT COUNT(*) FROM album")
-    assert got[3].snippet.endswith(": order by age desc")
+    # Another task's lesson is injected without that task's text (its table and columns).
+    assert got[3].snippet == "On a similar task: order by age desc"
     assert got[2].score > got[3].score > got[4].score > 0
     assert got[0].snippet == f"Your earlier attempt at this task failed: {LONG}"
     assert all(r.tokens == words(r.snippet) for r in got)
@@ -228,6 +229,15 @@ def test_ltm_without_solutions_injects_lessons_only(tmp_path):
         r.record.task_id for r in full if r.record.task_id != "T2"
     ]
     assert all(r.record.reflection for r in lessons)
+
+
+def test_ltm_same_task_only_when_similar_is_off(tmp_path):
+    with LongTermMemory(tmp_path / "ltm.sqlite", clock=make_clock()) as mem:
+        fill(mem)
+        kw = dict(k=10, token_budget=10_000, count_tokens=words)
+        got = mem.retrieve("dbbench", "T1", T1, similar=False, **kw)
+        assert mem.retrieve("dbbench", "T8", "How many albums?", similar=False, **kw) == []
+    assert [(r.source, r.record.task_id) for r in got] == [("same_task", "T1")] * 2
 
 
 def test_ltm_k_and_token_budget_cap(tmp_path):

@@ -164,7 +164,8 @@ def test_message_builders():
         roles.assistant, "How many rows?", history, ["Check column names first."]
     )
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
-    assert msgs[1]["content"].startswith("How many rows?")
+    # Lessons first: the task (and its table) stays right before the reply.
+    assert msgs[1]["content"].endswith("\n\nHow many rows?")
     assert "- Check column names first." in msgs[1]["content"]
     assert assistant_messages(roles.assistant, "How many rows?")[1]["content"] == "How many rows?"
 

@@ -33,6 +33,10 @@ class CMATConfig:
       lessons. Off for small models: a 135M Assistant copies the other task's SQL, table name
       and all (measured: round-2 rollouts of the default job ran `Rowing Crews` queries on
       every table, success 0.000).
+    ltm_similar: also inject records of other tasks of the family (BM25-similar), not only the
+      same task's reflections. Off for the default job: a 135M Reflector writes the same opening
+      thought as its lesson for every failure ("a question I can answer with a SELECT query"),
+      and injected into held-out tasks it cut success from 0.312 to 0.125 (measured).
     stm_token_budget: token budget of the Assistant's short-term memory (whole prompt).
     """
 
@@ -50,6 +54,7 @@ class CMATConfig:
     ltm_k: int = 3
     ltm_token_budget: int = 256
     ltm_solutions: bool = True
+    ltm_similar: bool = True
     stm_token_budget: int = 1536
 
     def __post_init__(self) -> None:

@@ -90,21 +90,35 @@ class CMATJob:
     loss_mode: Literal["rwr", "pg", "ppo"] = "rwr"
     kl_coef: float = 0.05
     anchor_coef: float = 0.0
+    """λ of the SFT anchor (CMAT.md section 5): the NLL of `anchor_rows` expert rows mixed into
+    every round's update."""
+    anchor_rows: int = 0
+    """Expert Assistant rows (agent-tuning data, a fresh seeded draw per round) added to each
+    round's CMAT update as anchor rows: policy weight 0, trained by anchor_coef·NLL only."""
     clip_eps: float = 0.2
     temperature: float = 0.7
     max_new_tokens: int = 128
     train_max_rounds: int = 8
-    """Environment round limit in training rollouts (evaluation uses AgentBench's 15)."""
+    """Environment round limit in training rollouts."""
+    eval_max_rounds: int = 15
+    """Environment round limit in evaluation (AgentBench's protocol: 15)."""
     use_checker: bool = True
     max_revisions: int = 2
     use_reflection: bool = True
     alpha: float = 0.2
     beta: float = 0.1
     tau: float = 0.5
+    reflector_slot: str = "assistant"
+    """LoRA slot the Reflector writes lessons with ("none" = the frozen base model). An
+    agent-tuned slot tends to write the expert's opening thought as its lesson, whatever the
+    mistake was."""
     ltm_k: int = 3
     ltm_token_budget: int = 256
     """Tokens of long-term-memory lessons injected into a prompt (training and evaluation)."""
     ltm_solutions: bool = False
+    ltm_similar: bool = True
+    """Also inject other tasks' lessons (see `CMATConfig.ltm_similar`); off = only the same
+    task's reflections (training groups, reflexion retries)."""
     """Also inject similar tasks' solutions from long-term memory (see
     `CMATConfig.ltm_solutions`: a small model copies them onto the wrong table)."""
     stm_token_budget: int = 1536
@@ -164,6 +178,7 @@ class CMATJob:
             "seq_len",
             "max_new_tokens",
             "train_max_rounds",
+            "eval_max_rounds",
             "max_batch",
             "min_batch",
             "sft_batch_size",
@@ -183,6 +198,7 @@ class CMATJob:
             "eval_tasks",
             "eval_every",
             "checker_rows_per_round",
+            "anchor_rows",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -195,9 +211,21 @@ class CMATJob:
                 f"--seq-len ({self.seq_len}) must exceed --max-new-tokens ({self.max_new_tokens}):"
                 " a training rollout's prompt and reply both fit in seq_len + 1 tokens"
             )
+        if self.anchor_rows and self.anchor_coef <= 0:
+            raise ValueError("--anchor-rows needs --anchor-coef > 0 (λ of the SFT anchor)")
+        if self.anchor_rows and self.sft_row_len > self.seq_len:
+            raise ValueError(
+                f"--anchor-rows: expert rows of --sft-seq-len {self.sft_row_len} tokens do not fit "
+                f"CMAT rows of --seq-len {self.seq_len}"
+            )
         if "assistant" not in self.lora.slots or "checker" not in self.lora.slots:
             raise ValueError(
                 f"--lora.slots must include 'assistant' and 'checker', got {self.lora.slots}"
+            )
+        if self.reflector_slot != "none" and self.reflector_slot not in self.lora.slots:
+            raise ValueError(
+                f"--reflector-slot must be 'none' or one of --lora.slots {self.lora.slots}, "
+                f"got {self.reflector_slot!r}"
             )
         bad = set(self.dev_stages) - {"base", "agent_tuning", "cmat"}
         if bad:
@@ -385,7 +413,7 @@ def evaluate_tasks(
     work_dir: Path,
     reflexion_trials: int = 1,
 ) -> dict[str, Any]:
-    """Greedy single-attempt evaluation (AgentBench protocol: 15 rounds), optionally with the
+    """Greedy single-attempt evaluation (`job.eval_max_rounds` rounds), optionally with the
     Checker; with `reflexion_trials > 1` failed items are retried with their reflections
     (reported separately as pass@N). Long-term memory: a copy of the training memory is read
     (policy `evaluation`: nothing written on test items is read, except same-item reflections
@@ -393,7 +421,7 @@ def evaluate_tasks(
     from cmat_jax.cmat.config import CMATConfig
     from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
     from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine
-    from cmat_jax.envs.dbbench import MAX_ROUNDS, DBBenchEnv, dbbench_metrics
+    from cmat_jax.envs.dbbench import DBBenchEnv, dbbench_metrics
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
     backend = SQLiteBackend(time_limit_s=3.0)
@@ -411,7 +439,7 @@ def evaluate_tasks(
             engine = RolloutEngine(
                 model,
                 tokenizer,
-                lambda: DBBenchEnv(backend, max_rounds=MAX_ROUNDS),
+                lambda: DBBenchEnv(backend, max_rounds=job.eval_max_rounds),
                 roles=roles,
                 cmat_cfg=CMATConfig(
                     group_size=1,
@@ -421,6 +449,7 @@ def evaluate_tasks(
                     ltm_k=job.ltm_k if ltm is not None else 0,
                     ltm_token_budget=job.ltm_token_budget,
                     ltm_solutions=job.ltm_solutions,
+                    ltm_similar=job.ltm_similar,
                 ),
                 rollout_cfg=RolloutConfig(
                     temperature=0.0,
@@ -503,8 +532,11 @@ class _Run:
         self.model.add_lora(self.lora_cfg, rngs=nnx.Rngs(job.seed))
         self.log(f"loaded {job.model} in {time.perf_counter() - t:.0f}s")
         self.slots = {s: i for i, s in enumerate(self.lora_cfg.slots)}
-        self.roles = R.make_roles("dbbench", assistant_prompt=SYSTEM_PROMPT)
+        self.roles = R.make_roles(
+            "dbbench", assistant_prompt=SYSTEM_PROMPT, reflector_slot=job.reflector_slot
+        )
         self.optimizer = self._optimizer()
+        self._steps: dict[Any, Any] = {}  # LossConfig -> its compiled CMAT step
         self.graphdef, self.frozen, self.state = init_train_state(
             self.model, self.optimizer, job.seed, base_dtype=job.param_dtype
         )
@@ -603,7 +635,13 @@ class _Run:
             B, T = job.sft_batch_size, job.sft_row_len
         else:
             B, T = job.batch_size, job.seq_len
-        step_fn = make_cmat_step(self.graphdef, self.optimizer, loss_cfg)
+        # One compiled step per loss config, reused by every round (a fresh jit per round
+        # recompiled the remat'd model each time).
+        step_fn = self._steps.get(loss_cfg)
+        if step_fn is None:
+            step_fn = self._steps[loss_cfg] = make_cmat_step(
+                self.graphdef, self.optimizer, loss_cfg
+            )
         rng = np.random.default_rng(key_seed)
         if steps is None:  # one pass over the rows in a random order
             order = rng.permutation(len(rows))
@@ -712,6 +750,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     dev_path = resolve_dev_data(job.dev_data)
+    anchor_pool: list | None = None
     r = _Run(job)
     try:
         held_out = synth_tasks(job.eval_tasks, job.seed + EVAL_SEED_OFFSET)
@@ -725,6 +764,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             if job.sft_steps > 0:
                 t = time.perf_counter()
                 rows = expert_rows(r.tok, job, r.slots, r.roles)
+                anchor_pool = [row for row in rows if row.role == "assistant"]
                 r.log(f"agent tuning: {len(rows)} rows, {job.sft_steps} steps")
                 hist = r.train_rows(
                     rows, job.sft_steps, "sft", LossConfig(mode="rwr", kl_coef=0.0), job.seed
@@ -747,6 +787,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             ltm_k=job.ltm_k,
             ltm_token_budget=job.ltm_token_budget,
             ltm_solutions=job.ltm_solutions,
+            ltm_similar=job.ltm_similar,
             stm_token_budget=job.stm_token_budget,
         )
         loss_cfg = LossConfig(
@@ -755,6 +796,10 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             anchor_coef=job.anchor_coef,
             clip_eps=job.clip_eps,
         )
+        if job.anchor_rows and anchor_pool is None:  # resumed after agent tuning
+            anchor_pool = [
+                row for row in expert_rows(r.tok, job, r.slots, r.roles) if row.role == "assistant"
+            ]
         backend = SQLiteBackend(time_limit_s=3.0)
         start_round = int(r.progress["round"]) if stage in ("round", "done") else 0
         for rnd in range(start_round, job.rounds):
@@ -783,6 +828,10 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                 res = engine.run(tasks, key=jax.random.key(job.seed * 1000 + rnd))
             t_roll = time.perf_counter() - t
             rows = select_rows(res, job, seed=job.seed * 1000 + rnd)
+            if rows and job.anchor_rows:
+                rows += draw_anchor_rows(
+                    anchor_pool or [], job.anchor_rows, seed=job.seed * 1000 + rnd
+                )
             hist = []
             for epoch in range(job.epochs):
                 if rows:
@@ -844,6 +893,25 @@ def select_rows(res: Any, job: CMATJob, seed: int = 0) -> list:
     checker = [row for row in rows if row.role == "checker"]
     rows = [row for row in rows if row.role != "checker"]
     return rows + balance_checker_rows(checker, job.checker_rows_per_round, seed)
+
+
+def draw_anchor_rows(pool: list, n: int, seed: int) -> list:
+    """`n` expert rows drawn from `pool` (without replacement while it lasts) as SFT-anchor rows:
+    `anchor` set and the policy weight zeroed, so only λ·NLL trains them."""
+    if not pool:
+        return []
+    rng = np.random.default_rng(seed)
+    idx = [int(i) for i in rng.permutation(len(pool))][:n]
+    idx += [int(i) for i in rng.integers(0, len(pool), max(0, n - len(idx)))]
+    return [
+        dataclasses.replace(
+            pool[i],
+            anchor=True,
+            weight=np.zeros_like(pool[i].weight),
+            advantage=np.zeros_like(pool[i].advantage),
+        )
+        for i in idx
+    ]
 
 
 def balance_checker_rows(rows: list, cap: int, seed: int) -> list:

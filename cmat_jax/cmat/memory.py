@@ -428,12 +428,14 @@ class LongTermMemory:
         count_tokens: TokenCounter,
         policy: ReadPolicy = ReadPolicy(),
         solutions: bool = True,
+        similar: bool = True,
     ) -> list[Retrieved]:
         """Records to inject at the start of an episode, in order.
 
         1. The same task's earlier reflections, newest first (Reflexion retry).
-        2. Other tasks of the same family by BM25 of their task text against `task_text`,
-           best first; one record per task (its best reward, then newest), zero scores left out.
+        2. (`similar`) Other tasks of the same family by BM25 of their task text against
+           `task_text`, best first; one record per task (its best reward, then newest), zero
+           scores left out.
         At most `k` records; a snippet that would push the total past `token_budget` tokens is
         skipped (later, shorter ones may still fit), and so is a lesson already injected.
         """
@@ -451,9 +453,13 @@ class LongTermMemory:
             (r, "same_task", math.inf) for r in same
         ]
 
-        others = self._select(
-            f"task_family = ? AND task_id != ? AND split IN ({marks})",
-            (task_family, task_id, *readable),
+        others = (
+            self._select(
+                f"task_family = ? AND task_id != ? AND split IN ({marks})",
+                (task_family, task_id, *readable),
+            )
+            if similar
+            else []
         )
         best: dict[str, MemoryRecord] = {}
         for r in others:  # newest first, so ">" keeps the newest among equal rewards
@@ -493,9 +499,10 @@ def format_snippet(
     solved; "" when there is nothing to inject."""
     if source == "same_task":
         return f"Your earlier attempt at this task failed: {record.reflection.strip()}"
-    task = _compact(record.task_text, 120)
     if record.reflection.strip():
-        return f"On a similar task ({task}): {record.reflection.strip()}"
+        # Not quoted: the other task's table and column names get copied into this one's SQL.
+        return f"On a similar task: {record.reflection.strip()}"
+    task = _compact(record.task_text, 120)
     if record.reward < 1.0 or not solutions:
         return ""  # a failed attempt without a lesson teaches nothing: not injected
     return f"A similar task ({task}) was solved with: {record.trajectory_summary.strip()}"

@@ -183,7 +183,7 @@ def make_roles(
 
 
 def format_experience(snippets: Sequence[str]) -> str:
-    """Long-term-memory snippets as a block to put under the task ("" when there are none)."""
+    """Long-term-memory snippets as one block ("" when there are none)."""
     lines = [s.strip() for s in snippets if s and s.strip()]
     if not lines:
         return ""
@@ -192,10 +192,12 @@ def format_experience(snippets: Sequence[str]) -> str:
 
 
 def user_message(task_text: str, ltm_snippets: Sequence[str] = ()) -> str:
-    """The User's first message: the task, then any long-term-memory lessons."""
+    """The User's first message: any long-term-memory lessons, then the task. The task (with its
+    table) comes last, right before the reply, as in the agent-tuning data: lessons placed after
+    it pulled a 135M model's SQL onto their wording (measured: error rate 0.05 -> 0.77)."""
     experience = format_experience(ltm_snippets)
     task = task_text.strip()
-    return f"{task}\n\n{experience}" if experience else task
+    return f"{experience}\n\n{task}" if experience else task
 
 
 def assistant_messages(

@@ -115,6 +115,7 @@ class TrainRow:
     episode: int  # index into RolloutResult.episodes
     reward: float
     label: bool | None = None  # Checker rows: the verdict trained (True = accept)
+    anchor: bool = False  # an SFT-anchor row (expert trajectory): trained by λ·NLL, weight 0
 
 
 @dataclasses.dataclass
@@ -451,6 +452,7 @@ class RolloutEngine:
                 count_tokens=self.chat.count,
                 policy=self.read_policy,
                 solutions=self.cfg.ltm_solutions,
+                similar=self.cfg.ltm_similar,
             )
             ep.snippets = [r.snippet for r in got]
         head = R.assistant_messages(self.roles.assistant, ep.task_text, (), ep.snippets)
@@ -830,6 +832,7 @@ def rows_to_batch(rows: Sequence[TrainRow], seq_len: int, pad_id: int = 0) -> di
         "weight": np.zeros((B, seq_len), np.float32),
         "behavior_logp": np.zeros((B, seq_len), np.float32),
         "adapter_ids": np.zeros((B,), np.int32),
+        "anchor": np.zeros((B,), np.float32),
     }
     for b, r in enumerate(rows):
         toks = r.tokens
@@ -839,4 +842,5 @@ def rows_to_batch(rows: Sequence[TrainRow], seq_len: int, pad_id: int = 0) -> di
         for k in ("loss_mask", "advantage", "weight", "behavior_logp"):
             out[k][b, :n] = getattr(r, k)[1:]
         out["adapter_ids"][b] = r.adapter_id
+        out["anchor"][b] = float(r.anchor)
     return out
