@@ -451,3 +451,43 @@ def test_batch_from_tokens_shifts_per_token_fields():
     np.testing.assert_array_equal(b["weight"], [1, 1])
     assert b["adapter_ids"].dtype == np.int32
     validate_batch(b, LossConfig(mode="pg", kl_coef=0.0))
+
+
+def test_packed_rows_score_as_if_each_were_alone():
+    from cmat_jax.cmat.rollout import TrainRow, pack_rows, packed_batch, rows_to_batch
+
+    graphdef, params, frozen = _parts()
+    rng = np.random.default_rng(3)
+
+    def row(n, adapter, anchor=False):
+        m = (rng.random(n) < 0.6).astype(np.float32)
+        m[0] = 0.0
+        w = m * rng.uniform(0.5, 2.0)
+        toks = rng.integers(0, CFG.vocab_size, n).astype(np.int32)
+        return TrainRow(toks, m, m * 0.3, w, m * 0, adapter, "assistant", -1, 1.0, anchor=anchor)
+
+    rows = [row(5, 0), row(9, 1), row(7, 0, anchor=True), row(4, 0), row(13, 1), row(6, 0)]
+    packs = pack_rows(rows, seq_len=12)
+    # First fit, one adapter per sequence: [5, 7] tokens = 4 + 6 positions, then the 4-token row
+    # (3 positions) no longer fits; the 13-token row fills a sequence alone.
+    assert [[len(r.tokens) for r in p] for p in packs] == [[5, 7], [9], [4, 6], [13]]
+    assert all(len({r.adapter_id for r in p}) == 1 for p in packs)
+    packed = packed_batch([*packs, []], 12)
+    assert packed["segment_ids"][0].tolist() == [1] * 4 + [2] * 6 + [0] * 2
+    assert packed["positions"][0, 4:10].tolist() == list(range(6))
+    assert not packed["loss_mask"][-1].any() and packed["anchor"][0, 4:10].all()
+    logp_packed = np.asarray(policy_logp(graphdef, params, frozen, packed, chunk_tokens=CHUNK))
+    alone = rows_to_batch(rows, seq_len=12)
+    logp_alone = np.asarray(policy_logp(graphdef, params, frozen, alone, chunk_tokens=CHUNK))
+    order = [0, 2, 1, 3, 5, 4]  # rows in packing order
+    got = np.concatenate([logp_packed[b, : (packed["segment_ids"][b] > 0).sum()] for b in range(4)])
+    want = np.concatenate([logp_alone[i, : len(rows[i].tokens) - 1] for i in order])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The same CMAT loss: one token mean over the same masked tokens.
+    cfg = LossConfig(mode="rwr", kl_coef=0.0, anchor_coef=0.5, entropy=False)
+    loss_fn = functools.partial(cmat_loss, cfg=cfg, graphdef=graphdef, chunk_tokens=CHUNK)
+    lp, _ = loss_fn(params, frozen, {k: jnp.asarray(v) for k, v in packed.items()})
+    la, _ = loss_fn(params, frozen, {k: jnp.asarray(v) for k, v in alone.items()})
+    np.testing.assert_allclose(float(lp), float(la), rtol=1e-5)
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_rows([row(14, 0)], seq_len=12)

@@ -306,14 +306,6 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
         b.close()
 
 
-def _pad_rows(rows: list, n: int) -> list:
-    from cmat_jax.cmat.rollout import TrainRow
-
-    z = np.zeros(2, np.float32)
-    pad = TrainRow(np.zeros(2, np.int32), z, z, z, z, 0, "pad", -1, 0.0)
-    return rows + [pad] * (n - len(rows))
-
-
 # ----------------------------------------------------------------------------- SFT data
 
 
@@ -624,11 +616,13 @@ class _Run:
     def train_rows(
         self, rows: list, steps: int | None, tag: str, loss_cfg: Any, key_seed: int
     ) -> list[dict]:
-        """Steps of `cmat_step` over `rows` in fixed-shape batches; `steps=None` = one pass."""
+        """Steps of `cmat_step` over `rows`, packed (`pack_rows`) into fixed-shape batches of
+        B sequences; `steps=None` = one pass over the rows, else `steps` batches with the rows
+        reshuffled and repacked at every pass."""
         import jax
 
         from cmat_jax.cmat.loss import make_cmat_step, reference_logp
-        from cmat_jax.cmat.rollout import rows_to_batch
+        from cmat_jax.cmat.rollout import pack_rows, packed_batch
 
         job = self.job
         if tag == "sft":
@@ -643,18 +637,20 @@ class _Run:
                 self.graphdef, self.optimizer, loss_cfg
             )
         rng = np.random.default_rng(key_seed)
-        if steps is None:  # one pass over the rows in a random order
-            order = rng.permutation(len(rows))
-            batches = [order[i : i + B] for i in range(0, len(rows), B)]
-        else:  # `steps` batches, reshuffling after every pass
-            stream: list[int] = []
-            while len(stream) < steps * B:
-                stream += rng.permutation(len(rows)).tolist()
-            batches = [stream[i * B : (i + 1) * B] for i in range(steps)]
+
+        def one_pass() -> list:
+            return pack_rows([rows[i] for i in rng.permutation(len(rows))], T)
+
+        packs = one_pass()
+        if steps is not None:
+            while len(packs) < steps * B:
+                packs += one_pass()
+            packs = packs[: steps * B]
+        packs += [[]] * (-len(packs) % B)  # the last batch of a pass: all-padding sequences
         out = []
         pad_id = int(self.tok.pad_id)
-        for idx in batches:
-            batch = rows_to_batch(_pad_rows([rows[k] for k in idx], B), T, pad_id)
+        for lo in range(0, len(packs), B):
+            batch = packed_batch(packs[lo : lo + B], T, pad_id)
             if loss_cfg.kl_coef > 0:
                 batch["ref_logp"] = np.asarray(
                     reference_logp(self.graphdef, self.state.params, self.frozen, batch)

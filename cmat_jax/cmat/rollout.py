@@ -810,6 +810,66 @@ def summarize(records: Sequence[fb.EpisodeRecord], cfg: CMATConfig | None = None
 ROW_KEYS = ("inputs", "targets", "loss_mask", "advantage", "weight", "behavior_logp", "adapter_ids")
 
 
+def pack_rows(rows: Sequence[TrainRow], seq_len: int) -> list[list[TrainRow]]:
+    """First-fit packing of rows into sequences of `seq_len` positions (a row of n tokens takes
+    n - 1), one adapter per sequence (the LoRA slot is per sequence). Rows are taken in the
+    given order; a row that fits nowhere opens a new sequence."""
+    packs: list[list[TrainRow]] = []
+    fill: list[int] = []
+    for r in rows:
+        n = len(r.tokens) - 1
+        if n > seq_len:
+            raise ValueError(
+                f"pack_rows: a row of {n + 1} tokens exceeds seq_len + 1 = {seq_len + 1}; roll "
+                "out with max_context <= seq_len + 1 or raise seq_len"
+            )
+        for i, pack in enumerate(packs):
+            if pack[0].adapter_id == r.adapter_id and fill[i] + n <= seq_len:
+                pack.append(r)
+                fill[i] += n
+                break
+        else:
+            packs.append([r])
+            fill.append(n)
+    return packs
+
+
+def packed_batch(
+    packs: Sequence[Sequence[TrainRow]], seq_len: int, pad_id: int = 0
+) -> dict[str, np.ndarray]:
+    """`pack_rows` sequences -> a [B, seq_len] batch with segment_ids (1.. per row, 0 = padding)
+    and positions restarting at 0 in every row, so attention and RoPE see each row alone; each
+    row contributes inputs = tokens[:-1], targets = tokens[1:] (nothing predicts across a
+    boundary). An empty pack is an all-padding sequence."""
+    B = len(packs)
+    out = {
+        "inputs": np.full((B, seq_len), pad_id, np.int32),
+        "targets": np.full((B, seq_len), pad_id, np.int32),
+        "segment_ids": np.zeros((B, seq_len), np.int32),
+        "positions": np.zeros((B, seq_len), np.int32),
+        "adapter_ids": np.zeros((B,), np.int32),
+    }
+    for k in ("loss_mask", "advantage", "weight", "behavior_logp", "anchor"):
+        out[k] = np.zeros((B, seq_len), np.float32)
+    for b, pack in enumerate(packs):
+        o = 0
+        for s, r in enumerate(pack, start=1):
+            n = len(r.tokens) - 1
+            if o + n > seq_len:
+                raise ValueError(f"packed_batch: sequence {b} overflows seq_len {seq_len}")
+            out["inputs"][b, o : o + n] = r.tokens[:-1]
+            out["targets"][b, o : o + n] = r.tokens[1:]
+            for k in ("loss_mask", "advantage", "weight", "behavior_logp"):
+                out[k][b, o : o + n] = getattr(r, k)[1:]
+            out["anchor"][b, o : o + n] = float(r.anchor)
+            out["segment_ids"][b, o : o + n] = s
+            out["positions"][b, o : o + n] = np.arange(n, dtype=np.int32)
+            o += n
+        if pack:
+            out["adapter_ids"][b] = pack[0].adapter_id
+    return out
+
+
 def rows_to_batch(rows: Sequence[TrainRow], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Right-padded next-token batch [B, seq_len] from rows: inputs = tokens[:-1], targets =
     tokens[1:], and the per-token arrays taken at the target positions.
