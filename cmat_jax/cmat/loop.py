@@ -74,6 +74,9 @@ class CMATJob:
     checker_sft: bool = True
     """Also tune the Checker on the expert trajectories' implied verdicts."""
     sft_batch_size: int = 8
+    pack_rows: bool = True
+    """Pack several training rows into each sequence of a batch (agent tuning and CMAT
+    updates): a step then carries ~1.3x the rows of the default job instead of padding."""
     sft_seq_len: int | None = None
     """Tokens per agent-tuning row (None = seq_len). Longer expert trajectories lose their
     trailing turns, never their start."""
@@ -126,9 +129,11 @@ class CMATJob:
     first, then old turns dropped); evaluation keeps the CMATConfig default."""
     max_batch: int = 32
     """Rows per generation call."""
-    min_batch: int = 8
-    """Generation / verdict calls are padded to at least this many rows, so episodes that end
-    one by one do not compile programs for 4, 2 and 1 rows (each a few seconds on a CPU)."""
+    min_batch: int = 1
+    """Generation / verdict calls are padded to at least this many rows (else to the power of
+    two of the live rows). Padding saves compiling programs for 4, 2 and 1 rows (2-4 s each on
+    a CPU) but costs far more when prompts are long: 96 new tokens after 1000-token prompts
+    took 43 s for 16 rows and 7.6 s for 2 (measured, SmolLM2-135M, 2-core CPU)."""
     drop_failed_groups: bool = True
     """rwr: leave out Assistant rows of groups in which every episode failed (their RWR weights
     are all 1, which would be plain SFT on failures)."""
@@ -616,9 +621,9 @@ class _Run:
     def train_rows(
         self, rows: list, steps: int | None, tag: str, loss_cfg: Any, key_seed: int
     ) -> list[dict]:
-        """Steps of `cmat_step` over `rows`, packed (`pack_rows`) into fixed-shape batches of
-        B sequences; `steps=None` = one pass over the rows, else `steps` batches with the rows
-        reshuffled and repacked at every pass."""
+        """Steps of `cmat_step` over `rows`, packed (`pack_rows`, or one row per sequence) into
+        fixed-shape batches of B sequences; `steps=None` = one pass over the rows, else `steps`
+        batches, the rows reshuffled and repacked at every pass."""
         import jax
 
         from cmat_jax.cmat.loss import make_cmat_step, reference_logp
@@ -639,7 +644,8 @@ class _Run:
         rng = np.random.default_rng(key_seed)
 
         def one_pass() -> list:
-            return pack_rows([rows[i] for i in rng.permutation(len(rows))], T)
+            order = [rows[i] for i in rng.permutation(len(rows))]
+            return pack_rows(order, T) if job.pack_rows else [[r] for r in order]
 
         packs = one_pass()
         if steps is not None:
