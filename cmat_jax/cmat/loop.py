@@ -798,7 +798,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
             anchor_coef=job.anchor_coef,
             clip_eps=job.clip_eps,
         )
-        if job.anchor_rows and anchor_pool is None:  # resumed after agent tuning
+        if job.anchor_rows and anchor_pool is None:  # resumed, or no agent tuning this run
             anchor_pool = [
                 row for row in expert_rows(r.tok, job, r.slots, r.roles) if row.role == "assistant"
             ]
