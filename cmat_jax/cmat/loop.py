@@ -121,7 +121,7 @@ class CMATJob:
     ltm_solutions: bool = False
     ltm_similar: bool = True
     """Also inject other tasks' lessons (see `CMATConfig.ltm_similar`); off = only the same
-    task's reflections (training groups, reflexion retries)."""
+    task's own earlier reflections (reflexion retries; training tasks do not repeat)."""
     """Also inject similar tasks' solutions from long-term memory (see
     `CMATConfig.ltm_solutions`: a small model copies them onto the wrong table)."""
     stm_token_budget: int = 1536
