@@ -1,9 +1,10 @@
 """CMAT presets for `python -m cmat_jax.train cmat --preset NAME` (flags override any field).
 
 `cmat-default` is the job `python -m cmat_jax.train` runs with no arguments, meant for a 2-core
-CPU in about 20 minutes (SmolLM2-135M-Instruct, a short agent tuning, two CMAT rounds). Measured
-on the 2-core dev box (a slow day): 1573 s, held-out success 0.250 after agent tuning and 0.312
-after CMAT (see the README, "The default job")."""
+CPU in at most 20 minutes (SmolLM2-135M-Instruct, a short agent tuning, one CMAT round). Measured
+on the 2-core dev box on a slow day: 1148 s, held-out success 0.250 after agent tuning and 0.312
+after CMAT (see the README, "The default job"). One round, not two: a second round cost ~400 s
+and its rollouts succeeded less often than the first's in both runs that had one."""
 
 from cmat_jax.cmat.loop import CMATJob
 from cmat_jax.train import LoRAArgs
@@ -18,7 +19,7 @@ PRESETS = {
         sft_batch_size=8,
         sft_seq_len=512,
         sft_lr=2e-3,
-        rounds=2,
+        rounds=1,
         tasks_per_round=4,
         group_size=4,
         epochs=1,
@@ -43,7 +44,7 @@ PRESETS = {
         eval_max_rounds=8,
         eval_checker=False,
         dev_stages=("cmat",),
-        dev_limit=10,
+        dev_limit=5,
         max_batch=16,
         min_batch=1,
         checker_rows_per_round=8,
