@@ -61,6 +61,9 @@ class EvalConfig:
     model: str | None = None
     """Model source for --agent model: anything load_model takes (HF dir, .gguf, preset) or a
     training run directory (base from its config.json + its newest LoRA checkpoint)."""
+    step: int | None = None
+    """With a run directory as --model: the checkpoint step to load (e.g. the end of agent
+    tuning) instead of the newest."""
     task: Literal["dbbench"] = "dbbench"
     agent: Literal["model", "oracle", "null"] = "model"
     checker: bool = False
@@ -126,10 +129,12 @@ def _run_config(source: str) -> dict[str, Any] | None:
     return cfg
 
 
-def load_eval_model(source: str | None, dtype: str = "bfloat16") -> EvalModel:
+def load_eval_model(
+    source: str | None, dtype: str = "bfloat16", step: int | None = None
+) -> EvalModel:
     """Load ``source``: anything ``load_model`` takes (base model, every role on slot "none"),
-    or a training run directory: the base its config.json names, with the LoRA params of the
-    newest complete checkpoint. The Assistant uses the slot the run trained (``slot``, else the
+    or a training run directory: the base its config.json names, with the LoRA params of
+    checkpoint ``step`` (default: the newest complete one). The Assistant uses the slot the run trained (``slot``, else the
     first); the Checker its ``checker`` slot when the run has one, else the base."""
     if source is None:
         raise ValueError(
@@ -139,6 +144,10 @@ def load_eval_model(source: str | None, dtype: str = "bfloat16") -> EvalModel:
 
     run_cfg = _run_config(source)
     if run_cfg is None:
+        if step is not None:
+            raise ValueError(
+                f"--step {step} needs a training run directory as --model, got {source}"
+            )
         model, tok = load_model(source, dtype)
         return EvalModel(model, tok, info={"source": str(source), "kind": "base"})
 
@@ -167,8 +176,8 @@ def load_eval_model(source: str | None, dtype: str = "bfloat16") -> EvalModel:
     )
     ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
     try:
-        step = ckpt.latest_step()
-        params, meta = ckpt.restore_lora(target)
+        step = ckpt.latest_step() if step is None else step
+        params, meta = ckpt.restore_lora(target, step)
     finally:
         ckpt.close()
     lora_state.replace_by_pure_dict(params)
@@ -424,6 +433,8 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         raise ValueError(f"--reflexion-trials must be >= 1, got {cfg.reflexion_trials}")
     if cfg.checker and cfg.agent != "model":
         raise ValueError("--checker only applies to --agent model")
+    if cfg.step is not None and cfg.agent != "model":
+        raise ValueError("--step only applies to --agent model")
     out = Path(cfg.out)
     if (out / "results.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")
@@ -435,7 +446,7 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         elif cfg.agent == "null":
             agent = NullAgent()
         else:
-            em = load_eval_model(cfg.model, cfg.dtype)
+            em = load_eval_model(cfg.model, cfg.dtype, cfg.step)
     backend = _make_backend(cfg)
     out.mkdir(parents=True, exist_ok=True)
 

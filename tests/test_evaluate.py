@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cmat_jax.checkpoint import CheckpointError
 from cmat_jax.envs.agents import NullAgent, ReplayAgent, oracle_plan
 from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
@@ -193,7 +194,8 @@ def _tiny_run_dir(root: Path, model_dir: Path, slots: tuple[str, ...], slot: str
         params: Any
 
     with Checkpointer(root / "checkpoints", CheckpointConfig(every=1)) as ck:
-        ck.save(State(np.int32(3), params), meta={"stage": "cmat"}, force=True)
+        negated = jax.tree.map(lambda x: -x, params)  # step 3 differs from step 7
+        ck.save(State(np.int32(3), negated), meta={"stage": "agent_tuning"}, force=True)
         ck.wait()
         ck.save(State(np.int32(7), params), meta={"stage": "cmat"}, force=True)
     return params
@@ -213,6 +215,15 @@ def test_run_dir_model_source(tmp_path, tiny_dir):
     assert em.info["kind"] == "run" and em.info["step"] == 7 and em.info["base"] == str(tiny_dir)
     got = nnx.split(em.model, LoRAParam, ...)[1].to_pure_dict()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
+
+    em = load_eval_model(str(run), "float32", step=3)  # an earlier stage of the same run
+    assert em.info["step"] == 3 and em.info["stage"] == "agent_tuning"
+    got = nnx.split(em.model, LoRAParam, ...)[1].to_pure_dict()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), -b), got, params)
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 5 \(have \[3, 7\]\)"):
+        load_eval_model(str(run), "float32", step=5)
+    with pytest.raises(ValueError, match="--step 3 needs a training run directory"):
+        load_eval_model(str(tiny_dir), "float32", step=3)
 
     sft = tmp_path / "sft_run"  # an SFT run: one trained slot, no Checker adapter
     _tiny_run_dir(sft, tiny_dir, ("tuned",), None)
