@@ -84,6 +84,9 @@ class EvalConfig:
     max_rounds: int = 15
     max_new_tokens: int = 512
     """Model agent: token cap of one reply (proposal, Checker reason or reflection)."""
+    max_context: int = 2048
+    """Model agent: prompt + reply tokens per generation; longer episodes drop their oldest
+    steps first (the default job evaluates with 1024, which is much cheaper on a CPU)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Model agent: base parameter and matmul dtype."""
     max_revisions: int = 2
@@ -305,6 +308,7 @@ def evaluate_model(
                     temperature=0.0,
                     checker_sample=False,
                     max_new_tokens=cfg.max_new_tokens,
+                    max_context=cfg.max_context,
                     max_batch=cfg.batch_size,
                     counterfactual=False,
                     ltm_split="eval" if reflexion else "",
@@ -435,6 +439,10 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         raise ValueError("--checker only applies to --agent model")
     if cfg.step is not None and cfg.agent != "model":
         raise ValueError("--step only applies to --agent model")
+    if cfg.agent == "model" and cfg.max_context <= cfg.max_new_tokens:
+        raise ValueError(
+            f"--max-context ({cfg.max_context}) must exceed --max-new-tokens ({cfg.max_new_tokens})"
+        )
     out = Path(cfg.out)
     if (out / "results.json").exists() and not cfg.overwrite:
         raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")

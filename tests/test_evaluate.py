@@ -101,6 +101,10 @@ def test_reflexion_trials_reported_separately(tmp_path):
 def test_guards(tmp_path):
     with pytest.raises(ValueError, match="--checker only applies"):
         evaluate(EvalConfig(data=DEV, out=tmp_path, agent="oracle", checker=True))
+    with pytest.raises(ValueError, match="--step only applies"):
+        evaluate(EvalConfig(data=DEV, out=tmp_path, agent="oracle", step=3))
+    with pytest.raises(ValueError, match=r"--max-context \(64\) must exceed --max-new-tokens"):
+        evaluate(EvalConfig(data=DEV, out=tmp_path, model="x", max_context=64, max_new_tokens=64))
     with pytest.raises(ValueError, match="needs --model"):
         make_model_agent(None)
     with pytest.raises(ValueError, match="batch_size"):
@@ -139,13 +143,14 @@ def test_model_agent_end_to_end(tmp_path, tiny_dir, checker):
     out = tmp_path / "eval"
     args = ["--model", str(tiny_dir), "--data", str(DEV), "--out", str(out), "--limit", "3",
             "--max-new-tokens", "8", "--max-rounds", "2", "--dtype", "float32", "--batch-size",
-            "2", "--no-progress"] + (["--checker"] if checker else [])  # fmt: skip
+            "2", "--max-context", "1536", "--no-progress"] + (["--checker"] if checker else [])  # fmt: skip
     res = main(args)
     saved = json.loads((out / "results.json").read_text())
     assert saved == res and saved["n"] == 3 and saved["episodes"] == 3
     assert 0.0 <= saved["overall_cat_accuracy"] <= 1.0
     assert saved["settings"]["checker"] is checker and saved["settings"]["agent"] == "model"
     assert saved["settings"]["model"] == str(tiny_dir) and saved["settings"]["batch_size"] == 2
+    assert saved["settings"]["max_context"] == 1536
     assert saved["model_info"] == {"source": str(tiny_dir), "kind": "base"}
     lines = [json.loads(x) for x in (out / "transcripts.jsonl").read_text().splitlines()]
     assert [tr["task_id"] for tr in lines] == ["dev-0", "dev-1", "dev-2"]
