@@ -137,8 +137,9 @@ def load_eval_model(
 ) -> EvalModel:
     """Load ``source``: anything ``load_model`` takes (base model, every role on slot "none"),
     or a training run directory: the base its config.json names, with the LoRA params of
-    checkpoint ``step`` (default: the newest complete one). The Assistant uses the slot the run trained (``slot``, else the
-    first); the Checker its ``checker`` slot when the run has one, else the base."""
+    checkpoint ``step`` (default: the newest complete one). The Assistant uses the slot the
+    run trained (``slot``, else the first); the Checker its ``checker`` slot when the run has
+    one, else the base."""
     if source is None:
         raise ValueError(
             "--agent model needs --model (an HF dir, a .gguf file, a preset or a run dir)"

@@ -1,10 +1,11 @@
 """CMAT presets for `python -m cmat_jax.train cmat --preset NAME` (flags override any field).
 
 `cmat-default` is the job `python -m cmat_jax.train` runs with no arguments, meant for a 2-core
-CPU in at most 20 minutes (SmolLM2-135M-Instruct, a short agent tuning, one CMAT round). Measured
-on the 2-core dev box on a slow day: 1086-1148 s, held-out success 0.250 after agent tuning and 0.312
-after CMAT (see the README, "The default job"). One round, not two: a second round cost ~400 s
-and its rollouts succeeded less often than the first's in both runs that had one."""
+CPU in at most 20 minutes (SmolLM2-135M-Instruct, a short agent tuning, one CMAT round).
+Measured on the 2-core dev box on a slow day: 1086-1148 s, held-out success 0.250 after agent
+tuning and 0.312 after CMAT (see the README, "The default job"). One round, not two: a second
+round cost ~400 s and its rollouts succeeded less often than the first's in both runs that
+had one."""
 
 from cmat_jax.cmat.loop import CMATJob
 from cmat_jax.train import LoRAArgs
