@@ -119,11 +119,11 @@ class CMATJob:
     ltm_token_budget: int = 256
     """Tokens of long-term-memory lessons injected into a prompt (training and evaluation)."""
     ltm_solutions: bool = False
+    """Also inject similar tasks' solutions from long-term memory (see
+    `CMATConfig.ltm_solutions`: a small model copies them onto the wrong table)."""
     ltm_similar: bool = True
     """Also inject other tasks' lessons (see `CMATConfig.ltm_similar`); off = only the same
     task's own earlier reflections (reflexion retries; training tasks do not repeat)."""
-    """Also inject similar tasks' solutions from long-term memory (see
-    `CMATConfig.ltm_solutions`: a small model copies them onto the wrong table)."""
     stm_token_budget: int = 1536
     """Training rollouts: the Assistant prompt's token budget (older observations are shortened
     first, then old turns dropped); evaluation keeps the CMATConfig default."""
