@@ -114,6 +114,13 @@ class EvalModel:
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
     ltm_path: Path | None = None
     """A run's training long-term memory (read, never written, by the evaluation)."""
+    ltm_read: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """How the run read that memory (`CMATConfig` fields ltm_k, ltm_token_budget,
+    ltm_solutions, ltm_similar, from its config.json): evaluation injects what training
+    injected, never more (another task's solution, say, which the run had turned off)."""
+
+
+LTM_READ_FIELDS = ("ltm_k", "ltm_token_budget", "ltm_solutions", "ltm_similar")
 
 
 def _run_config(source: str) -> dict[str, Any] | None:
@@ -200,7 +207,8 @@ def load_eval_model(
         "assistant_slot": assistant,
         "checker_slot": checker,
     }
-    return EvalModel(model, tok, assistant, checker, info, ltm if ltm.is_file() else None)
+    ltm_read = {k: run_cfg[k] for k in LTM_READ_FIELDS if k in run_cfg}
+    return EvalModel(model, tok, assistant, checker, info, ltm if ltm.is_file() else None, ltm_read)
 
 
 def make_model_agent(
@@ -303,7 +311,7 @@ def evaluate_model(
                     use_checker=cfg.checker,
                     max_revisions=cfg.max_revisions,
                     use_reflection=reflexion and trial + 1 < cfg.reflexion_trials,
-                    ltm_k=3 if ltm is not None else 0,
+                    **{**em.ltm_read, **({} if ltm is not None else {"ltm_k": 0})},
                 ),
                 rollout_cfg=RolloutConfig(
                     temperature=0.0,

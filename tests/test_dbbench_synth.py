@@ -88,3 +88,42 @@ def test_writers(tmp_path):
     tasks = load_tasks(tasks_path)  # the same schema the dev split uses
     assert [t.task_id for t in tasks] == [f"synth-3-{i}" for i in range(30)]
     assert tasks[4] == generate_task(3, 4).task
+
+
+def test_wikisql_phrasing_share():
+    """`wikisql_share` asks lookups / comparisons the way WikiSQL does, under one to three
+    conditions (values sometimes lower-cased); gold answers stay what the gold SQL returns and
+    the scripted expert still solves every task."""
+    import re
+
+    import pytest
+
+    dev_texts = {t.description.strip().lower() for t in load_tasks(DEV)}
+    env = DBBenchEnv(SQLiteBackend())
+    phrased = multi = lowered = 0
+    tasks = list(generate_tasks(300, seed=5, wikisql_share=1.0))
+    for st in tasks:
+        t = st.task
+        assert t.description.strip().lower() not in dev_texts
+        assert expert_episode(st, env, seed=5)["reward"] == 1.0, t.description
+        if t.type not in ("other", "comparison"):
+            continue
+        where = st.gold_sql.split(" WHERE ", 1)[1]
+        n_conds = where.count(" AND ") + 1
+        phrased += bool(
+            re.search(r" has what |^(What|Which) .+ has a |when the |Name the ", t.description)
+        )
+        multi += n_conds > 1
+        for value in re.findall(r"= '([^']*)'", where):
+            assert value in t.description  # every condition's value is in the question
+            lowered += value not in {cell for row in t.rows for cell in row}  # lower-cased
+        db = SQLiteBackend().open(t.table_spec())
+        assert tuple(str(r[0]) for r in db.execute(st.gold_sql).rows) == t.label
+        db.close()
+    env.close()
+    n = sum(st.task.type in ("other", "comparison") for st in tasks)
+    assert n > 60 and phrased > 0.8 * n and multi > 0.3 * n and lowered > 5
+    # the default stream is unchanged by the option
+    assert generate_task(5, 17) == generate_task(5, 17, wikisql_share=0.0)
+    with pytest.raises(ValueError, match="wikisql_share must be in"):
+        generate_task(5, 17, wikisql_share=1.5)

@@ -185,6 +185,7 @@ def _tiny_run_dir(root: Path, model_dir: Path, slots: tuple[str, ...], slot: str
     cfg = {"model": str(model_dir), "lora": dataclasses.asdict(lora)}
     if slot:
         cfg["slot"] = slot
+        cfg.update(ltm_k=2, ltm_token_budget=64, ltm_solutions=False, ltm_similar=False)
     root.mkdir()
     (root / "config.json").write_text(json.dumps(cfg))
     model, _ = load_model(model_dir, "float32")
@@ -218,6 +219,8 @@ def test_run_dir_model_source(tmp_path, tiny_dir):
     em = load_eval_model(str(run), "float32")
     assert (em.assistant_slot, em.checker_slot) == ("assistant", "checker")
     assert em.info["kind"] == "run" and em.info["step"] == 7 and em.info["base"] == str(tiny_dir)
+    # evaluation reads the run's memory the way the run did (no other tasks' solutions here)
+    assert em.ltm_read == dict(ltm_k=2, ltm_token_budget=64, ltm_solutions=False, ltm_similar=False)
     got = nnx.split(em.model, LoRAParam, ...)[1].to_pure_dict()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
 
@@ -234,6 +237,7 @@ def test_run_dir_model_source(tmp_path, tiny_dir):
     _tiny_run_dir(sft, tiny_dir, ("tuned",), None)
     em = load_eval_model(str(sft), "float32")
     assert (em.assistant_slot, em.checker_slot) == ("tuned", "none")
+    assert em.ltm_read == {}
 
     (sft / "config.json").write_text(json.dumps({"model": 5, "lora": {}}))
     with pytest.raises(ValueError, match=r"config\.json: field 'model'"):

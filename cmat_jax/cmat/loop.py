@@ -68,6 +68,10 @@ class CMATJob:
     """SFT optimizer steps (0 = skip agent tuning)."""
     sft_examples: int = 200
     """Scripted-expert trajectories on synthetic DB tasks."""
+    synth_wikisql_share: float = 0.0
+    """Chance that a synthetic lookup / comparison question (expert data, rollout and held-out
+    tasks) is phrased like WikiSQL's, AgentBench DB's main source: one to three conditions,
+    "Which A has a C of v, and a N smaller than x?" (0 = the generator's own phrasings only)."""
     sft_data: tuple[str, ...] = ()
     """Extra JSONL conversations (OpenAI `messages`) mixed into the Assistant's SFT data."""
     sft_lr: float = 1e-3
@@ -232,6 +236,10 @@ class CMATJob:
                 f"--reflector-slot must be 'none' or one of --lora.slots {self.lora.slots}, "
                 f"got {self.reflector_slot!r}"
             )
+        if not 0.0 <= self.synth_wikisql_share <= 1.0:
+            raise ValueError(
+                f"--synth-wikisql-share must be in [0, 1], got {self.synth_wikisql_share}"
+            )
         bad = set(self.dev_stages) - {"base", "agent_tuning", "cmat"}
         if bad:
             raise ValueError(f"--dev-stages: unknown stage(s) {sorted(bad)}")
@@ -267,10 +275,10 @@ def resolve_dev_data(dev_data: str) -> Path | None:
     return p
 
 
-def synth_tasks(n: int, seed: int, start: int = 0) -> list[Any]:
+def synth_tasks(n: int, seed: int, start: int = 0, wikisql_share: float = 0.0) -> list[Any]:
     from cmat_jax.envs.dbbench_synth import generate_tasks
 
-    return [st.task for st in generate_tasks(n, seed, start)]
+    return [st.task for st in generate_tasks(n, seed, start, wikisql_share)]
 
 
 def _truncate_ltm(path: Path, keep_records: int) -> None:
@@ -330,7 +338,7 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
     checker_items = []
     env = DBBenchEnv(SQLiteBackend())
     seed = job.seed + SFT_SEED_OFFSET
-    for st in generate_tasks(job.sft_examples, seed):
+    for st in generate_tasks(job.sft_examples, seed, wikisql_share=job.synth_wikisql_share):
         tr = expert_episode(st, env, seed)
         if tr["reward"] != 1.0:
             continue
@@ -755,7 +763,9 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
     anchor_pool: list | None = None
     r = _Run(job)
     try:
-        held_out = synth_tasks(job.eval_tasks, job.seed + EVAL_SEED_OFFSET)
+        held_out = synth_tasks(
+            job.eval_tasks, job.seed + EVAL_SEED_OFFSET, wikisql_share=job.synth_wikisql_share
+        )
         dev = load_tasks(dev_path, limit=job.dev_limit) if dev_path else None
         results = r.progress["results"]
         stage = r.progress["stage"]
@@ -806,7 +816,12 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
         start_round = int(r.progress["round"]) if stage in ("round", "done") else 0
         for rnd in range(start_round, job.rounds):
             t = time.perf_counter()
-            tasks = synth_tasks(job.tasks_per_round, job.seed, rnd * job.tasks_per_round)
+            tasks = synth_tasks(
+                job.tasks_per_round,
+                job.seed,
+                rnd * job.tasks_per_round,
+                wikisql_share=job.synth_wikisql_share,
+            )
             with LongTermMemory(r.ltm_path) as ltm:
                 engine = RolloutEngine(
                     r.model,

@@ -381,6 +381,59 @@ def _update(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
     return desc, f"UPDATE {q(t.name)} SET {q(A)} = {lit(new)} WHERE {q(K)} = {lit(key)}", key
 
 
+def _wikisql_lookup(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    """A question in the phrasing of WikiSQL (most of AgentBench DB's query items): one
+    column asked for under one to three conditions, "What is the A when the C is v?", "Which A
+    has a C of v, and a N smaller than x?"; values sometimes lower-cased, as WikiSQL's
+    questions often are (the table comparison is case-insensitive, like MySQL's)."""
+    a = rng.randrange(len(t.headers))
+    A = t.headers[a]
+    eq_cols = [i for i in range(len(t.headers)) if i != a and t.roles[i] in ("key", "cat")]
+    num_cols = [i for i in t.cols("num") if i != a]
+    if not eq_cols:
+        raise SynthError("no column to filter on")
+    conds: list[tuple[str, str, str]] = []  # (sql, phrase with 'a', phrase with 'the')
+    c = rng.choice(eq_cols)
+    r = rng.randrange(len(t.rows))
+    v = t.rows[r][c]
+    shown = v.lower() if rng.random() < 0.35 else v
+    C = t.headers[c]
+    conds.append((f"{q(C)} = {lit(shown)}", f"a {C} of {shown}", f"the {C} is {shown}"))
+    if num_cols and rng.random() < 0.55:
+        n = rng.choice(num_cols)
+        N, x = t.headers[n], t.rows[r][n]
+        up = rng.random() < 0.5
+        shift = 1 if up else -1  # a bound the chosen row satisfies
+        bound = str(int(_num(x)) - shift) if "." not in x else str(round(_num(x) - shift, 2))
+        word = rng.choice(("smaller than", "less than", "lower than")) if not up else rng.choice(
+            ("larger than", "greater than", "bigger than", "more than"))  # fmt: skip
+        op = ">" if up else "<"
+        conds.append(
+            (f"{q(N)} {op} {bound}", f"a {N} {word} {bound}", f"the {N} is {word} {bound}")
+        )
+    others = [i for i in eq_cols if i != c]
+    if others and rng.random() < 0.3:
+        c2 = rng.choice(others)
+        C2, v2 = t.headers[c2], t.rows[r][c2]
+        conds.append((f"{q(C2)} = {lit(v2)}", f"a {C2} of {v2}", f"the {C2} is {v2}"))
+    rng.shuffle(conds)
+    with_a = ", and ".join(p for _, p, _ in conds)
+    with_the = " and ".join(p for _, _, p in conds)
+    bare = with_a[2:]  # "C of v, and a N smaller than x"
+    desc = rng.choice(
+        (
+            f"What is the {A} when {with_the}?",
+            f"Which {A} has {with_a}?",
+            f"What {A} has {with_a}?",
+            f"Name the {A} for {bare}.",
+            f"{bare[0].upper()}{bare[1:]} has what {A}?",
+            f"Tell me the {A} for {with_the}.",
+        )
+    )
+    where = " AND ".join(sql for sql, _, _ in conds)
+    return desc, f"SELECT {q(A)} FROM {q(t.name)} WHERE {where}", None
+
+
 _BUILDERS = {
     "other": _other,
     "counting": _counting,
@@ -395,14 +448,23 @@ _BUILDERS = {
 }
 
 
-def generate_task(seed: int, index: int, task_type: str | None = None) -> SynthTask:
-    """The ``index``-th task of stream ``seed`` (deterministic)."""
+def generate_task(
+    seed: int, index: int, task_type: str | None = None, wikisql_share: float = 0.0
+) -> SynthTask:
+    """The ``index``-th task of stream ``seed`` (deterministic). ``wikisql_share``: the chance
+    that an `other` or `comparison` task is asked in WikiSQL's phrasing (`_wikisql_lookup`);
+    0 draws exactly the tasks of earlier versions."""
+    if not 0.0 <= wikisql_share <= 1.0:
+        raise ValueError(f"wikisql_share must be in [0, 1], got {wikisql_share!r}")
     for attempt in range(50):
         rng = random.Random(f"dbbench-synth:{seed}:{index}:{attempt}")
         typ = task_type or rng.choices(TASK_TYPES, weights=_TYPE_WEIGHTS)[0]
         table = _draw_table(rng)
+        build = _BUILDERS[typ]
+        if wikisql_share > 0 and typ in ("other", "comparison") and rng.random() < wikisql_share:
+            build = _wikisql_lookup
         try:
-            desc, sql, key_value = _BUILDERS[typ](rng, table)
+            desc, sql, key_value = build(rng, table)
             add = _add_description(rng, table)
             tid = f"synth-{seed}-{index}"
             res, db = _run(table, sql)
@@ -416,6 +478,8 @@ def generate_task(seed: int, index: int, task_type: str | None = None) -> SynthT
                         raise SynthError("empty answer")
                     if typ == "other" and len(rows) != 1:
                         raise SynthError("ambiguous lookup")
+                    if build is _wikisql_lookup and len(rows) > 6:
+                        raise SynthError("ambiguous lookup")
                     label = tuple(_fmt(r[0]) for r in rows)
                     task = _db_task(table, typ, desc, add, label, None, tid)
             finally:
@@ -426,9 +490,11 @@ def generate_task(seed: int, index: int, task_type: str | None = None) -> SynthT
     raise SynthError(f"no valid task for seed={seed} index={index}")
 
 
-def generate_tasks(n: int, seed: int = 0, start: int = 0) -> Iterator[SynthTask]:
+def generate_tasks(
+    n: int, seed: int = 0, start: int = 0, wikisql_share: float = 0.0
+) -> Iterator[SynthTask]:
     for i in range(start, start + n):
-        yield generate_task(seed, i)
+        yield generate_task(seed, i, wikisql_share=wikisql_share)
 
 
 # -- the scripted expert ---------------------------------------------------------------------
