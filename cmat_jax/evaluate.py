@@ -290,6 +290,7 @@ def evaluate_model(
         if em.ltm_path is not None:  # a copy: evaluation never changes the run's memory
             _copy_sqlite(em.ltm_path, work / "ltm.sqlite")
         ltm = LongTermMemory(work / "ltm.sqlite")
+    memory_read = dict(em.ltm_read) if ltm is not None else {"ltm_k": 0}  # the run's settings
     trials: list[list[dict[str, Any]]] = []
     stats: dict[str, Any] = {}
     envs: list[DBBenchEnv] = []  # the engine's envs of the current chunk, in task order
@@ -311,7 +312,7 @@ def evaluate_model(
                     use_checker=cfg.checker,
                     max_revisions=cfg.max_revisions,
                     use_reflection=reflexion and trial + 1 < cfg.reflexion_trials,
-                    **{**em.ltm_read, **({} if ltm is not None else {"ltm_k": 0})},
+                    **memory_read,
                 ),
                 rollout_cfg=RolloutConfig(
                     temperature=0.0,
