@@ -230,6 +230,27 @@ def test_mysql_emulation(sql, expected):
     db.close()
 
 
+def test_insert_set_form_is_the_values_form():
+    """MySQL's ``INSERT INTO t SET a = x, ...`` changes the table exactly as the VALUES form
+    (same AgentBench table hash); a malformed assignment list is a MySQL-style syntax error."""
+    hashes = []
+    for sql in (
+        "INSERT INTO `Scorers` (`Player`, `Goals`) VALUES ('Mo \\'Ali\\'', 4)",
+        "INSERT INTO `Scorers` SET `Player` = 'Mo \\'Ali\\'', `Goals` = 4",
+        "insert Scorers set Goals = CONCAT('4', ''), Player = \"Mo 'Ali'\"",
+    ):
+        db = SQLiteBackend().open(small_task().table_spec())
+        assert not db.execute(sql).error, sql
+        assert db.execute("SELECT `Club Name` FROM Scorers WHERE Goals = 4").text == "[(None,)]"
+        hashes.append(db.table_hash())
+        db.close()
+    assert hashes[0] == hashes[1] == hashes[2]
+    db = SQLiteBackend().open(small_task().table_spec())
+    assert db.execute("INSERT INTO Scorers SET Goals").text.startswith("1064 (42000)")
+    assert db.execute("INSERT INTO Scorers SET Nope = 1").text.startswith("1054 (42S22)")
+    db.close()
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 

@@ -53,7 +53,8 @@ def test_synthetic_expert_on_mariadb(mariadb_params):  # noqa: F811
     backend = MySQLBackend(mariadb_params)
     env = DBBenchEnv(backend)
     outs = []
-    for st in generate_tasks(30, seed=5):
+    # the default stream, then tasks in AgentBench's style (INSERTs in MySQL's SET form)
+    for st in [*generate_tasks(30, seed=5), *generate_tasks(20, seed=6, wikisql_share=1.0)]:
         tr = expert_episode(st, env, seed=5)
         outs.append({"type": st.task.type, "correct": tr["reward"] == 1.0})
     env.close()

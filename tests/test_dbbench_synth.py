@@ -92,8 +92,9 @@ def test_writers(tmp_path):
 
 def test_wikisql_phrasing_share():
     """`wikisql_share` asks lookups / comparisons the way WikiSQL does, under one to three
-    conditions (values sometimes lower-cased); gold answers stay what the gold SQL returns and
-    the scripted expert still solves every task."""
+    conditions (values sometimes lower-cased), and INSERTs / UPDATEs the way AgentBench's DB
+    items do (several columns, facts to record); gold answers stay what the gold SQL returns
+    and the scripted expert still solves every task."""
     import re
 
     import pytest
@@ -123,6 +124,16 @@ def test_wikisql_phrasing_share():
     env.close()
     n = sum(st.task.type in ("other", "comparison") for st in tasks)
     assert n > 60 and phrased > 0.8 * n and multi > 0.3 * n and lowered > 5
+    # mutations in the same style: several columns per UPDATE, INSERTs in MySQL's SET form
+    mutations = [st for st in tasks if st.task.is_mutation]
+    multi_set = sum(st.gold_sql.count("` = '") > 2 for st in mutations if st.task.type == "UPDATE")
+    n_update = sum(st.task.type == "UPDATE" for st in mutations)
+    assert n_update > 30 and multi_set > 0.4 * n_update
+    for st in mutations:
+        if st.task.type == "INSERT":
+            assert " SET `" in st.gold_sql
+        for value in re.findall(r"= '([^']*)'", st.gold_sql):
+            assert value in st.task.description  # every value to write is in the task
     # the default stream is unchanged by the option
     assert generate_task(5, 17) == generate_task(5, 17, wikisql_share=0.0)
     with pytest.raises(ValueError, match="wikisql_share must be in"):

@@ -434,6 +434,118 @@ def _wikisql_lookup(rng: random.Random, t: _Table) -> tuple[str, str, str | None
     return desc, f"SELECT {q(A)} FROM {q(t.name)} WHERE {where}", None
 
 
+def _and_list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _wikisql_insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    """An INSERT told the way AgentBench's DB items tell it: every value named beside its
+    column ("with the values of wins 9, draws 2"), the columns and values as two lists
+    ("..., which are '33', 'USC', respectively"), or a statement of fact with no verb of
+    inserting at all ("K, with A x and B y, is a new entry in T."). The gold SQL is MySQL's
+    assignment form ``INSERT INTO t SET a = x, ...``: each value beside its column, which a
+    small model copies more reliably than two parallel lists."""
+    existing = set(t.column(0))
+    key = next(v for v in (t.makers[0].make(rng) for _ in range(200)) if v not in existing)
+    values = [key] + [c.make(rng) for c in t.makers[1:]]
+    cols = list(range(len(t.headers)))
+    if rng.random() < 0.15 and len(cols) > 3:  # leave one non-key column empty (NULL)
+        cols.pop(rng.randrange(1, len(cols)))
+    pairs = [(t.headers[i], values[i]) for i in cols]
+    rest = pairs[1:]
+    K = pairs[0][0]
+    quoted = rng.random() < 0.5
+
+    def v_(v: str) -> str:
+        return f"'{v}'" if quoted else v
+
+    desc = rng.choice(
+        (
+            f"Insert a new record into the '{t.name}' table with the values of "
+            + _and_list([f"{h.lower()} {v_(v)}" for h, v in pairs])
+            + ".",
+            f"Insert into the '{t.name}' table the values for "
+            + _and_list([h for h, _ in pairs])
+            + ", which are "
+            + _and_list([f"'{v}'" for _, v in pairs])
+            + ", respectively.",
+            f"Insert into table '{t.name}'. "
+            + "The value "
+            + _and_list([f"for column '{h}' is '{v}'" for h, v in pairs])
+            + ".",
+            f"Insert {v_(key)} into '{t.name}' with values "
+            + _and_list([f"'{v}' for '{h}'" for h, v in rest])
+            + ".",
+            f"{key}, with "
+            + _and_list([f"{h} {v}" for h, v in rest])
+            + f", is a new entry in the {t.name} table.",
+            f"The {t.name} table gets a new row for {K} {key}: "
+            + _and_list([f"{h} is {v_(v)}" for h, v in rest])
+            + ".",
+            f"Record that {key} has "
+            + _and_list([f"a {h} of {v}" for h, v in rest])
+            + f" in {t.name}.",
+        )
+    )
+    sql = f"INSERT INTO {q(t.name)} SET " + ", ".join(f"{q(h)} = {lit(v)}" for h, v in pairs)
+    return desc, sql, key
+
+
+def _wikisql_update(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    """An UPDATE of one to three columns of one row, phrased like AgentBench's DB items ("set
+    the Affiliation as 'Red Sox' and Manager as 'Bill Belichick'", "has been updated with an E
+    Score of 7.400 and a total of 22.950")."""
+    r = rng.randrange(len(t.rows))
+    K, key = t.headers[0], t.rows[r][0]
+    n_set = min(rng.choice((1, 2, 2, 3, 3)), len(t.headers) - 1)
+    targets = sorted(rng.sample(range(1, len(t.headers)), n_set))
+    pairs: list[tuple[str, str]] = []
+    for a in targets:
+        new = next(v for v in (t.makers[a].make(rng) for _ in range(50)) if v != t.rows[r][a])
+        pairs.append((t.headers[a], new))
+    quoted = rng.random() < 0.5
+
+    def v_(v: str) -> str:
+        return f"'{v}'" if quoted else v
+
+    desc = rng.choice(
+        (
+            f"Update the {t.name} table by setting "
+            + _and_list([f"the {h} to {v_(v)}" for h, v in pairs])
+            + f" where the {K} is {v_(key)}.",
+            f"For the {K} {key}, update the {t.name} table to set "
+            + _and_list([f"{h} as {v_(v)}" for h, v in pairs])
+            + ".",
+            f"In the '{t.name}' table, change "
+            + _and_list([f"the '{h}' value to '{v}'" for h, v in pairs])
+            + f" for the entry with '{K}' equal to '{key}'.",
+            f"The {t.name} record for {key} has been updated with "
+            + _and_list([f"a {h} of {v}" for h, v in pairs])
+            + ".",
+            f"Update the {t.name} so that {key} has "
+            + _and_list([f"{v_(v)} as its {h}" for h, v in pairs])
+            + ".",
+            "Set " + _and_list([f"{h} to {v_(v)}" for h, v in pairs]) + f" for {key}.",
+        )
+    )
+    where = f"{q(K)} = {lit(key)}"
+    others = [i for i in range(1, len(t.headers)) if i not in targets and t.roles[i] != "text"]
+    if others and rng.random() < 0.3:  # a second condition on the same row ("...and the year")
+        c = rng.choice(others)
+        C, v = t.headers[c], t.rows[r][c]
+        where += f" AND {q(C)} = {lit(v)}"
+        desc = desc.rstrip(".") + rng.choice((f", where the {C} is {v}.", f" (its {C} is {v})."))
+    sets = ", ".join(f"{q(h)} = {lit(v)}" for h, v in pairs)
+    return desc, f"UPDATE {q(t.name)} SET {sets} WHERE {where}", key
+
+
+_WIKISQL_BUILDERS = {
+    "other": _wikisql_lookup,
+    "comparison": _wikisql_lookup,
+    "INSERT": _wikisql_insert,
+    "UPDATE": _wikisql_update,
+}
+
 _BUILDERS = {
     "other": _other,
     "counting": _counting,
@@ -452,8 +564,10 @@ def generate_task(
     seed: int, index: int, task_type: str | None = None, wikisql_share: float = 0.0
 ) -> SynthTask:
     """The ``index``-th task of stream ``seed`` (deterministic). ``wikisql_share``: the chance
-    that an `other` or `comparison` task is asked in WikiSQL's phrasing (`_wikisql_lookup`);
-    0 draws exactly the tasks of earlier versions."""
+    that an `other`, `comparison`, INSERT or UPDATE task is drawn in the style of AgentBench's
+    DB items (built on WikiSQL tables): lookups under several conditions, INSERTs told as
+    facts, UPDATEs of several columns (`_WIKISQL_BUILDERS`); 0 draws exactly the tasks of
+    earlier versions."""
     if not 0.0 <= wikisql_share <= 1.0:
         raise ValueError(f"wikisql_share must be in [0, 1], got {wikisql_share!r}")
     for attempt in range(50):
@@ -461,8 +575,8 @@ def generate_task(
         typ = task_type or rng.choices(TASK_TYPES, weights=_TYPE_WEIGHTS)[0]
         table = _draw_table(rng)
         build = _BUILDERS[typ]
-        if wikisql_share > 0 and typ in ("other", "comparison") and rng.random() < wikisql_share:
-            build = _wikisql_lookup
+        if wikisql_share > 0 and typ in _WIKISQL_BUILDERS and rng.random() < wikisql_share:
+            build = _WIKISQL_BUILDERS[typ]
         try:
             desc, sql, key_value = build(rng, table)
             add = _add_description(rng, table)

@@ -9,6 +9,8 @@ changes outcomes and leaves the rest to SQLite:
 - a number compared with a column (``Year > 2000``) is compared as a number, as MySQL does for
   a TEXT column against a numeric literal (SQLite would compare text);
 - ``CAST(x AS SIGNED|UNSIGNED)`` -> ``CAST(x AS INTEGER)``; ``<=>`` -> ``IS``;
+- ``INSERT [INTO] t SET a = x, b = y`` (MySQL's assignment form) -> ``INSERT INTO t (a, b)
+  VALUES (x, y)``;
 - ``SHOW TABLES``, ``SHOW [FULL] COLUMNS|FIELDS FROM t``, ``DESCRIBE t`` / ``DESC t`` /
   ``EXPLAIN t``, ``SHOW CREATE TABLE t``, ``SHOW DATABASES`` are parsed into a
   :class:`ShowCommand` that the backend answers with MySQL-like rows.
@@ -148,9 +150,80 @@ def _next_sig(tokens: list[Token], i: int) -> Token | None:
     return None
 
 
+_INSERT_MODIFIERS = {"IGNORE", "INTO", "LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY"}
+
+
+def _split_top_level(tokens: list[Token], sep: str) -> list[list[Token]]:
+    parts: list[list[Token]] = [[]]
+    depth = 0
+    for tok in tokens:
+        if tok.kind == "op" and tok.text == "(":
+            depth += 1
+        elif tok.kind == "op" and tok.text == ")":
+            depth -= 1
+        if depth == 0 and tok.kind == "op" and tok.text == sep:
+            parts.append([])
+        else:
+            parts[-1].append(tok)
+    return parts
+
+
+def _insert_set_as_values(tokens: list[Token]) -> list[Token]:
+    """``INSERT [INTO] t SET a = x, b = y [ON DUPLICATE KEY ...]`` in the VALUES form SQLite
+    knows; any other statement (or a malformed assignment list, which SQLite then reports as a
+    syntax error) comes back unchanged."""
+    sig = [i for i, t in enumerate(tokens) if t.kind not in ("ws", "comment")]
+    words = [tokens[i].text.upper() if tokens[i].kind == "word" else "" for i in sig]
+    if not words or words[0] not in ("INSERT", "REPLACE"):
+        return tokens
+    k = 1
+    while k < len(sig) and words[k] in _INSERT_MODIFIERS:
+        k += 1
+    name_at = sig[k] if k < len(sig) else len(tokens)
+    into = [Token("op", "INTO ")] if "INTO" not in words[1:k] else []  # optional in MySQL
+    k += 1  # the table name
+    while k + 1 < len(sig) and tokens[sig[k]].text == ".":
+        k += 2  # db.table
+    if k >= len(sig) or words[k] != "SET":
+        return tokens
+    body = tokens[sig[k] + 1 :]
+    tail: list[Token] = []
+    depth = 0
+    for j, tok in enumerate(body):
+        depth += (tok.text == "(") - (tok.text == ")") if tok.kind == "op" else 0
+        if depth == 0 and tok.kind == "word" and tok.text.upper() == "ON":
+            body, tail = body[:j], body[j:]
+            break
+    columns: list[Token] = []
+    values: list[Token] = []
+    for part in _split_top_level(body, ","):
+        sig_part = _significant(part)
+        if len(sig_part) < 3 or sig_part[0].kind not in ("ident", "word"):
+            return tokens
+        if sig_part[1].text != "=":
+            return tokens
+        eq = part.index(sig_part[1])
+        if columns:
+            columns.append(Token("op", ", "))
+            values.append(Token("op", ", "))
+        columns.append(sig_part[0])
+        values.extend(part[eq + 1 :])
+    return [
+        *tokens[:name_at],
+        *into,
+        *tokens[name_at : sig[k]],
+        Token("op", "("),
+        *columns,
+        Token("op", ") VALUES ("),
+        *values,
+        Token("op", ") "),
+        *tail,
+    ]
+
+
 def to_sqlite(sql: str) -> str:
     """Rewrite one MySQL statement into SQLite syntax (see module docstring)."""
-    tokens = tokenize(sql)
+    tokens = _insert_set_as_values(tokenize(sql))
     out: list[str] = []
     for i, tok in enumerate(tokens):
         if tok.kind == "comment":
