@@ -21,7 +21,7 @@ import dataclasses
 import json
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -438,6 +438,12 @@ def _and_list(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def _quoter(rng: random.Random) -> Callable[[str], str]:
+    """Values shown in quotes or bare, one draw per task (AgentBench's items do both)."""
+    quoted = rng.random() < 0.5
+    return lambda v: f"'{v}'" if quoted else v
+
+
 def _wikisql_insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
     """An INSERT told the way AgentBench's DB items tell it: every value named beside its
     column ("with the values of wins 9, draws 2"), the columns and values as two lists
@@ -454,11 +460,7 @@ def _wikisql_insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None
     pairs = [(t.headers[i], values[i]) for i in cols]
     rest = pairs[1:]
     K = pairs[0][0]
-    quoted = rng.random() < 0.5
-
-    def v_(v: str) -> str:
-        return f"'{v}'" if quoted else v
-
+    v_ = _quoter(rng)
     desc = rng.choice(
         (
             f"Insert a new record into the '{t.name}' table with the values of "
@@ -503,11 +505,7 @@ def _wikisql_update(rng: random.Random, t: _Table) -> tuple[str, str, str | None
     for a in targets:
         new = next(v for v in (t.makers[a].make(rng) for _ in range(50)) if v != t.rows[r][a])
         pairs.append((t.headers[a], new))
-    quoted = rng.random() < 0.5
-
-    def v_(v: str) -> str:
-        return f"'{v}'" if quoted else v
-
+    v_ = _quoter(rng)
     desc = rng.choice(
         (
             f"Update the {t.name} table by setting "
