@@ -153,21 +153,6 @@ def _next_sig(tokens: list[Token], i: int) -> Token | None:
 _INSERT_MODIFIERS = {"IGNORE", "INTO", "LOW_PRIORITY", "DELAYED", "HIGH_PRIORITY"}
 
 
-def _split_top_level(tokens: list[Token], sep: str) -> list[list[Token]]:
-    parts: list[list[Token]] = [[]]
-    depth = 0
-    for tok in tokens:
-        if tok.kind == "op" and tok.text == "(":
-            depth += 1
-        elif tok.kind == "op" and tok.text == ")":
-            depth -= 1
-        if depth == 0 and tok.kind == "op" and tok.text == sep:
-            parts.append([])
-        else:
-            parts[-1].append(tok)
-    return parts
-
-
 def _insert_set_as_values(tokens: list[Token]) -> list[Token]:
     """``INSERT [INTO] t SET a = x, b = y [ON DUPLICATE KEY ...]`` in the VALUES form SQLite
     knows; any other statement (or a malformed assignment list, which SQLite then reports as a
@@ -187,16 +172,22 @@ def _insert_set_as_values(tokens: list[Token]) -> list[Token]:
     if k >= len(sig) or words[k] != "SET":
         return tokens
     body = tokens[sig[k] + 1 :]
+    parts: list[list[Token]] = [[]]  # the assignments, split at top-level commas
     tail: list[Token] = []
     depth = 0
     for j, tok in enumerate(body):
-        depth += (tok.text == "(") - (tok.text == ")") if tok.kind == "op" else 0
+        if tok.kind == "op":
+            depth += (tok.text == "(") - (tok.text == ")")
         if depth == 0 and tok.kind == "word" and tok.text.upper() == "ON":
-            body, tail = body[:j], body[j:]
+            tail = body[j:]
             break
+        if depth == 0 and tok.kind == "op" and tok.text == ",":
+            parts.append([])
+        else:
+            parts[-1].append(tok)
     columns: list[Token] = []
     values: list[Token] = []
-    for part in _split_top_level(body, ","):
+    for part in parts:
         sig_part = _significant(part)
         if len(sig_part) < 3 or sig_part[0].kind not in ("ident", "word"):
             return tokens
