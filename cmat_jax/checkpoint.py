@@ -16,6 +16,7 @@ Restore takes a target state (concrete or abstract) and restores onto its shardi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,17 @@ import orbax.checkpoint as ocp
 # Field of the train state that holds the LoRA params (train_step.TrainState: "params").
 _LORA_FIELDS = ("params", "lora")
 _ITEMS = ("lora", "train", "data", "meta")
+
+
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns "Given directory is read only" whenever a manager opens a run to read it;
+    that is what exporting and evaluating a run always do, so the warning says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
 
 
 class CheckpointError(ValueError):
