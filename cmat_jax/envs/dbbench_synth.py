@@ -450,18 +450,10 @@ def _wikisql_insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None
     ("..., which are '33', 'USC', respectively"), or a statement of fact with no verb of
     inserting at all ("K, with A x and B y, is a new entry in T."). The gold SQL is MySQL's
     assignment form ``INSERT INTO t SET a = x, ...``: each value beside its column, which a
-    small model copies more reliably than two parallel lists.
-
-    Half of them name the row's values in the order of the table's headers, with a column
-    named beside only some of them ("k, 1971, trainer Ann Fox and Ford Stable, was added to
-    T"), as AgentBench's facts do ("In 1971, Kauai King, age 4, was trained by ..."): every
-    header gets its value, which teaches filling all of them in order rather than stopping
-    after the named ones."""
+    small model copies more reliably than two parallel lists."""
     existing = set(t.column(0))
     key = next(v for v in (t.makers[0].make(rng) for _ in range(200)) if v not in existing)
     values = [key] + [c.make(rng) for c in t.makers[1:]]
-    if rng.random() < 0.5:
-        return _insert_in_header_order(rng, t, values)
     cols = list(range(len(t.headers)))
     if rng.random() < 0.15 and len(cols) > 3:  # leave one non-key column empty (NULL)
         cols.pop(rng.randrange(1, len(cols)))
@@ -499,24 +491,6 @@ def _wikisql_insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None
     )
     sql = f"INSERT INTO {q(t.name)} SET " + ", ".join(f"{q(h)} = {lit(v)}" for h, v in pairs)
     return desc, sql, key
-
-
-def _insert_in_header_order(
-    rng: random.Random, t: _Table, values: list[str]
-) -> tuple[str, str, str | None]:
-    """An INSERT whose values are told in header order, each bare or after its column's name."""
-    pairs = list(zip(t.headers, values, strict=True))
-    told = [values[0]] + [v if rng.random() < 0.6 else f"{h.lower()} {v}" for h, v in pairs[1:]]
-    desc = rng.choice(
-        (
-            f"{_and_list(told)}, was added to the {t.name} table.",
-            f"A new row for the {t.name} table: {_and_list(told)}.",
-            f"The {t.name} table now also records {_and_list(told)}.",
-            f"Add {_and_list(told)} to the {t.name} table.",
-        )
-    )
-    sql = f"INSERT INTO {q(t.name)} SET " + ", ".join(f"{q(h)} = {lit(v)}" for h, v in pairs)
-    return desc, sql, values[0]
 
 
 def _wikisql_update(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
