@@ -15,8 +15,10 @@ Restore takes a target state (concrete or abstract) and restores onto its shardi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,15 @@ class _DropReadOnlyNotice(logging.Filter):
         return not str(record.msg).startswith("Given directory is read only")
 
 
-logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+@contextlib.contextmanager
+def _without_read_only_notice() -> Iterator[None]:
+    """Drop that notice while a manager is built (orbax prints it in the constructor)."""
+    absl_logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    absl_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(notice)
 
 
 class CheckpointError(ValueError):
@@ -112,7 +122,10 @@ class Checkpointer:
                 # Leftovers of a save interrupted by a crash are never complete: remove them.
                 cleanup_tmp_directories=True,
             )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        with _without_read_only_notice():
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=_ITEMS
+            )
 
     # --- queries ---------------------------------------------------------------------------
 
