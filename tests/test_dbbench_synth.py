@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from cmat_jax.envs.dbbench import DBBenchEnv, load_tasks
@@ -17,6 +18,7 @@ from cmat_jax.envs.dbbench_synth import (
     write_sft_jsonl,
     write_tasks_jsonl,
 )
+from cmat_jax.envs.dbbench_synth_domains import DOMAINS
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
@@ -138,3 +140,18 @@ def test_wikisql_phrasing_share():
     assert generate_task(5, 17) == generate_task(5, 17, wikisql_share=0.0)
     with pytest.raises(ValueError, match="wikisql_share must be in"):
         generate_task(5, 17, wikisql_share=1.5)
+
+
+def test_many_tables_are_named_apart_from_their_domain():
+    # The dev tables' names are all new to the model; it has to learn to copy a name it has
+    # never seen, not to recall one of the domains' few dozen.
+    def norm(name: str) -> str:
+        return re.sub(r"[^0-9a-z]", "", name.lower())
+
+    domain_names = {norm(n) for d in DOMAINS for n in d.tables}
+    names = [st.task.table_name for st in generate_tasks(2_000, seed=1)]
+    general = [n for n in names if not any(norm(n).startswith(d) for d in domain_names)]
+    assert 0.3 < len(general) / len(names) < 0.5
+    assert len(set(general)) > 0.9 * len(general)  # hardly any name repeats
+    styles = {("_" in n, " " in n) for n in general}
+    assert styles == {(True, False), (False, True), (False, False)}  # snake, spaced, Camel

@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from cmat_jax.envs.dbbench import QUERY_TYPES, DBBenchEnv, DBTask
-from cmat_jax.envs.dbbench_synth_domains import DOMAINS, TABLE_QUALIFIERS, Column, Domain
+from cmat_jax.envs.dbbench_synth_domains import (
+    DOMAINS,
+    NAME_HEADS,
+    NAME_TOPICS,
+    TABLE_QUALIFIERS,
+    TOWNS,
+    Column,
+    Domain,
+)
 from cmat_jax.envs.sql_backend import ExecResult
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
@@ -34,6 +42,8 @@ TASK_TYPES = ("INSERT", "UPDATE", *QUERY_TYPES)
 # One in five tasks changes the table, one in five is a plain lookup; the rest spread over the
 # query types (AgentBench's DB split is roughly balanced between mutations and queries).
 _TYPE_WEIGHTS = (4, 4, 4, 2, 2, 2, 1, 1, 1, 1)
+# Share of tables named from words unrelated to their domain (see _general_table_name).
+GENERAL_NAME_SHARE = 0.4
 _BACKEND = SQLiteBackend(time_limit_s=10.0)
 
 
@@ -70,14 +80,38 @@ def lit(value: str) -> str:
 
 
 def _table_name(rng: random.Random, domain: Domain) -> str:
-    base = rng.choice(domain.tables) + rng.choice(TABLE_QUALIFIERS)
+    if rng.random() < GENERAL_NAME_SHARE:
+        base = _general_table_name(rng)
+    else:
+        base = rng.choice(domain.tables) + rng.choice(TABLE_QUALIFIERS)
     style = rng.random()
-    if style < 0.55:
+    if style < 0.5:
         return base
     words = re.sub(r"[^0-9A-Za-z ]", "", base).split()
-    if style < 0.8:
+    if style < 0.7:
         return "_".join(w.lower() for w in words)
+    if style < 0.85:
+        return "_".join(words)
     return "".join(w[:1].upper() + w[1:] for w in words)
+
+
+def _general_table_name(rng: random.Random) -> str:
+    """A table name from words unrelated to the table's domain ("Rugby Fixtures 1998-99",
+    "Lighthouse Keepers of Varnholm"): it can only be written by copying it from the task."""
+    topic, head = rng.choice(NAME_TOPICS), rng.choice(NAME_HEADS)
+    year = rng.randint(1950, 2023)
+    pattern = rng.randrange(5)
+    if pattern == 0:
+        return f"{topic} {head}"
+    if pattern == 1:
+        return f"{topic} {head} " + rng.choice(
+            (f"{year}", f"({year})", f"{year}–{(year + 1) % 100:02d}")
+        )
+    if pattern == 2:
+        return f"{head} of {rng.choice(TOWNS)}"
+    if pattern == 3:
+        return f"{topic} {head} in {rng.choice(TOWNS)}"
+    return f"{rng.choice(TOWNS)} {topic} {head}"
 
 
 def _unique_values(rng: random.Random, col: Column, n: int) -> list[str]:

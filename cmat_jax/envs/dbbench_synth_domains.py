@@ -431,3 +431,44 @@ TABLE_QUALIFIERS = (
     "", "", "", " 2019", " 2021", " 2023", " (Draft)", " Archive", " North", " South",
     " Summary", " Register", " Overview", " Season Two",
 )  # fmt: skip
+
+# Words for table names unrelated to the table's domain. Real DB tasks name their tables after
+# whatever the source page was about; a model that only ever saw the domains' own few dozen
+# names learns to write one of those instead of copying the name it was given.
+NAME_TOPICS = (
+    "Coastal", "National", "Regional", "Olympic", "Municipal", "Railway", "Chess", "Cycling",
+    "Tennis", "Opera", "Television", "Radio", "Island", "Mountain", "River", "Canal", "Castle",
+    "Cathedral", "Senate", "Parliament", "Mayoral", "Provincial", "Colonial", "Medieval", "Lunar",
+    "Arctic", "Desert", "Harbour", "Tram", "Subway", "Hockey", "Cricket", "Rugby", "Volleyball",
+    "Swimming", "Skiing", "Boxing", "Wrestling", "Fencing", "Archery", "Polo", "Badminton",
+    "Snooker", "Darts", "Film", "Poetry", "Novel", "Comic", "Theatre", "Ballet", "Jazz", "Choir",
+    "Orchestra", "Circus", "Museum", "Zoo", "Aquarium", "Satellite", "Rocket", "Submarine",
+    "Frigate", "Aircraft", "Helicopter", "Glider", "Steam", "Diesel", "Electric", "Nuclear",
+    "Solar", "Copper", "Diamond", "Pearl", "Handball", "Lacrosse", "Curling", "Rowing", "Sumo",
+    "Judo", "Karate", "Triathlon", "Biathlon", "Motorcycle", "Rally", "Speedway", "Grand Prix",
+    "Figure Skating", "Ice Dance", "Gymnastics", "Weightlifting", "Water Polo", "Softball",
+    "Netball", "Bowling", "Billiards", "Sailing", "Surfing", "Marathon", "Relay", "Decathlon",
+    "Presidential", "Gubernatorial", "Municipal Council", "Royal", "Papal", "Imperial", "Naval",
+    "Military", "Diplomatic", "Consular", "Missionary", "Academic", "Scientific", "Medical",
+    "Literary", "Architectural", "Botanic", "Geological", "Volcanic", "Seismic", "Tropical",
+    "Polar", "Alpine", "Prairie", "Lighthouse", "Ferry", "Canal Boat", "Airship", "Bus",
+    "Trolleybus", "Monorail", "Cable Car", "Funicular", "Highway", "Motorway", "Turnpike",
+)  # fmt: skip
+NAME_HEADS = (
+    "Winners", "Results", "Records", "Standings", "Candidates", "Members", "Episodes", "Seasons",
+    "Releases", "Singles", "Stations", "Routes", "Lines", "Clubs", "Teams", "Players", "Coaches",
+    "Champions", "Medalists", "Nominees", "Awards", "Rankings", "Fixtures", "Matches", "Races",
+    "Drivers", "Riders", "Vessels", "Bridges", "Towers", "Buildings", "Stadiums", "Venues",
+    "Districts", "Parishes", "Counties", "Constituencies", "Mayors", "Governors", "Ministers",
+    "Bishops", "Monarchs", "Envoys", "Schools", "Universities", "Colleges", "Hospitals",
+    "Churches", "Temples", "Peaks", "Lakes", "Islands", "Storms", "Launches", "Missions",
+    "Flights", "Engines", "Airlines", "Companies", "Brands", "Games", "Channels", "Programmes",
+    "Broadcasts", "Characters", "Cast", "Performances", "Tours", "Concerts", "Albums", "Songs",
+    "Sales", "Budgets", "Elections", "Referendums", "Treaties", "Battles", "Regiments",
+    "Squadrons", "Divisions", "Draft Picks", "Transfers", "Contracts", "Statistics", "Scorers",
+    "Appearances", "Career", "History", "Timeline", "Roster", "Squad", "Line-up", "Schedule",
+    "Calendar", "Events", "Heats", "Finals", "Qualifiers", "Leaders", "Holders", "Officials",
+    "Judges", "Referees", "Delegates", "Founders", "Owners", "Manufacturers", "Models",
+    "Production", "Output", "Exports", "Attendance", "Ratings", "Discography", "Filmography",
+    "Bibliography", "Honours", "Titles", "Achievements", "Milestones", "Incidents", "Accidents",
+)  # fmt: skip
