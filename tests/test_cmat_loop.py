@@ -90,6 +90,13 @@ def test_cmat_loop_smoke_with_crash_and_resume(tmp_path, monkeypatch):
         s = res["stages"][stage]
         assert s["synthetic"]["n"] == 2 and "overall_cat_accuracy" in s["synthetic"]
         assert "success_rate" in s["synthetic_checker"]
+        # Every evaluated episode is kept, with its proposals, for reading why an item failed.
+        for split, n_ok in (("a", s["synthetic"]), ("b", s["synthetic_checker"])):
+            eps = (out / "eval" / stage / split / "episodes.jsonl").read_text().splitlines()
+            eps = [json.loads(x) for x in eps]
+            first = [e for e in eps if e["trial"] == 1]
+            assert len(first) == 2 and all(e["turns"] and e["description"] for e in first)
+            assert sum(e["reward"] == 1.0 for e in first) == round(2 * n_ok["success_rate"])
     assert (out / "export" / "assistant-peft" / "adapter_model.safetensors").is_file()
     assert {p.split("/")[-1] for p in res["plots"]} == {"rounds.png", "train.png"}
     assert any((out / "tb").iterdir())

@@ -470,6 +470,7 @@ def evaluate_tasks(
                 read_policy=ReadPolicy.evaluation(reflexion=trial > 0),
             )
             res = engine.run(todo, group_size=1, train=False)
+            _write_episodes(work_dir / "episodes.jsonl", trial, todo, res)
             for task, out in zip(todo, res.outputs, strict=True):
                 outputs[task.task_id] = out
                 if trial == 0:
@@ -499,6 +500,25 @@ def evaluate_tasks(
         backend.close()
     results["eval_wall_s"] = time.perf_counter() - t0
     return results
+
+
+def _write_episodes(path: Path, trial: int, tasks: Sequence[Any], res: Any) -> None:
+    """Append one line per evaluated episode (the task, every proposal with its verdict and
+    observation, the scored output): what one reads to see why an item failed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w" if trial == 0 else "a", encoding="utf-8") as f:
+        for task, rec, out in zip(tasks, res.episodes, res.outputs, strict=True):
+            line = {
+                "trial": trial + 1,
+                "task_id": task.task_id,
+                "type": task.type,
+                "description": task.description,
+                "table_name": task.table_name,
+                "reward": rec.reward,
+                "output": out,
+                "turns": [dataclasses.asdict(t) for t in rec.turns],
+            }
+            f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
 
 
 # ----------------------------------------------------------------------------- the run
