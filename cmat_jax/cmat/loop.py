@@ -510,13 +510,11 @@ def _write_episodes(path: Path, trial: int, tasks: Sequence[Any], res: Any) -> N
         for task, rec, out in zip(tasks, res.episodes, res.outputs, strict=True):
             line = {
                 "trial": trial + 1,
-                "task_id": task.task_id,
                 "type": task.type,
                 "description": task.description,
                 "table_name": task.table_name,
-                "reward": rec.reward,
                 "output": out,
-                "turns": [dataclasses.asdict(t) for t in rec.turns],
+                **rec.to_dict(),  # task_id, reward, every turn
             }
             f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
 
