@@ -84,6 +84,8 @@ class EvalConfig:
     max_rounds: int = 15
     max_new_tokens: int = 512
     """Model agent: token cap of one reply (proposal, Checker reason or reflection)."""
+    reason_max_new_tokens: int = 0
+    """Model agent: token cap of a Checker's rejection reason (0 = max_new_tokens)."""
     max_context: int = 2048
     """Model agent: prompt + reply tokens per generation; longer episodes drop their oldest
     steps first (the default job evaluates with 1024, which is much cheaper on a CPU)."""
@@ -318,6 +320,7 @@ def evaluate_model(
                     temperature=0.0,
                     checker_sample=False,
                     max_new_tokens=cfg.max_new_tokens,
+                    reason_max_new_tokens=cfg.reason_max_new_tokens,
                     max_context=cfg.max_context,
                     max_batch=cfg.batch_size,
                     counterfactual=False,
@@ -445,6 +448,11 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         raise ValueError(f"unknown task {cfg.task!r}")
     if cfg.reflexion_trials < 1:
         raise ValueError(f"--reflexion-trials must be >= 1, got {cfg.reflexion_trials}")
+    if cfg.reason_max_new_tokens < 0:
+        raise ValueError(
+            f"--reason-max-new-tokens must be >= 0 (0 = --max-new-tokens), got "
+            f"{cfg.reason_max_new_tokens}"
+        )
     if cfg.checker and cfg.agent != "model":
         raise ValueError("--checker only applies to --agent model")
     if cfg.step is not None and cfg.agent != "model":

@@ -501,7 +501,7 @@ class Generator:
         self,
         prompts: Sequence[Sequence[int] | str],
         *,
-        max_new_tokens: int = 128,
+        max_new_tokens: int | Sequence[int] = 128,
         sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
         key: jax.Array | None = None,
         adapter_ids: Sequence[int | str] | int | str | None = None,
@@ -510,20 +510,22 @@ class Generator:
         chunk_steps: int | None = None,
         stream: Callable[[int, list[int]], None] | None = None,
     ) -> GenerationOutput:
-        """Generate up to `max_new_tokens` per prompt. `stream(row, new_tokens)` is called after
-        every decode chunk (of `chunk_steps` steps, default 8 when streaming / 32 with stop strings).
+        """Generate up to `max_new_tokens` per prompt (one int, or one per prompt: a row that
+        reaches its own limit stops with reason "length" while the others go on). `stream(row,
+        new_tokens)` is called after every decode chunk (of `chunk_steps` steps, default 8 when
+        streaming / 32 with stop strings).
 
         `eos_ids` defaults to `tokenizer.eos_ids` (none without a tokenizer); `adapter_ids` are
         slot names or ints per row (-1 / "none" = base model); `key` defaults to key(0)."""
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         if stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
         ids = self._prompt_ids(prompts)
         n = len(ids)
+        limits = _row_limits(max_new_tokens, n)
+        max_new_tokens = max(limits)
         adapters = self._adapter_ids(adapter_ids, n)
         eos_E = self._eos_array(eos_ids)
         if key is None:
@@ -553,6 +555,8 @@ class Generator:
             ids_BT[i, T - len(p) :] = p
             start_B[i] = T - len(p)
         finish_B = np.where(np.arange(B) < n, _RUNNING, _LENGTH).astype(np.int32)
+        max_new_B = np.full((B,), max_new_tokens, np.int32)
+        max_new_B[:n] = limits
         adapters_B = None
         if adapters is not None:
             adapters_B = np.full((B,), -1, np.int32)
@@ -561,11 +565,10 @@ class Generator:
         graphdef, params = nnx.split(self.model)
         params = self._params(params)
         samp = self._sampling(sampling, n, B)
-        batch_args = [jnp.asarray(ids_BT), jnp.asarray(start_B), adapters_B, finish_B]
+        batch_args = [jnp.asarray(ids_BT), jnp.asarray(start_B), adapters_B, finish_B, max_new_B]
         if self.mesh is not None:
             batch_args = self._shard_batch(batch_args)
-        ids_d, start_d, adapters_d, finish_d = batch_args
-        max_new = jnp.int32(max_new_tokens)
+        ids_d, start_d, adapters_d, finish_d, max_new = batch_args
         eos_d = jnp.asarray(eos_E)
         state = _prefill(
             graphdef,
@@ -678,6 +681,24 @@ class Generator:
                     stream(i, tokens[i, streamed[i] : end].tolist())
                     streamed[i] = end
         return state
+
+
+def _row_limits(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """Per-row new-token limits from one int or one per prompt; each an integer >= 1."""
+    scalar = np.ndim(max_new_tokens) == 0
+    if scalar:
+        limits = [max_new_tokens] * n
+    else:
+        limits = list(max_new_tokens)
+        if len(limits) != n:
+            raise GenerationError(
+                f"max_new_tokens has {len(limits)} entries for {n} prompts (one int, or one each)"
+            )
+    for i, m in enumerate(limits):
+        if isinstance(m, bool) or int(m) != m or m < 1:
+            where = "" if scalar else f"[{i}]"
+            raise GenerationError(f"max_new_tokens{where} must be an integer >= 1, got {m!r}")
+    return [int(m) for m in limits]
 
 
 class _StopChecker:

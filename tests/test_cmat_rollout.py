@@ -201,6 +201,35 @@ def test_rollout_checker_revisions_labels_advantages(tiny, rollout):
     assert "Lessons from earlier attempts" in prompt
 
 
+def test_rejection_reasons_have_their_own_token_limit(tiny):
+    envs: list[ScriptedEnv] = []
+    engine = _engine(
+        tiny,
+        envs,
+        cmat=CMATConfig(group_size=3),
+        rollout=RolloutConfig(max_new_tokens=8, reason_max_new_tokens=2, max_context=2048),
+    )
+    calls = []
+    real = engine.gen.generate
+
+    def recording(prompts, **kw):
+        out = real(prompts, **kw)
+        calls.append((list(kw["adapter_ids"]), list(kw["max_new_tokens"]), out.lengths.tolist()))
+        return out
+
+    engine.gen.generate = recording
+    res = engine.run(TASKS[:2], key=jax.random.key(3))
+    assert res.stats["revisions"] >= 1
+    checker = engine.slot["checker"]
+    rows = [row for ids, lims, lens in calls for row in zip(ids, lims, lens, strict=True)]
+    reasons = [(lim, n) for a, lim, n in rows if a == checker]
+    # One reason row per revision, each cut at its own limit; the proposals keep theirs.
+    assert len(reasons) == res.stats["revisions"]
+    assert all(lim == 2 and 1 <= n <= 2 for lim, n in reasons)
+    assert all(lim == 8 for a, lim, _ in rows if a != checker)
+    assert max(n for a, _, n in rows if a != checker) > 2
+
+
 def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
     out, start = [], None
     for i, m in enumerate([*list(mask), 0]):

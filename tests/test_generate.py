@@ -293,6 +293,17 @@ def test_eos_ends_a_row(gen, tiny):
             assert out.texts[i] == gen.tokenizer.decode(ref.tokens[i][:f])
 
 
+def test_per_row_max_new_tokens_cut_each_row_at_its_own_limit(gen, tiny):
+    _, prompts = tiny
+    ref = gen.generate(prompts, max_new_tokens=12, eos_ids=[])
+    limits = [3, 12, 1, 7]
+    out = gen.generate(prompts, max_new_tokens=limits, eos_ids=[])
+    assert out.lengths.tolist() == limits and out.finish_reasons == ["length"] * 4
+    for i, m in enumerate(limits):
+        assert out.tokens[i] == ref.tokens[i][:m]
+        np.testing.assert_allclose(out.logprobs[i], ref.logprobs[i][:m], rtol=1e-5, atol=1e-5)
+
+
 def test_stop_strings_truncate_text_and_tokens(gen, tiny):
     _, prompts = tiny
     tok = gen.tokenizer
@@ -408,6 +419,10 @@ def test_bad_inputs_raise_clear_errors(gen, tiny):
         SamplingParams(top_k=-1)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         gen.generate(prompts, max_new_tokens=0)
+    with pytest.raises(GenerationError, match=r"max_new_tokens\[2\] must be an integer >= 1"):
+        gen.generate(prompts, max_new_tokens=[4, 4, 0, 4])
+    with pytest.raises(GenerationError, match="max_new_tokens has 2 entries for 4 prompts"):
+        gen.generate(prompts, max_new_tokens=[4, 4])
     with pytest.raises(GenerationError, match="no tokenizer"):
         no_lora.generate(["hello"])
 

@@ -105,6 +105,9 @@ class CMATJob:
     clip_eps: float = 0.2
     temperature: float = 0.7
     max_new_tokens: int = 128
+    reason_max_new_tokens: int = 0
+    """New tokens for a Checker's rejection reason (training and evaluation; 0 = the
+    proposals' limit). Only its first line is used."""
     train_max_rounds: int = 8
     """Environment round limit in training rollouts."""
     eval_max_rounds: int = 15
@@ -212,6 +215,7 @@ class CMATJob:
             "eval_every",
             "checker_rows_per_round",
             "anchor_rows",
+            "reason_max_new_tokens",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -464,6 +468,7 @@ def evaluate_tasks(
                     temperature=0.0,
                     checker_sample=False,
                     max_new_tokens=job.eval_max_new_tokens,
+                    reason_max_new_tokens=job.reason_max_new_tokens,
                     max_batch=job.max_batch,
                     min_batch=job.min_batch,
                     max_context=job.eval_max_context,
@@ -854,6 +859,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                     rollout_cfg=RolloutConfig(
                         temperature=job.temperature,
                         max_new_tokens=job.max_new_tokens,
+                        reason_max_new_tokens=job.reason_max_new_tokens,
                         max_batch=job.max_batch,
                         min_batch=job.min_batch,
                         # every training row fits seq_len whole: prompts that would outgrow it

@@ -54,6 +54,8 @@ class RolloutConfig:
 
     temperature/top_p: Assistant sampling (0 = greedy, used for evaluation).
     max_new_tokens: per generation call (proposals; reasons and lessons are cut after it too).
+    reason_max_new_tokens: a Checker reason row's own limit (0 = max_new_tokens). Only the
+      reason's first line is used, and a reason that runs on keeps its whole batch decoding.
     checker_sample: draw the verdict from Bernoulli(p_accept) (exploration for the Checker's
       training signal); False: accept iff p_accept >= checker_threshold (evaluation).
     max_context: prompt + new tokens never exceed this (and the model's cache length).
@@ -70,6 +72,7 @@ class RolloutConfig:
     temperature: float = 0.7
     top_p: float = 1.0
     max_new_tokens: int = 160
+    reason_max_new_tokens: int = 0
     checker_sample: bool = True
     checker_threshold: float = 0.5
     max_context: int = 2048
@@ -85,6 +88,11 @@ class RolloutConfig:
         if self.max_new_tokens < 1 or self.max_batch < 1 or self.max_generations < 1:
             raise ValueError(
                 "RolloutConfig: max_new_tokens, max_batch, max_generations must be >= 1"
+            )
+        if self.reason_max_new_tokens < 0:
+            raise ValueError(
+                "RolloutConfig.reason_max_new_tokens must be >= 0 (0 = max_new_tokens), got "
+                f"{self.reason_max_new_tokens}"
             )
         if self.max_context <= self.max_new_tokens:
             raise ValueError(
@@ -509,9 +517,11 @@ class RolloutEngine:
             key, sub = jax.random.split(key)
             greedy = SamplingParams()
             samp = SamplingParams(temperature=self.rcfg.temperature, top_p=self.rcfg.top_p)
+            full = self.rcfg.max_new_tokens
+            reason = min(full, self.rcfg.reason_max_new_tokens or full)
             out = self.gen.generate(
                 [p for _, p, _ in part],
-                max_new_tokens=self.rcfg.max_new_tokens,
+                max_new_tokens=[reason if role == "checker" else full for _, _, role in part],
                 sampling=[samp if role == "assistant" else greedy for _, _, role in part],
                 adapter_ids=[self.slot[role] for _, _, role in part],
                 key=sub,
