@@ -1104,8 +1104,6 @@ def summary_table(out: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    took = f"{out['wall_s']:.0f}s"
-    if "eval_wall_s" in out:
-        took += f", of which evaluation {out['eval_wall_s']:.0f}s"
+    took = f"{out['wall_s']:.0f}s, of which evaluation {out['eval_wall_s']:.0f}s"
     head = f"CMAT run {out['run']} ({took}): success rate on held-out synthetic tasks, AgentBench DB dev overall_cat_accuracy"
     return "\n".join([head, *lines])

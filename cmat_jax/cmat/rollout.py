@@ -512,13 +512,13 @@ class RolloutEngine:
             r = self._requests(ep)
             if r is not None:
                 reqs.append((ep, *r))
+        greedy = SamplingParams()
+        samp = SamplingParams(temperature=self.rcfg.temperature, top_p=self.rcfg.top_p)
+        full = self.rcfg.max_new_tokens
+        reason = min(full, self.rcfg.reason_max_new_tokens or full)
         for lo in range(0, len(reqs), self.rcfg.max_batch):
             part = reqs[lo : lo + self.rcfg.max_batch]
             key, sub = jax.random.split(key)
-            greedy = SamplingParams()
-            samp = SamplingParams(temperature=self.rcfg.temperature, top_p=self.rcfg.top_p)
-            full = self.rcfg.max_new_tokens
-            reason = min(full, self.rcfg.reason_max_new_tokens or full)
             out = self.gen.generate(
                 [p for _, p, _ in part],
                 max_new_tokens=[reason if role == "checker" else full for _, _, role in part],
