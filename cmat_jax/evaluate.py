@@ -91,6 +91,9 @@ class EvalConfig:
     steps first (the default job evaluates with 1024, which is much cheaper on a CPU)."""
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Model agent: base parameter and matmul dtype."""
+    attention_impl: str = "auto"
+    """Model agent: attention kernel of each prompt's prefill (see cmat_jax.model.attention;
+    "auto" = chunked on CPU, cuDNN / Pallas on GPU and TPU; "xla" = full scores)."""
     max_revisions: int = 2
     """Model agent with --checker: Assistant revisions after rejections in one round (K)."""
     live_episodes: int | None = None
@@ -142,7 +145,10 @@ def _run_config(source: str) -> dict[str, Any] | None:
 
 
 def load_eval_model(
-    source: str | None, dtype: str = "bfloat16", step: int | None = None
+    source: str | None,
+    dtype: str = "bfloat16",
+    step: int | None = None,
+    attention_impl: str = "auto",
 ) -> EvalModel:
     """Load ``source``: anything ``load_model`` takes (base model, every role on slot "none"),
     or a training run directory: the base its config.json names, with the LoRA params of
@@ -161,7 +167,7 @@ def load_eval_model(
             raise ValueError(
                 f"--step {step} needs a training run directory as --model, got {source}"
             )
-        model, tok = load_model(source, dtype)
+        model, tok = load_model(source, dtype, attention_impl=attention_impl)
         return EvalModel(model, tok, info={"source": str(source), "kind": "base"})
 
     import jax
@@ -181,7 +187,7 @@ def load_eval_model(
         lora_cfg = LoRAConfig(**lora)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: bad 'lora' config ({e})") from None
-    model, tok = load_model(base, dtype)
+    model, tok = load_model(base, dtype, attention_impl=attention_impl)
     model.add_lora(lora_cfg, rngs=nnx.Rngs(0))
     _, lora_state, _ = nnx.split(model, LoRAParam, ...)
     target = jax.tree.map(
@@ -472,7 +478,7 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         elif cfg.agent == "null":
             agent = NullAgent()
         else:
-            em = load_eval_model(cfg.model, cfg.dtype, cfg.step)
+            em = load_eval_model(cfg.model, cfg.dtype, cfg.step, cfg.attention_impl)
     backend = _make_backend(cfg)
     out.mkdir(parents=True, exist_ok=True)
 

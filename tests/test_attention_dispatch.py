@@ -52,6 +52,25 @@ def test_unknown_impl_raises():
         )
 
 
+def test_model_config_names_the_attention_impls():
+    """The config checks the field where it enters, against the dispatcher's own list."""
+    from cmat_jax.model.attention import IMPLS
+    from cmat_jax.model.config import ATTENTION_IMPLS, ConfigError
+
+    assert ATTENTION_IMPLS == IMPLS
+    with pytest.raises(ConfigError, match=r"attention_impl must be one of .* got 'flash'"):
+        ModelConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=1,
+            num_kv_heads=1,
+            head_dim=8,
+            attention_impl="flash",
+        )
+
+
 def test_explicit_impls_do_not_fall_back_but_auto_does():
     # head_dim 48: the Pallas kernels do not take it; chunked and xla do.
     q, k, v, do, _ = make_inputs(1, 20, 4, 2, 48, jnp.float32, segments=False)

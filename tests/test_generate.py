@@ -6,6 +6,9 @@ Tiny-model tests share one Generator and one batch/prompt/new-token bucket (batc
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,9 +91,15 @@ def _no_cache_rollout(model, prompt, tokens, adapter_id=-1):
 # ------------------------------------------------------------------------ exactness
 
 
-def test_cached_forward_logits_equal_no_cache(tiny):
-    """Prefill of left-padded ragged prompts + 3 single-token steps == the no-cache forward."""
+@pytest.mark.parametrize("prefill_impl", ["xla", "chunked"])
+def test_cached_forward_logits_equal_no_cache(tiny, prefill_impl):
+    """Prefill of left-padded ragged prompts + 3 single-token steps == the no-cache forward,
+    with the prefill's attention over the cache ("xla") or through the chunked kernel."""
     model, prompts = tiny
+    ref_model = model
+    if prefill_impl != "xla":
+        model = copy.deepcopy(model)
+        model.config = dataclasses.replace(model.config, attention_impl=prefill_impl)
     T, S = 16, 24
     B = len(prompts)
     ids = np.zeros((B, T), np.int32)
@@ -112,7 +121,7 @@ def test_cached_forward_logits_equal_no_cache(tiny):
 
     got = np.asarray(run(ids, start, extra))
     for i, p in enumerate(prompts):
-        ref = _no_cache_logits(model, list(p) + extra[i].tolist(), int(adapters[i]))
+        ref = _no_cache_logits(ref_model, list(p) + extra[i].tolist(), int(adapters[i]))
         np.testing.assert_allclose(got[i], ref[len(p) - 1 :], rtol=1e-4, atol=1e-4)
 
 

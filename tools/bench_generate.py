@@ -6,7 +6,8 @@ batch 16, prompt 256, 128 new tokens. Prints a JSON line last:
   included, compile excluded), plus ours' prefill time, decode steps/s and that as a fraction of
   the memory-bandwidth bound (weight + KV-cache bytes per step / measured copy bandwidth).
 
-    python tools/bench_generate.py [--batch 16 --prompt 256 --new 128 --real --no-peer]
+    python tools/bench_generate.py [--batch 16 --prompt 256 --new 128 --real --no-peer
+                                    --attention chunked]
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def measure_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def build_models(real: bool, with_peer: bool):
-    """(our model, HF model or None); the same weights on both sides."""
+def build_models(real: bool, with_peer: bool, attention_impl: str = "xla"):
+    """(our model, HF model or None); the same weights on both sides. `attention_impl` is our
+    model's full-sequence attention, which the prefill uses ("xla": scores over the cache)."""
     import torch
     import transformers
 
@@ -59,7 +61,9 @@ def build_models(real: bool, with_peer: bool):
         from cmat_jax import load_model
         from cmat_jax.weights.registry import smollm2_gguf_path
 
-        ours, _ = load_model("smollm2-135m-instruct", dtype="bfloat16")
+        ours, _ = load_model(
+            "smollm2-135m-instruct", dtype="bfloat16", attention_impl=attention_impl
+        )
         peer = None
         if with_peer:
             path = smollm2_gguf_path()
@@ -74,6 +78,7 @@ def build_models(real: bool, with_peer: bool):
         {**SMOLLM2_135M, "architectures": ["LlamaForCausalLM"]},
         param_dtype="bfloat16",
         compute_dtype="bfloat16",
+        attention_impl=attention_impl,
     )
     tensors = ((k, v.float().numpy()) for k, v in peer.state_dict().items())
     ours = build_model(cfg, tensors, where="random init")
@@ -134,9 +139,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--real", action="store_true", help="load the SmolLM2 GGUF preset")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument(
+        "--attention",
+        default="xla",
+        help="our prefill's attention impl (xla | chunked | auto ...; see cmat_jax.model.attention)",
+    )
     args = ap.parse_args()
 
-    ours_model, peer_model = build_models(args.real, not args.no_peer)
+    ours_model, peer_model = build_models(args.real, not args.no_peer, args.attention)
     cfg = ours_model.config
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt)).astype(np.int32)
@@ -151,7 +161,7 @@ def main() -> None:
     bw = measure_bandwidth()
     itemsize = jnp.dtype(cfg.param_dtype).itemsize
     weight_bytes = cfg.num_params() * itemsize
-    S = args.prompt + args.new  # prompt 256 and 128 new tokens are already bucket sizes
+    S = args.prompt + args.new  # bucket sizes at the defaults (256 + 128) and at 1024 + 64
     cache_bytes = 2 * cfg.num_layers * args.batch * S * cfg.num_kv_heads * cfg.head_dim * 2
     bound_steps_s = bw / (weight_bytes + cache_bytes)
     result = dict(
@@ -160,6 +170,7 @@ def main() -> None:
         prompt=args.prompt,
         new=args.new,
         real_weights=args.real,
+        attention=args.attention,
         ours_tok_s=round(ours_tok_s, 1),
         peer_tok_s=None if peer_tok_s is None else round(peer_tok_s, 1),
         ratio=None if peer_tok_s is None else round(ours_tok_s / peer_tok_s, 2),

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# cmat_jax.model.attention.IMPLS (kept here so the config imports no kernels; a test checks).
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "chunked", "auto")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,10 @@ class ModelConfig:
             raise ConfigError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.remat not in ("none", "full", "dots_saveable"):
             raise ConfigError(f"remat must be none|full|dots_saveable, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

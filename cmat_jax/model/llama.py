@@ -166,7 +166,8 @@ class Llama(nnx.Module):
 
         With a cache, the T new tokens of each row go to slots [index, index+T) and attend to
         the valid slots [start_B, own slot]; `prefill=True` (static) promises an empty cache
-        (index 0) and skips reading it.
+        (index 0) and skips reading it: the prompt's causal attention then runs through
+        `attention(impl=config.attention_impl)` (with "xla", over the new slots as above).
         """
         cfg = self.config
         input_ids_BT = jnp.asarray(input_ids_BT, jnp.int32)
@@ -409,7 +410,15 @@ def decoder_layer(
             k_BTKD.transpose(0, 2, 1, 3).astype(cache.dtype),
             v_BTKD.transpose(0, 2, 1, 3).astype(cache.dtype),
         )
-        o_BTHD = cached_attention(q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index)
+        if kv_l is None and T > 1 and cfg.attention_impl != "xla":
+            # Prefill into an empty cache is causal self-attention over the prompt: the
+            # configured kernel streams it instead of holding [T, T] scores (measured on the
+            # 2-core CPU, batch 16: "chunked" 1.8x faster at T=1024, 5% slower at T=256).
+            o_BTHD = prefill_attention(
+                q_BTHD.astype(adt), *new_kv, cache.start_B, impl=cfg.attention_impl
+            )
+        else:
+            o_BTHD = cached_attention(q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index)
     x_BTD = x_BTD + proj("o", o_BTHD.reshape(B, T, H * Dh), "bo")
 
     # SwiGLU MLP block.
@@ -418,6 +427,19 @@ def decoder_layer(
     u_BTF = proj("up", h_BTD)
     x_BTD = x_BTD + proj("down", (jax.nn.silu(g_BTF) * u_BTF).astype(adt))
     return x_BTD, new_kv
+
+
+def prefill_attention(
+    q_BTHD: jax.Array, k_BKTD: jax.Array, v_BKTD: jax.Array, start_B: jax.Array, *, impl: str
+) -> jax.Array:
+    """Causal attention of a left-padded prompt (row b's tokens start at slot start_B[b]) with
+    `attention(impl=...)`: the padding is segment 0, so real tokens never attend to it."""
+    T = q_BTHD.shape[1]
+    seg_BT = (jnp.arange(T)[None, :] >= start_B[:, None]).astype(jnp.int32)
+    dt = q_BTHD.dtype
+    k_BTKD, v_BTKD = (a.transpose(0, 2, 1, 3).astype(dt) for a in (k_BKTD, v_BKTD))
+    o_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, causal=True, impl=impl)
+    return o_BTHD.astype(jnp.float32)
 
 
 def cached_attention(
