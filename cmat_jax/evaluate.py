@@ -96,6 +96,9 @@ class EvalConfig:
     "auto" = chunked on CPU, cuDNN / Pallas on GPU and TPU; "xla" = full scores)."""
     max_revisions: int = 2
     """Model agent with --checker: Assistant revisions after rejections in one round (K)."""
+    reuse_prefix: bool = True
+    """Model agent: reuse the keys/values of prompt prefixes earlier generation calls computed
+    (an episode's history), prefilling only each prompt's new part."""
     live_episodes: int | None = None
     """Model agent: episodes advanced together (default 4 x batch size); their generation calls
     take --batch-size rows each."""
@@ -331,6 +334,7 @@ def evaluate_model(
                     max_batch=cfg.batch_size,
                     counterfactual=False,
                     ltm_split="eval" if reflexion else "",
+                    reuse_prefix=cfg.reuse_prefix,
                 ),
                 ltm=ltm,
                 read_policy=ReadPolicy.evaluation(reflexion=trial > 0),

@@ -6,6 +6,10 @@ Flow of `Generator.generate`:
   2. `prefill` (jit) runs the whole padded prompt through the model, filling a preallocated KV
      cache of S = T + N slots (N = bucketed max_new_tokens), and samples the first token from the
      last position only (no [B, T, V] logits).
+     With a `PrefixCache` whose cached rows share prefixes with the prompts, `extend` (jit)
+     instead prefills one block of each prompt's last tokens (the bucketed longest uncached
+     part) after keys/values copied from earlier calls' caches (`cmat_jax.prefix_cache`); the
+     cache comes out with the same S.
   3. `decode_chunk` (jit) runs a `lax.while_loop` that feeds one token per row per step, samples
      the next (sampling fused into the loop), and exits when every row is done or the chunk's
      step budget is used. Without stop strings or streaming, one chunk covers everything; with
@@ -45,6 +49,7 @@ import numpy as np
 from flax import nnx
 
 from cmat_jax.model.llama import KVCache, Llama, to_scan_bits
+from cmat_jax.prefix_cache import PrefixCache
 
 FINISH_REASONS = ("running", "eos", "stop", "length")
 _RUNNING, _EOS, _STOP, _LENGTH = range(4)
@@ -341,8 +346,73 @@ def _prefill_impl(
     cdt = jnp.dtype(cache_dtype)
     cache = _cache_sharding(KVCache.init(model.config, B, T + new_bucket, cdt, start_B), mesh)
     h_BTD, cache = model.hidden(ids_BT, adapter_ids_B=adapter_ids_B, cache=cache, prefill=True)
-    cache = _cache_sharding(cache, mesh)
-    # Left padding puts every row's last prompt token at T - 1: only that position needs logits.
+    return _first_token(
+        model,
+        h_BTD,
+        _cache_sharding(cache, mesh),
+        finish_B,
+        eos_E,
+        max_new,
+        sampling,
+        key,
+        new_bucket,
+    )
+
+
+def _extend_impl(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    reused_k_LBKPD: jax.Array,
+    reused_v_LBKPD: jax.Array,
+    ids_BT: jax.Array,
+    start_B: jax.Array,
+    adapter_ids_B: jax.Array | None,
+    finish_B: jax.Array,
+    eos_E: jax.Array,
+    max_new: jax.Array,
+    sampling: SamplingArrays,
+    key: jax.Array,
+    *,
+    new_bucket: int,
+    mesh: Any,
+) -> DecodeState:
+    """Prefill after reused keys/values (`PrefixCache`): they fill slots [0, P), each row's
+    right-aligned to end at P, and the T-token block of every row runs at slots [P, P + T)."""
+    _COMPILES["extend"] += 1
+    model: Llama = nnx.merge(graphdef, params)
+    T = ids_BT.shape[1]
+    P = reused_k_LBKPD.shape[3]
+    slots = ((0, 0), (0, 0), (0, 0), (0, T + new_bucket), (0, 0))
+    k, v = (jnp.pad(a, slots) for a in (reused_k_LBKPD, reused_v_LBKPD))
+    cache = _cache_sharding(KVCache(k, v, start_B, jnp.int32(P)), mesh)
+    h_BTD, cache = model.hidden(ids_BT, adapter_ids_B=adapter_ids_B, cache=cache)
+    return _first_token(
+        model,
+        h_BTD,
+        _cache_sharding(cache, mesh),
+        finish_B,
+        eos_E,
+        max_new,
+        sampling,
+        key,
+        new_bucket,
+    )
+
+
+def _first_token(
+    model: Llama,
+    h_BTD: jax.Array,
+    cache: KVCache,
+    finish_B: jax.Array,
+    eos_E: jax.Array,
+    max_new: jax.Array,
+    sampling: SamplingArrays,
+    key: jax.Array,
+    new_bucket: int,
+) -> DecodeState:
+    """The decode state after a prefill: the first token sampled from the last position (left
+    padding puts every row's last prompt token there, so no other position needs logits)."""
+    B = h_BTD.shape[0]
     logits_BV = model.logits(h_BTD[:, -1])
     tok_B, logp_B = sample_tokens(logits_BV, _step_keys(key, jnp.int32(0), B), sampling)
     state = DecodeState(
@@ -388,6 +458,7 @@ def _decode_impl(
 
 
 _prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "new_bucket", "cache_dtype", "mesh"))
+_extend = jax.jit(_extend_impl, static_argnames=("graphdef", "new_bucket", "mesh"))
 _decode = jax.jit(_decode_impl, static_argnames=("graphdef", "mesh"), donate_argnames=("state",))
 
 
@@ -509,6 +580,7 @@ class Generator:
         eos_ids: Sequence[int] | None = None,
         chunk_steps: int | None = None,
         stream: Callable[[int, list[int]], None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> GenerationOutput:
         """Generate up to `max_new_tokens` per prompt (one int, or one per prompt: a row that
         reaches its own limit stops with reason "length" while the others go on). `stream(row,
@@ -516,7 +588,9 @@ class Generator:
         streaming / 32 with stop strings).
 
         `eos_ids` defaults to `tokenizer.eos_ids` (none without a tokenizer); `adapter_ids` are
-        slot names or ints per row (-1 / "none" = base model); `key` defaults to key(0)."""
+        slot names or ints per row (-1 / "none" = base model); `key` defaults to key(0).
+        `prefix_cache` reuses the keys/values of prompt prefixes that earlier calls given the
+        same `PrefixCache` computed (see `cmat_jax.prefix_cache`)."""
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
@@ -564,27 +638,60 @@ class Generator:
 
         graphdef, params = nnx.split(self.model)
         params = self._params(params)
+        reuse = None
+        if prefix_cache is not None:
+            ads = np.full((n,), -1, np.int32) if adapters is None else np.asarray(adapters)
+            match = prefix_cache.match(ids, ads, params, self.cache_dtype)
+            if match[2].any():
+                block = bucket_length(
+                    int((np.array(lens) - match[2]).max()), self.min_prompt_bucket
+                )
+                reuse = prefix_cache.plan(
+                    ids, match, prompt_bucket=T, block=block, batch=B, pad_id=pad_id
+                )
+            used = 0 if reuse is None else int(reuse.used.sum())
+            prefix_cache.reused_tokens += used
+            prefix_cache.prefilled_tokens += sum(lens) - used
+        if reuse is not None:
+            ids_BT, start_B = reuse.ids_BT, reuse.start_B
         samp = self._sampling(sampling, n, B)
         batch_args = [jnp.asarray(ids_BT), jnp.asarray(start_B), adapters_B, finish_B, max_new_B]
         if self.mesh is not None:
             batch_args = self._shard_batch(batch_args)
         ids_d, start_d, adapters_d, finish_d, max_new = batch_args
         eos_d = jnp.asarray(eos_E)
-        state = _prefill(
-            graphdef,
-            params,
-            ids_d,
-            start_d,
-            adapters_d,
-            finish_d,
-            eos_d,
-            max_new,
-            samp,
-            key,
-            new_bucket=N,
-            cache_dtype=self.cache_dtype,
-            mesh=self.mesh,
-        )
+        if reuse is None:
+            state = _prefill(
+                graphdef,
+                params,
+                ids_d,
+                start_d,
+                adapters_d,
+                finish_d,
+                eos_d,
+                max_new,
+                samp,
+                key,
+                new_bucket=N,
+                cache_dtype=self.cache_dtype,
+                mesh=self.mesh,
+            )
+        else:
+            state = _extend(
+                graphdef,
+                params,
+                *prefix_cache.gather(reuse),
+                ids_d,
+                start_d,
+                adapters_d,
+                finish_d,
+                eos_d,
+                max_new,
+                samp,
+                key,
+                new_bucket=N,
+                mesh=self.mesh,
+            )
 
         if chunk_steps is None:
             chunk_steps = 8 if stream is not None else (32 if stop else max_new_tokens)
@@ -619,6 +726,17 @@ class Generator:
             for i, (k, _) in checker.hits.items():
                 lengths[i], finish[i] = k, _STOP
         out_tokens = [tokens[i, : lengths[i]].tolist() for i in range(n)]
+        if prefix_cache is not None:
+            # Token j of a row is fed (its keys/values written) at decode step j + 1.
+            fed = int(state.step) - 1
+            prefix_cache.store(
+                state.cache,
+                [p + t[:fed] for p, t in zip(ids, out_tokens, strict=True)],
+                np.asarray(start_B),
+                np.full((n,), -1, np.int32) if adapters is None else np.asarray(adapters),
+                params,
+                self.cache_dtype,
+            )
         texts = None
         if self.tokenizer is not None:
             texts = []

@@ -329,3 +329,22 @@ def test_checker_prompt_drops_old_steps_not_its_instructions(tiny):
     assert text.startswith(tok.decode(bare[:8])) and TASKS[0].text in text
     assert "row 5" in text and "row 0" not in text  # the newest steps stay
     assert text.endswith(tok.decode(bare[-4:]))  # still asks for the verdict
+
+
+def test_prefix_reuse_gives_the_same_rollout(tiny):
+    """Greedy rollouts with and without reusing cached prompt prefixes across calls are token
+    for token the same (f32), and the reusing one prefills fewer prompt tokens."""
+    results = []
+    for reuse in (False, True):
+        cfg = RolloutConfig(max_new_tokens=8, max_context=2048, temperature=0.0, reuse_prefix=reuse)
+        results.append(_engine(tiny, [], rollout=cfg).run(TASKS[:2], key=jax.random.key(5)))
+    plain, reused = results
+    assert plain.stats["reused_prompt_tokens"] == 0
+    total = plain.stats["prefilled_prompt_tokens"]
+    assert reused.stats["reused_prompt_tokens"] + reused.stats["prefilled_prompt_tokens"] == total
+    assert reused.stats["reused_prompt_tokens"] > total // 5
+    assert len(plain.rows) == len(reused.rows) > 0
+    for a, b in zip(plain.rows, reused.rows, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.behavior_logp, b.behavior_logp, atol=1e-4)
+    assert [e.reward for e in plain.episodes] == [e.reward for e in reused.episodes]

@@ -18,6 +18,7 @@ from flax import nnx
 from cmat_jax.generate import (
     GenerationError,
     Generator,
+    PrefixCache,
     SamplingParams,
     _draw,
     _filter_top_k_top_p,
@@ -360,6 +361,88 @@ def test_adapter_ids_mix_rows(gen, tiny):
         assert out.tokens[row] == ref.argmax(-1).tolist()
 
 
+# ------------------------------------------------------------------------ prefix reuse
+
+
+def _next_turn(prompts, outputs, rng):
+    """Each prompt grows by its output and 4 new tokens (an environment's answer)."""
+    return [
+        p + t + rng.integers(3, 300, size=4).tolist() for p, t in zip(prompts, outputs, strict=True)
+    ]
+
+
+def test_prefix_cache_turns_equal_fresh_generation(gen, tiny):
+    """Four turns of growing prompts, rows reordered every turn and one replaced by a new
+    prompt, mixed adapters: with the prefix cache the tokens equal a fresh generation's and the
+    log-probs match to 1e-5, while the last turn takes most of its prompt from the cache."""
+    _, prompts = tiny
+    rng = np.random.default_rng(7)
+    pc = PrefixCache()
+    cur, ads = list(prompts), [-1, 0, 1, 0]
+    total = 0
+    for turn in range(4):
+        reused, last_len = pc.reused_tokens, sum(len(p) for p in cur)
+        total += last_len
+        kw = dict(max_new_tokens=8, eos_ids=[], adapter_ids=ads)
+        out = gen.generate(cur, prefix_cache=pc, **kw)
+        ref = gen.generate(cur, **kw)
+        assert out.tokens == ref.tokens, turn
+        for a, b in zip(out.logprobs, ref.logprobs, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        if turn == 0:
+            assert pc.reused_tokens == 0
+        cur = _next_turn(cur, out.tokens, rng)
+        order = [2, 0, 3, 1]
+        cur, ads = ([x[i] for i in order] for x in (cur, ads))
+        if turn == 1:
+            cur[3] = rng.integers(3, 300, size=7).tolist()
+    assert pc.reused_tokens + pc.prefilled_tokens == total
+    assert pc.reused_tokens - reused >= last_len // 2
+
+
+def test_prefix_cache_shares_prefixes_across_rows_and_calls(gen, tiny):
+    """Rows reuse any cached row's prefix (not only their own), from the last `max_calls`
+    calls: a call of other prompts in between does not lose the first call's rows."""
+    _, prompts = tiny
+    rng = np.random.default_rng(11)
+    head = rng.integers(3, 300, size=30).tolist()
+    pc = PrefixCache(max_calls=2)
+    kw = dict(max_new_tokens=4, eos_ids=[])
+    gen.generate([[*head, 5, 6]], prefix_cache=pc, **kw)
+    gen.generate(prompts, prefix_cache=pc, **kw)  # unrelated prompts in between
+    assert pc.reused_tokens == 0
+    shared = [head + rng.integers(3, 300, size=n).tolist() for n in (3, 9)]
+    out = gen.generate(shared, prefix_cache=pc, **kw)
+    # The head is cached; the rest (3 and 9 tokens) fits one 16-token block.
+    assert pc.reused_tokens == (len(head) + 3 - 16) + (len(head) + 9 - 16)
+    assert out.tokens == gen.generate(shared, **kw).tokens
+
+
+def test_prefix_cache_is_not_used_across_weights_or_adapters(tiny):
+    """A row whose adapter changed, or any row after the weights changed, is prefilled in full
+    and generates what a fresh call generates."""
+    model, prompts = tiny
+    model = copy.deepcopy(model)
+    g = Generator(model, cache_dtype="float32")
+    rng = np.random.default_rng(3)
+    pc = PrefixCache()
+    kw = dict(max_new_tokens=8, eos_ids=[])
+    out = g.generate(prompts, adapter_ids=[0, 0, 1, 1], prefix_cache=pc, **kw)
+    cur = _next_turn(prompts, out.tokens, rng)
+    swapped = g.generate(cur, adapter_ids=[1, 1, 0, 0], prefix_cache=pc, **kw)
+    assert pc.reused_tokens == 0
+    assert swapped.tokens == g.generate(cur, adapter_ids=[1, 1, 0, 0], **kw).tokens
+    cur = _next_turn(cur, swapped.tokens, rng)
+    b = next(iter(model.lora.b.values()))
+    b[...] = b[...] + 0.3
+    changed = g.generate(cur, adapter_ids=[1, 1, 0, 0], prefix_cache=pc, **kw)
+    assert pc.reused_tokens == 0
+    assert changed.tokens == g.generate(cur, adapter_ids=[1, 1, 0, 0], **kw).tokens
+    cur = _next_turn(cur, changed.tokens, rng)
+    g.generate(cur, adapter_ids=[1, 1, 0, 0], prefix_cache=pc, **kw)
+    assert pc.reused_tokens > 0  # same weights and adapters again: reused
+
+
 # ------------------------------------------------------------------------ compile reuse, buckets
 
 
@@ -434,6 +517,8 @@ def test_bad_inputs_raise_clear_errors(gen, tiny):
         gen.generate(prompts, max_new_tokens=[4, 4])
     with pytest.raises(GenerationError, match="no tokenizer"):
         no_lora.generate(["hello"])
+    with pytest.raises(ValueError, match="max_calls must be >= 1"):
+        PrefixCache(max_calls=0)
 
 
 # ------------------------------------------------------------------------ chat
@@ -486,7 +571,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
-from cmat_jax.generate import Generator, SamplingParams, cache_spec
+from cmat_jax.generate import Generator, PrefixCache, SamplingParams, cache_spec
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import KVCache, Llama
 from cmat_jax.sharding import shard_model
@@ -503,12 +588,21 @@ model = shard_model(Llama(cfg, rngs=nnx.Rngs(0)), mesh)
 out = Generator(model, cache_dtype="float32", mesh=mesh).generate(prompts, **kw)
 assert out.tokens == ref.tokens, (out.tokens, ref.tokens)
 np.testing.assert_allclose(np.concatenate(out.logprobs), np.concatenate(ref.logprobs), atol=1e-4)
+# A second turn that reuses the sharded cache's prefixes.
+pc = PrefixCache()
+sharded = Generator(model, cache_dtype="float32", mesh=mesh)
+sharded.generate(prompts, prefix_cache=pc, **kw)
+turn2 = [p + t + [7, 8, 9] for p, t in zip(prompts, out.tokens)]
+out2 = sharded.generate(turn2, prefix_cache=pc, **kw)
+ref2 = Generator(Llama(cfg, rngs=nnx.Rngs(0)), cache_dtype="float32").generate(turn2, **kw)
+assert pc.reused_tokens > 0 and out2.tokens == ref2.tokens, (pc.reused_tokens, out2.tokens)
 print("OK")
 """
 
 
 def test_mesh_sharded_generation_equals_single_device():
-    """4 host devices, mesh data=2 x tensor=2: cache over batch and kv heads, same tokens."""
+    """4 host devices, mesh data=2 x tensor=2: cache over batch and kv heads, same tokens (also
+    for a second turn that reuses the first's cached prefixes)."""
     import subprocess
     import sys
 

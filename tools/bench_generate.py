@@ -8,6 +8,12 @@ batch 16, prompt 256, 128 new tokens. Prints a JSON line last:
 
     python tools/bench_generate.py [--batch 16 --prompt 256 --new 128 --real --no-peer
                                     --attention chunked]
+
+With `--turns K`: a multi-turn rollout instead. Every turn each prompt grows by what it
+generated and `--obs` new tokens (an environment's answer); ours runs it with a `PrefixCache`
+(only the new part of each prompt is prefilled) and without, the peer re-prefills as `generate`
+does. ours_tok_s / peer_tok_s are new tokens over all turns per second; `reuse_speedup` is ours
+with the prefix cache over ours without.
 """
 
 from __future__ import annotations
@@ -131,6 +137,42 @@ def bench_peer(model, ids: np.ndarray, new: int, repeats: int) -> float:
     return min(times)
 
 
+def bench_turns(ours_model, peer_model, ids: np.ndarray, new: int, turns: int, obs: int) -> dict:
+    """Seconds for `turns` turns of growing prompts: ours with and without a PrefixCache, and
+    the peer. Each side runs the whole sequence twice and keeps the second (compiled) run; the
+    prompts grow by our own outputs, so every side sees the same prompts."""
+    from cmat_jax.generate import Generator, PrefixCache
+
+    gen = Generator(ours_model, cache_dtype="bfloat16")
+    rng = np.random.default_rng(1)
+    extra = rng.integers(3, ours_model.config.vocab_size, size=(turns, len(ids), obs)).tolist()
+
+    def ours(prefix: bool) -> tuple[float, list[list[list[int]]], int]:
+        prompts, seen, pc = ids.tolist(), [], PrefixCache() if prefix else None
+        t = time.perf_counter()
+        for k in range(turns):
+            seen.append(prompts)
+            out = gen.generate(prompts, max_new_tokens=new, eos_ids=[], prefix_cache=pc)
+            prompts = [p + o + e for p, o, e in zip(prompts, out.tokens, extra[k], strict=True)]
+        return time.perf_counter() - t, seen, 0 if pc is None else pc.reused_tokens
+
+    ours(True), ours(False)  # compile every bucket the turns meet
+    reuse_s, seen, reused = ours(True)
+    plain_s, _, _ = ours(False)
+    result = dict(
+        ours_s=reuse_s,
+        ours_plain_s=plain_s,
+        reused_prompt_tokens=reused,
+        prompt_tokens=sum(len(p) for turn in seen for p in turn),
+        prompt_lengths=[max(len(p) for p in turn) for turn in seen],
+    )
+    if peer_model is not None:
+        result["peer_s"] = sum(
+            bench_peer(peer_model, np.array(turn), new, repeats=1) for turn in seen
+        )
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -139,6 +181,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--real", action="store_true", help="load the SmolLM2 GGUF preset")
     ap.add_argument("--no-peer", action="store_true", help="skip transformers")
+    ap.add_argument("--turns", type=int, default=0, help="a multi-turn rollout of this many turns")
+    ap.add_argument("--obs", type=int, default=64, help="tokens each turn adds after the output")
     ap.add_argument(
         "--attention",
         default="xla",
@@ -151,6 +195,30 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt)).astype(np.int32)
     new_tokens = args.batch * args.new
+    if args.turns:
+        r = bench_turns(ours_model, peer_model, ids, args.new, args.turns, args.obs)
+        total = new_tokens * args.turns
+        peer_tok_s = total / r["peer_s"] if "peer_s" in r else None
+        ours_tok_s = total / r["ours_s"]
+        result = dict(
+            device=str(jax.devices()[0]),
+            batch=args.batch,
+            prompt=args.prompt,
+            new=args.new,
+            turns=args.turns,
+            obs=args.obs,
+            real_weights=args.real,
+            ours_tok_s=round(ours_tok_s, 1),
+            ours_plain_tok_s=round(total / r["ours_plain_s"], 1),
+            peer_tok_s=None if peer_tok_s is None else round(peer_tok_s, 1),
+            ratio=None if peer_tok_s is None else round(ours_tok_s / peer_tok_s, 2),
+            reuse_speedup=round(r["ours_plain_s"] / r["ours_s"], 2),
+            reused_prompt_tokens=r["reused_prompt_tokens"],
+            prompt_tokens=r["prompt_tokens"],
+            prompt_lengths=r["prompt_lengths"],
+        )
+        print(json.dumps(result))
+        return
 
     ours = bench_ours(ours_model, ids, args.new, args.repeats)
     ours_tok_s = new_tokens / ours["total_s"]

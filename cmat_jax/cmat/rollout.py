@@ -43,7 +43,13 @@ from cmat_jax.cmat import roles as R
 from cmat_jax.cmat.config import CMATConfig
 from cmat_jax.cmat.memory import LongTermMemory, MemoryRecord, ReadPolicy, ShortTermMemory
 from cmat_jax.envs.base import Env, counterfactual_step
-from cmat_jax.generate import Generator, SamplingParams, bucket_batch, bucket_length
+from cmat_jax.generate import (
+    Generator,
+    PrefixCache,
+    SamplingParams,
+    bucket_batch,
+    bucket_length,
+)
 
 _SENTINEL = "\u2063CMAT-SENTINEL\u2063"
 
@@ -67,6 +73,9 @@ class RolloutConfig:
       growing prompts reuse a few compiled programs instead of compiling one per length.
     min_batch: generation and verdict calls are padded to at least this many rows (power-of-two
       buckets), so the last few live episodes reuse the programs of the full batch.
+    reuse_prefix: keep the last generate calls' KV caches (`PrefixCache`): a prompt reuses the
+      keys/values of its longest prefix already computed (its episode's history, or the system
+      prompt and task its group shares) and prefills only the rest.
     """
 
     temperature: float = 0.7
@@ -83,6 +92,7 @@ class RolloutConfig:
     reflection_chars: int = 400
     prompt_bucket: int = 64
     min_batch: int = 1
+    reuse_prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.max_batch < 1 or self.max_generations < 1:
@@ -380,6 +390,7 @@ class RolloutEngine:
         }
         self.verdict_ids = R.verdict_token_ids(tokenizer) if cmat_cfg.use_checker else (0, 0)
         self.reject_prefix = tokenizer.encode(R.REJECT_WORD + ":", add_bos=False)
+        self._prefix: PrefixCache | None = None  # per run()
 
     # -------------------------------------------------------------- public
 
@@ -409,6 +420,8 @@ class RolloutEngine:
             verdict_calls=0,
             env_steps=0,
             counterfactual_steps=0,
+            reused_prompt_tokens=0,
+            prefilled_prompt_tokens=0,
         )
         eps: list[_Episode] = []
         for t_i, task in enumerate(tasks):
@@ -416,6 +429,9 @@ class RolloutEngine:
                 ep = _Episode(len(eps), task, f"g{t_i}", self.make_env())
                 self._start(ep)
                 eps.append(ep)
+        # Phases with more rows than max_batch split into calls: keep two calls' caches each.
+        calls = -(-len(eps) // self.rcfg.max_batch)
+        self._prefix = PrefixCache(max_calls=2 * calls) if self.rcfg.reuse_prefix else None
         try:
             step = 0
             while any(e.phase != "done" for e in eps):
@@ -427,6 +443,7 @@ class RolloutEngine:
         finally:
             for e in eps:
                 e.env.close()
+            self._prefix = None  # the weights change before the next run
         records = [self._record(e) for e in eps]
         rows: list[TrainRow] = []
         if train:
@@ -519,13 +536,22 @@ class RolloutEngine:
         for lo in range(0, len(reqs), self.rcfg.max_batch):
             part = reqs[lo : lo + self.rcfg.max_batch]
             key, sub = jax.random.split(key)
+            prefix = self._prefix
+            if prefix is not None:
+                reused, prefilled = prefix.reused_tokens, prefix.prefilled_tokens
             out = self.gen.generate(
                 [p for _, p, _ in part],
                 max_new_tokens=[reason if role == "checker" else full for _, _, role in part],
                 sampling=[samp if role == "assistant" else greedy for _, _, role in part],
                 adapter_ids=[self.slot[role] for _, _, role in part],
                 key=sub,
+                prefix_cache=prefix,
             )
+            if prefix is not None:
+                stats["reused_prompt_tokens"] += prefix.reused_tokens - reused
+                stats["prefilled_prompt_tokens"] += prefix.prefilled_tokens - prefilled
+            else:
+                stats["prefilled_prompt_tokens"] += sum(len(p) for _, p, _ in part)
             stats["generate_calls"] += 1
             kinds = {self.slot[role] for _, _, role in part}
             roles_in = {role for _, _, role in part}
