@@ -85,9 +85,9 @@ class PrefixCache:
                 continue
             for i, p in enumerate(ids):
                 same = cc.adapters_R == adapters[i]
-                if not same.any():
-                    continue
                 m = min(len(p) - 1, cc.tokens_RL.shape[1])
+                if m <= 0 or not same.any():
+                    continue
                 eq_RM = cc.tokens_RL[:, :m] == np.asarray(p[:m])[None]
                 # Common prefix per row: index of the first mismatch (m when none).
                 lcp_R = np.where(eq_RM.all(1), m, np.argmin(eq_RM, axis=1))

@@ -416,6 +416,8 @@ def test_prefix_cache_shares_prefixes_across_rows_and_calls(gen, tiny):
     # The head is cached; the rest (3 and 9 tokens) fits one 16-token block.
     assert pc.reused_tokens == (len(head) + 3 - 16) + (len(head) + 9 - 16)
     assert out.tokens == gen.generate(shared, **kw).tokens
+    one = [[head[0]], head[:2]]  # a 1-token prompt has nothing to reuse
+    assert gen.generate(one, prefix_cache=pc, **kw).tokens == gen.generate(one, **kw).tokens
 
 
 def test_prefix_cache_is_not_used_across_weights_or_adapters(tiny):
