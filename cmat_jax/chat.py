@@ -16,6 +16,7 @@ import tyro
 
 from cmat_jax.cli import run_cli
 from cmat_jax.generate import Generator, SamplingParams
+from cmat_jax.prefix_cache import PrefixCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ def chat(
 ) -> list[dict[str, str]]:
     """The chat loop; returns the final history (for tests and scripting)."""
     gen = Generator(model, tokenizer)
+    prefix = PrefixCache(max_calls=1)  # each turn prefills only what the last one added
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     gen._adapter_ids([args.adapter], 1)  # validate the slot name before the first turn
     base = [{"role": "system", "content": args.system}] if args.system else []
@@ -82,6 +84,7 @@ def chat(
         message = line.rstrip("\n")
         if message.strip() == "/reset":
             history = list(base)
+            prefix.clear()
             out.write("[history cleared]\n")
             out.flush()
             continue
@@ -98,6 +101,7 @@ def chat(
             adapter_ids=[args.adapter],
             stream=printer,
             chunk_steps=args.chunk_steps,
+            prefix_cache=prefix,
         )
         reply = result.texts[0]
         out.write(reply[printer.printed :] + "\n")
