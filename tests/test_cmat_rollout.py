@@ -22,9 +22,9 @@ from cmat_jax.cmat.rollout import (
     RolloutEngine,
     checker_prompt_ids,
     rows_to_batch,
+    verdict_logprobs,
 )
 from cmat_jax.envs.base import StepResult
-from cmat_jax.generate import Generator
 from cmat_jax.losses import token_logp
 from cmat_jax.model.lora import LoRAConfig
 from cmat_jax.weights.load import load_model
@@ -214,9 +214,6 @@ def test_rejection_reasons_have_their_own_token_limit(tiny):
 
     def recording(prompts, **kw):
         out = real(prompts, **kw)
-        if kw.get("score_ids"):  # a verdict call: the prompts' next-token scores only
-            assert kw["max_new_tokens"] == 1 and set(kw["adapter_ids"]) == {engine.slot["checker"]}
-            return out
         calls.append((list(kw["adapter_ids"]), list(kw["max_new_tokens"]), out.lengths.tolist()))
         return out
 
@@ -256,18 +253,13 @@ def test_behaviour_logp_matches_teacher_forcing(tiny, rollout):
     np.testing.assert_allclose(logp[m], batch["behavior_logp"][m], atol=0.05)
 
 
-def test_verdict_scores_match_full_forward(tiny):
-    """The verdict's log-probs come from the generator's prefill (`score_ids`): they equal the
-    full forward's next-token log-probs for a batch of two prompt lengths."""
+def test_verdict_forward_matches_full_forward(tiny):
     model, tok = tiny
     ids = R.verdict_token_ids(tok)
     prompts = [tok.encode("Task: count rows. Verdict:"), tok.encode("Short. Verdict:")]
-    got = Generator(model, tok, cache_dtype="float32").generate(
-        prompts, max_new_tokens=1, adapter_ids=[1, 1], score_ids=ids, eos_ids=[]
-    )
+    got = verdict_logprobs(model, prompts, 1, ids)  # right-padded batch of two lengths
     forward = jax.jit(lambda x: jax.nn.log_softmax(model(x, adapter_ids_B=jnp.asarray([1]))[0, -1]))
-    assert got.scores.shape == (2, 2)
-    for p, row in zip(prompts, got.scores, strict=True):
+    for p, row in zip(prompts, got, strict=True):
         np.testing.assert_allclose(row, np.asarray(forward(jnp.asarray([p])))[list(ids)], atol=1e-4)
 
 
