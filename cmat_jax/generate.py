@@ -660,38 +660,19 @@ class Generator:
             batch_args = self._shard_batch(batch_args)
         ids_d, start_d, adapters_d, finish_d, max_new = batch_args
         eos_d = jnp.asarray(eos_E)
+        shared = (ids_d, start_d, adapters_d, finish_d, eos_d, max_new, samp, key)
         if reuse is None:
             state = _prefill(
                 graphdef,
                 params,
-                ids_d,
-                start_d,
-                adapters_d,
-                finish_d,
-                eos_d,
-                max_new,
-                samp,
-                key,
+                *shared,
                 new_bucket=N,
                 cache_dtype=self.cache_dtype,
                 mesh=self.mesh,
             )
         else:
-            state = _extend(
-                graphdef,
-                params,
-                *prefix_cache.gather(reuse),
-                ids_d,
-                start_d,
-                adapters_d,
-                finish_d,
-                eos_d,
-                max_new,
-                samp,
-                key,
-                new_bucket=N,
-                mesh=self.mesh,
-            )
+            reused_kv = prefix_cache.gather(reuse)
+            state = _extend(graphdef, params, *reused_kv, *shared, new_bucket=N, mesh=self.mesh)
 
         if chunk_steps is None:
             chunk_steps = 8 if stream is not None else (32 if stop else max_new_tokens)

@@ -195,19 +195,22 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(args.batch, args.prompt)).astype(np.int32)
     new_tokens = args.batch * args.new
+    run = dict(
+        device=str(jax.devices()[0]),
+        batch=args.batch,
+        prompt=args.prompt,
+        new=args.new,
+        real_weights=args.real,
+    )
     if args.turns:
         r = bench_turns(ours_model, peer_model, ids, args.new, args.turns, args.obs)
         total = new_tokens * args.turns
         peer_tok_s = total / r["peer_s"] if "peer_s" in r else None
         ours_tok_s = total / r["ours_s"]
         result = dict(
-            device=str(jax.devices()[0]),
-            batch=args.batch,
-            prompt=args.prompt,
-            new=args.new,
+            **run,
             turns=args.turns,
             obs=args.obs,
-            real_weights=args.real,
             ours_tok_s=round(ours_tok_s, 1),
             ours_plain_tok_s=round(total / r["ours_plain_s"], 1),
             peer_tok_s=None if peer_tok_s is None else round(peer_tok_s, 1),
@@ -233,11 +236,7 @@ def main() -> None:
     cache_bytes = 2 * cfg.num_layers * args.batch * S * cfg.num_kv_heads * cfg.head_dim * 2
     bound_steps_s = bw / (weight_bytes + cache_bytes)
     result = dict(
-        device=str(jax.devices()[0]),
-        batch=args.batch,
-        prompt=args.prompt,
-        new=args.new,
-        real_weights=args.real,
+        **run,
         attention=args.attention,
         ours_tok_s=round(ours_tok_s, 1),
         peer_tok_s=None if peer_tok_s is None else round(peer_tok_s, 1),
