@@ -4,7 +4,10 @@ SmolLM2-135M-Instruct architecture (random init by default; `--real` loads the G
 batch 16, prompt 256, 128 new tokens. Prints a JSON line last:
   ours_tok_s, peer_tok_s, ratio (= ours / peer), new tokens per second end to end (prefill
   included, compile excluded), plus ours' prefill time, decode steps/s and that as a fraction of
-  the memory-bandwidth bound (weight + KV-cache bytes per step / measured copy bandwidth).
+  the memory-bandwidth bound (weight + KV-cache bytes per step / measured copy bandwidth), and
+  the dot floor: decode steps/s of a step that runs only its matmuls (`measure_dot_floor`) and
+  `ratio_at_dot_floor`, the ratio our prefill plus a decode at that floor would reach (and
+  `..._no_prefill`, the same with an instant prefill).
 
     python tools/bench_generate.py [--batch 16 --prompt 256 --new 128 --real --no-peer
                                     --attention chunked]
@@ -52,6 +55,56 @@ def measure_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
+
+
+def measure_dot_floor(model, batch: int, cache_len: int, steps: int = 32) -> float:
+    """Decode steps/s of a step that runs only its matmuls, as XLA:CPU runs them in our decode
+    (layers scanned over stacked uint16 weights): per layer the q/k/v/o and MLP weight dots and
+    the two attention dots over the whole cache, then the LM head; no norms, RoPE, softmax,
+    sampling or cache writes. The ceiling our decode can reach with these dot kernels."""
+    from cmat_jax.model.llama import from_scan_bits, to_scan_bits
+
+    cfg = model.config
+    B, K, Dh, D = batch, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    G = cfg.num_heads // K
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    layers = {n: to_scan_bits(model.layers.stacked()[n]) for n in names}
+    cache_shape = (cfg.num_layers, B, K, cache_len, Dh)
+    k_cache, v_cache = (to_scan_bits(jnp.ones(cache_shape, jnp.bfloat16)) for _ in range(2))
+    head_VD = from_scan_bits(model.embed[...])
+    bf16 = jnp.bfloat16
+
+    def dot(x, w):
+        return jnp.einsum("bd,dn->bn", x.astype(bf16), w, preferred_element_type=jnp.float32)
+
+    def layer(x_BD, xs):
+        p, kc, vc = jax.tree.map(from_scan_bits, xs)
+        q_BKGD = dot(x_BD, p["wq"]).reshape(B, K, G, Dh).astype(bf16)
+        kv = dot(x_BD, p["wk"]).sum() + dot(x_BD, p["wv"]).sum()
+        s_BKGS = jnp.einsum("bkgd,bksd->bkgs", q_BKGD, kc, preferred_element_type=jnp.float32)
+        o_BKGD = jnp.einsum(
+            "bkgs,bksd->bkgd", s_BKGS.astype(bf16), vc, preferred_element_type=jnp.float32
+        )
+        x_BD = x_BD + dot(o_BKGD.reshape(B, -1), p["wo"]) + kv * 1e-9
+        h_BD = x_BD.astype(bf16)
+        return x_BD + dot(dot(h_BD, p["w_gate"]) * dot(h_BD, p["w_up"]), p["w_down"]), None
+
+    def step(_, x_BD):
+        x_BD, _ = jax.lax.scan(layer, x_BD, (layers, k_cache, v_cache))
+        logits_BV = jnp.einsum(
+            "bd,vd->bv", x_BD.astype(bf16), head_VD, preferred_element_type=jnp.float32
+        )
+        return x_BD + logits_BV[:, :D] * 1e-9
+
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    x = jnp.full((B, D), 1e-3, jnp.float32)
+    jax.block_until_ready(run(x))
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        jax.block_until_ready(run(x))
+        best = min(best, time.perf_counter() - t)
+    return steps / best
 
 
 def build_models(real: bool, with_peer: bool, attention_impl: str = "xla"):
@@ -235,6 +288,8 @@ def main() -> None:
     S = args.prompt + args.new  # bucket sizes at the defaults (256 + 128) and at 1024 + 64
     cache_bytes = 2 * cfg.num_layers * args.batch * S * cfg.num_kv_heads * cfg.head_dim * 2
     bound_steps_s = bw / (weight_bytes + cache_bytes)
+    floor_steps_s = measure_dot_floor(ours_model, args.batch, S)
+    floor_tok_s = new_tokens / (ours["prefill_s"] + (args.new - 1) / floor_steps_s)
     result = dict(
         **run,
         attention=args.attention,
@@ -249,6 +304,13 @@ def main() -> None:
         bytes_per_step_mb=round((weight_bytes + cache_bytes) / 1e6, 1),
         bandwidth_bound_steps_s=round(bound_steps_s, 2),
         fraction_of_bandwidth_bound=round(ours["decode_steps_s"] / bound_steps_s, 3),
+        dot_floor_steps_s=round(floor_steps_s, 2),
+        fraction_of_dot_floor=round(ours["decode_steps_s"] / floor_steps_s, 3),
+        ratio_at_dot_floor=None if peer_tok_s is None else round(floor_tok_s / peer_tok_s, 2),
+        # ... and with an instant prefill: the most any change outside the dots could give.
+        ratio_at_dot_floor_no_prefill=None
+        if peer_tok_s is None
+        else round(new_tokens * floor_steps_s / (args.new - 1) / peer_tok_s, 2),
         compiles=ours["compiles"],
     )
     print(json.dumps(result))
