@@ -96,6 +96,7 @@ class GenerationOutput:
     finish_reasons: list[str]  # "eos" | "stop" | "length"
     texts: list[str] | None = None  # decoded tokens (EOS left out, cut after a stop string)
     prompt_lengths: np.ndarray | None = None
+    scores: np.ndarray | None = None  # [n, len(score_ids)] next-token log-probs after the prompt
 
 
 # ------------------------------------------------------------------------------ bucketing
@@ -335,11 +336,12 @@ def _prefill_impl(
     max_new: jax.Array,
     sampling: SamplingArrays,
     key: jax.Array,
+    score_ids_K: jax.Array,
     *,
     new_bucket: int,
     cache_dtype: str,
     mesh: Any,
-) -> DecodeState:
+) -> tuple[DecodeState, jax.Array]:
     _COMPILES["prefill"] += 1  # runs only while tracing
     model: Llama = nnx.merge(graphdef, params)
     B, T = ids_BT.shape
@@ -355,6 +357,7 @@ def _prefill_impl(
         max_new,
         sampling,
         key,
+        score_ids_K,
         new_bucket,
     )
 
@@ -372,10 +375,11 @@ def _extend_impl(
     max_new: jax.Array,
     sampling: SamplingArrays,
     key: jax.Array,
+    score_ids_K: jax.Array,
     *,
     new_bucket: int,
     mesh: Any,
-) -> DecodeState:
+) -> tuple[DecodeState, jax.Array]:
     """Prefill after reused keys/values (`PrefixCache`): they fill slots [0, P), each row's
     right-aligned to end at P, and the T-token block of every row runs at slots [P, P + T)."""
     _COMPILES["extend"] += 1
@@ -395,6 +399,7 @@ def _extend_impl(
         max_new,
         sampling,
         key,
+        score_ids_K,
         new_bucket,
     )
 
@@ -408,12 +413,15 @@ def _first_token(
     max_new: jax.Array,
     sampling: SamplingArrays,
     key: jax.Array,
+    score_ids_K: jax.Array,
     new_bucket: int,
-) -> DecodeState:
+) -> tuple[DecodeState, jax.Array]:
     """The decode state after a prefill: the first token sampled from the last position (left
-    padding puts every row's last prompt token there, so no other position needs logits)."""
+    padding puts every row's last prompt token there, so no other position needs logits); and
+    the log-probs [B, K] of the tokens `score_ids_K` at that position."""
     B = h_BTD.shape[0]
     logits_BV = model.logits(h_BTD[:, -1])
+    scores_BK = jax.nn.log_softmax(logits_BV, axis=-1)[:, score_ids_K]
     tok_B, logp_B = sample_tokens(logits_BV, _step_keys(key, jnp.int32(0), B), sampling)
     state = DecodeState(
         cache=cache,
@@ -425,7 +433,7 @@ def _first_token(
         step=jnp.zeros((), jnp.int32),
         key=key,
     )
-    return _finish(state, tok_B, logp_B, eos_E, max_new)
+    return _finish(state, tok_B, logp_B, eos_E, max_new), scores_BK
 
 
 def _decode_impl(
@@ -581,6 +589,7 @@ class Generator:
         chunk_steps: int | None = None,
         stream: Callable[[int, list[int]], None] | None = None,
         prefix_cache: PrefixCache | None = None,
+        score_ids: Sequence[int] = (),
     ) -> GenerationOutput:
         """Generate up to `max_new_tokens` per prompt (one int, or one per prompt: a row that
         reaches its own limit stops with reason "length" while the others go on). `stream(row,
@@ -590,7 +599,8 @@ class Generator:
         `eos_ids` defaults to `tokenizer.eos_ids` (none without a tokenizer); `adapter_ids` are
         slot names or ints per row (-1 / "none" = base model); `key` defaults to key(0).
         `prefix_cache` reuses the keys/values of prompt prefixes that earlier calls given the
-        same `PrefixCache` computed (see `cmat_jax.prefix_cache`)."""
+        same `PrefixCache` computed (see `cmat_jax.prefix_cache`). `score_ids`: `scores` gets
+        each prompt's next-token log-probs of these ids (a Checker's verdict words)."""
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
@@ -602,6 +612,10 @@ class Generator:
         max_new_tokens = max(limits)
         adapters = self._adapter_ids(adapter_ids, n)
         eos_E = self._eos_array(eos_ids)
+        score_ids = [int(t) for t in score_ids]
+        V = self.model.config.vocab_size
+        if any(not 0 <= t < V for t in score_ids):
+            raise GenerationError(f"score_ids {score_ids} must be token ids in [0, {V})")
         if key is None:
             key = jax.random.key(0)
 
@@ -660,9 +674,10 @@ class Generator:
             batch_args = self._shard_batch(batch_args)
         ids_d, start_d, adapters_d, finish_d, max_new = batch_args
         eos_d = jnp.asarray(eos_E)
-        shared = (ids_d, start_d, adapters_d, finish_d, eos_d, max_new, samp, key)
+        scores_d = jnp.asarray(score_ids, jnp.int32)
+        shared = (ids_d, start_d, adapters_d, finish_d, eos_d, max_new, samp, key, scores_d)
         if reuse is None:
-            state = _prefill(
+            state, scores = _prefill(
                 graphdef,
                 params,
                 *shared,
@@ -672,7 +687,9 @@ class Generator:
             )
         else:
             reused_kv = prefix_cache.gather(reuse)
-            state = _extend(graphdef, params, *reused_kv, *shared, new_bucket=N, mesh=self.mesh)
+            state, scores = _extend(
+                graphdef, params, *reused_kv, *shared, new_bucket=N, mesh=self.mesh
+            )
 
         if chunk_steps is None:
             chunk_steps = 8 if stream is not None else (32 if stop else max_new_tokens)
@@ -735,6 +752,7 @@ class Generator:
             finish_reasons=[FINISH_REASONS[f] for f in finish],
             texts=texts,
             prompt_lengths=np.array(lens, np.int32),
+            scores=np.asarray(scores, np.float64)[:n] if score_ids else None,
         )
 
     def _shard_batch(self, arrays: list[Any]) -> list[Any]:

@@ -22,9 +22,9 @@ from cmat_jax.cmat.rollout import (
     RolloutEngine,
     checker_prompt_ids,
     rows_to_batch,
-    verdict_logprobs,
 )
 from cmat_jax.envs.base import StepResult
+from cmat_jax.generate import Generator
 from cmat_jax.losses import token_logp
 from cmat_jax.model.lora import LoRAConfig
 from cmat_jax.weights.load import load_model
@@ -214,6 +214,9 @@ def test_rejection_reasons_have_their_own_token_limit(tiny):
 
     def recording(prompts, **kw):
         out = real(prompts, **kw)
+        if kw.get("score_ids"):  # a verdict call: the prompts' next-token scores only
+            assert kw["max_new_tokens"] == 1 and set(kw["adapter_ids"]) == {engine.slot["checker"]}
+            return out
         calls.append((list(kw["adapter_ids"]), list(kw["max_new_tokens"]), out.lengths.tolist()))
         return out
 
@@ -253,13 +256,18 @@ def test_behaviour_logp_matches_teacher_forcing(tiny, rollout):
     np.testing.assert_allclose(logp[m], batch["behavior_logp"][m], atol=0.05)
 
 
-def test_verdict_forward_matches_full_forward(tiny):
+def test_verdict_scores_match_full_forward(tiny):
+    """The verdict's log-probs come from the generator's prefill (`score_ids`): they equal the
+    full forward's next-token log-probs for a batch of two prompt lengths."""
     model, tok = tiny
     ids = R.verdict_token_ids(tok)
     prompts = [tok.encode("Task: count rows. Verdict:"), tok.encode("Short. Verdict:")]
-    got = verdict_logprobs(model, prompts, 1, ids)  # right-padded batch of two lengths
+    got = Generator(model, tok, cache_dtype="float32").generate(
+        prompts, max_new_tokens=1, adapter_ids=[1, 1], score_ids=ids, eos_ids=[]
+    )
     forward = jax.jit(lambda x: jax.nn.log_softmax(model(x, adapter_ids_B=jnp.asarray([1]))[0, -1]))
-    for p, row in zip(prompts, got, strict=True):
+    assert got.scores.shape == (2, 2)
+    for p, row in zip(prompts, got.scores, strict=True):
         np.testing.assert_allclose(row, np.asarray(forward(jnp.asarray([p])))[list(ids)], atol=1e-4)
 
 
@@ -342,7 +350,8 @@ def test_prefix_reuse_gives_the_same_rollout(tiny):
     assert plain.stats["reused_prompt_tokens"] == 0
     total = plain.stats["prefilled_prompt_tokens"]
     assert reused.stats["reused_prompt_tokens"] + reused.stats["prefilled_prompt_tokens"] == total
-    assert reused.stats["reused_prompt_tokens"] > total // 5
+    # Reason rows reuse their verdict prompt, assistant turns their episode's history (45%).
+    assert reused.stats["reused_prompt_tokens"] > 2 * total // 5
     assert len(plain.rows) == len(reused.rows) > 0
     for a, b in zip(plain.rows, reused.rows, strict=True):
         np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -521,6 +521,8 @@ def test_bad_inputs_raise_clear_errors(gen, tiny):
         no_lora.generate(["hello"])
     with pytest.raises(ValueError, match="max_calls must be >= 1"):
         PrefixCache(max_calls=0)
+    with pytest.raises(GenerationError, match=r"score_ids \[5, 320\] must be token ids"):
+        gen.generate(prompts, max_new_tokens=1, score_ids=[5, 320])
 
 
 # ------------------------------------------------------------------------ chat

@@ -34,16 +34,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from cmat_jax.cmat import feedback as fb
 from cmat_jax.cmat import roles as R
 from cmat_jax.cmat.config import CMATConfig
 from cmat_jax.cmat.memory import LongTermMemory, MemoryRecord, ReadPolicy, ShortTermMemory
 from cmat_jax.envs.base import Env, counterfactual_step
-from cmat_jax.generate import Generator, SamplingParams, bucket_batch, bucket_length
+from cmat_jax.generate import Generator, SamplingParams
 from cmat_jax.prefix_cache import PrefixCache
 
 _SENTINEL = "\u2063CMAT-SENTINEL\u2063"
@@ -138,64 +136,6 @@ class RolloutResult:
     rows: list[TrainRow]
     stats: dict[str, Any]
     reflections: list[str]
-
-
-# ------------------------------------------------------------------------- verdict forward
-
-
-def _verdict_impl(graphdef, params, ids_BT, last_B, adapter_ids_B, vocab_ids_2):
-    model = nnx.merge(graphdef, params)
-    h_BTD, _ = model.hidden(ids_BT, adapter_ids_B=adapter_ids_B)
-    h_BD = jnp.take_along_axis(h_BTD, last_B[:, None, None], axis=1)[:, 0]
-    w = model.head_weight_DV()
-    logits_BV = jnp.einsum(
-        "bd,dv->bv",
-        h_BD.astype(model.config.compute_dtype),
-        w.astype(model.config.compute_dtype),
-        preferred_element_type=jnp.float32,
-    )
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
-    return logp_BV[:, vocab_ids_2]
-
-
-_verdict = jax.jit(_verdict_impl, static_argnames=("graphdef",))
-
-
-def verdict_logprobs(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    adapter_id: int,
-    ids: tuple[int, int],
-    *,
-    bucket: int = 16,
-    min_batch: int = 1,
-) -> np.ndarray:
-    """Full-vocab log-probs [n, 2] of (accept, reject) as the next token after each prompt.
-
-    Right-padded: causal attention never lets a real token see the padding after it, so the
-    hidden state at each row's last real position is exact without masks.
-    """
-    n = len(prompts)
-    T = bucket_length(max(len(p) for p in prompts), bucket)
-    B = bucket_batch(n, minimum=min_batch)
-    ids_BT = np.zeros((B, T), np.int32)
-    last_B = np.zeros((B,), np.int32)
-    for i, p in enumerate(prompts):
-        ids_BT[i, : len(p)] = p
-        last_B[i] = len(p) - 1
-    adapters = None
-    if model.lora is not None:
-        adapters = jnp.full((B,), adapter_id, jnp.int32)
-    graphdef, params = nnx.split(model)
-    out = _verdict(
-        graphdef,
-        params,
-        jnp.asarray(ids_BT),
-        jnp.asarray(last_B),
-        adapters,
-        jnp.asarray(ids, jnp.int32),
-    )
-    return np.asarray(out, np.float64)[:n]
 
 
 # ------------------------------------------------------------------------- token-level chat
@@ -424,9 +364,10 @@ class RolloutEngine:
                 ep = _Episode(len(eps), task, f"g{t_i}", self.make_env())
                 self._start(ep)
                 eps.append(ep)
-        # Phases with more rows than max_batch split into calls: keep two calls' caches each.
+        # A step is a generate and a verdict phase, each split into calls of max_batch rows:
+        # keep the caches of the last two steps' calls.
         calls = -(-len(eps) // self.rcfg.max_batch)
-        self._prefix = PrefixCache(max_calls=2 * calls) if self.rcfg.reuse_prefix else None
+        self._prefix = PrefixCache(max_calls=4 * calls) if self.rcfg.reuse_prefix else None
         try:
             step = 0
             while any(e.phase != "done" for e in eps):
@@ -518,6 +459,18 @@ class RolloutEngine:
             return ids, "reflector"
         return None
 
+    def _generate(self, prompts: list[list[int]], stats: dict, **kw: Any) -> Any:
+        """`Generator.generate` through the run's prefix cache, counting prompt tokens."""
+        pc = self._prefix
+        reused, prefilled = (0, 0) if pc is None else (pc.reused_tokens, pc.prefilled_tokens)
+        out = self.gen.generate(prompts, prefix_cache=pc, **kw)
+        if pc is None:
+            stats["prefilled_prompt_tokens"] += sum(len(p) for p in prompts)
+        else:
+            stats["reused_prompt_tokens"] += pc.reused_tokens - reused
+            stats["prefilled_prompt_tokens"] += pc.prefilled_tokens - prefilled
+        return out
+
     def _generate_phase(self, eps: list[_Episode], key: jax.Array, stats: dict) -> None:
         reqs: list[tuple[_Episode, list[int], str]] = []
         for ep in eps:
@@ -531,22 +484,14 @@ class RolloutEngine:
         for lo in range(0, len(reqs), self.rcfg.max_batch):
             part = reqs[lo : lo + self.rcfg.max_batch]
             key, sub = jax.random.split(key)
-            prefix = self._prefix
-            if prefix is not None:
-                reused, prefilled = prefix.reused_tokens, prefix.prefilled_tokens
-            out = self.gen.generate(
+            out = self._generate(
                 [p for _, p, _ in part],
+                stats,
                 max_new_tokens=[reason if role == "checker" else full for _, _, role in part],
                 sampling=[samp if role == "assistant" else greedy for _, _, role in part],
                 adapter_ids=[self.slot[role] for _, _, role in part],
                 key=sub,
-                prefix_cache=prefix,
             )
-            if prefix is not None:
-                stats["reused_prompt_tokens"] += prefix.reused_tokens - reused
-                stats["prefilled_prompt_tokens"] += prefix.prefilled_tokens - prefilled
-            else:
-                stats["prefilled_prompt_tokens"] += sum(len(p) for _, p, _ in part)
             stats["generate_calls"] += 1
             kinds = {self.slot[role] for _, _, role in part}
             roles_in = {role for _, _, role in part}
@@ -587,20 +532,23 @@ class RolloutEngine:
                     limit,
                 )
             )
-        logp = np.concatenate(
-            [
-                verdict_logprobs(
-                    self.model,
-                    prompts[lo : lo + self.rcfg.max_batch],
-                    self.slot["checker"],
-                    self.verdict_ids,
-                    bucket=self.rcfg.prompt_bucket,
-                    min_batch=self.rcfg.min_batch,
-                )
-                for lo in range(0, len(prompts), self.rcfg.max_batch)
-            ]
-        )
-        stats["verdict_calls"] += -(-len(prompts) // self.rcfg.max_batch)
+        # The verdict is the next token after the prompt: a prefill's log-probs of the two
+        # verdict words. Through the generator, the prompts' keys/values land in the prefix
+        # cache, so a rejection's reason row (this prompt + "reject:") prefills only its tail.
+        logp = []
+        for lo in range(0, len(prompts), self.rcfg.max_batch):
+            part = prompts[lo : lo + self.rcfg.max_batch]
+            out = self._generate(
+                part,
+                stats,
+                max_new_tokens=1,
+                adapter_ids=[self.slot["checker"]] * len(part),
+                score_ids=self.verdict_ids,
+                eos_ids=[],
+            )
+            logp.append(out.scores)
+            stats["verdict_calls"] += 1
+        logp = np.concatenate(logp)
         p_acc = 0.5 * (1.0 + np.tanh(0.5 * (logp[:, 0] - logp[:, 1])))
         if self.rcfg.checker_sample:
             u = np.asarray(jax.random.uniform(key, (len(todo),)))
