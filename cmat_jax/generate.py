@@ -652,20 +652,11 @@ class Generator:
 
         graphdef, params = nnx.split(self.model)
         params = self._params(params)
-        reuse = None
+        reuse = reused_kv = None
         if prefix_cache is not None:
-            ads = np.full((n,), -1, np.int32) if adapters is None else np.asarray(adapters)
-            match = prefix_cache.match(ids, ads, params, self.cache_dtype)
-            if match[2].any():
-                block = bucket_length(
-                    int((np.array(lens) - match[2]).max()), self.min_prompt_bucket
-                )
-                reuse = prefix_cache.plan(
-                    ids, match, prompt_bucket=T, block=block, batch=B, pad_id=pad_id
-                )
-            used = 0 if reuse is None else int(reuse.used.sum())
-            prefix_cache.reused_tokens += used
-            prefix_cache.prefilled_tokens += sum(lens) - used
+            reuse, reused_kv = self._reuse(
+                ids, adapters, params, prefix_cache, T, B, multiple, pad_id
+            )
         if reuse is not None:
             ids_BT, start_B = reuse.ids_BT, reuse.start_B
         samp = self._sampling(sampling, n, B)
@@ -686,7 +677,6 @@ class Generator:
                 mesh=self.mesh,
             )
         else:
-            reused_kv = prefix_cache.gather(reuse)
             state, scores = _extend(
                 graphdef, params, *reused_kv, *shared, new_bucket=N, mesh=self.mesh
             )
@@ -755,6 +745,72 @@ class Generator:
             scores=np.asarray(scores, np.float64)[:n] if score_ids else None,
         )
 
+    # The staged calls of `_reuse` go through this name, so code that wraps or replaces an
+    # instance's `generate` sees only its own calls.
+    _generate = generate
+
+    def _reuse(
+        self,
+        ids: list[list[int]],
+        adapters: np.ndarray | None,
+        params: Any,
+        prefix_cache: PrefixCache,
+        T: int,
+        B: int,
+        multiple: int,
+        pad_id: int,
+    ) -> tuple[Any, Any]:
+        """The `PrefixCache` plan of a call and the keys/values it copies, or (None, None) for
+        a plain prefill; counts reused and prefilled prompt tokens.
+
+        The block is shared by the batch, so a few rows with long uncached parts (a new
+        episode, a Reflector prompt) would make every row prefill that long. When it is
+        cheaper, those rows' prompts up to the last `split` tokens are prefilled first, by a
+        call of their own whose cache is held only for this one; then every row prefills a
+        block of `split` tokens."""
+        n = len(ids)
+        lens = np.array([len(p) for p in ids])
+        ads = np.full((n,), -1, np.int32) if adapters is None else np.asarray(adapters, np.int32)
+        match = prefix_cache.match(ids, ads, params, self.cache_dtype)
+        reuse = reused_kv = None
+        staged_reused = 0
+        long_rows = np.zeros((n,), bool)
+        split = _split_block(
+            lens - match[2],
+            lambda rows: bucket_batch(rows, multiple, self.min_batch),
+            lambda tokens: bucket_length(tokens, self.min_prompt_bucket),
+        )
+        with prefix_cache.staging() as staged:
+            if split is not None:
+                long_rows = lens - match[2] > split
+                rows = np.flatnonzero(long_rows)
+                self._generate(
+                    [ids[i][: len(ids[i]) - split] for i in rows],
+                    max_new_tokens=1,
+                    adapter_ids=None if adapters is None else [int(ads[i]) for i in rows],
+                    eos_ids=[],
+                    prefix_cache=prefix_cache,
+                )
+                staged_reused = staged.reused_tokens()
+                match = prefix_cache.match(ids, ads, params, self.cache_dtype)
+            if match[2].any():
+                block = bucket_length(int((lens - match[2]).max()), self.min_prompt_bucket)
+                reuse = prefix_cache.plan(
+                    ids,
+                    match,
+                    prompt_bucket=T,
+                    block=block,
+                    batch=B,
+                    pad_id=pad_id,
+                )
+            if reuse is not None:
+                reused_kv = prefix_cache.gather(reuse)
+        # Long rows reused what the staged call copied from earlier calls, not what it computed.
+        used = 0 if reuse is None else int(reuse.used[~long_rows].sum()) + staged_reused
+        prefix_cache.reused_tokens += used
+        prefix_cache.prefilled_tokens += int(lens.sum()) - used
+        return reuse, reused_kv
+
     def _shard_batch(self, arrays: list[Any]) -> list[Any]:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -798,6 +854,25 @@ class Generator:
                     stream(i, tokens[i, streamed[i] : end].tolist())
                     streamed[i] = end
         return state
+
+
+def _split_block(
+    uncached: np.ndarray, batch_bucket: Callable[[int], int], length_bucket: Callable[[int], int]
+) -> int | None:
+    """The block every row prefills after the rows with longer uncached parts have had the
+    rest prefilled by a call of their own, when that costs at most 2/3 of one shared block
+    (cost: padded rows x block tokens); else None."""
+    B = batch_bucket(len(uncached))
+    shared = B * length_bucket(int(uncached.max()))
+    best, best_cost = None, 2 * shared / 3
+    for block in sorted({length_bucket(int(u)) for u in uncached}):
+        longer = uncached[uncached > block]
+        if not len(longer):
+            break
+        cost = B * block + batch_bucket(len(longer)) * length_bucket(int(longer.max()) - block)
+        if cost <= best_cost:
+            best, best_cost = block, cost
+    return best
 
 
 def _row_limits(max_new_tokens: int | Sequence[int], n: int) -> list[int]:

@@ -13,8 +13,10 @@ Host side only: matching tokens and planning the copy. The copy itself is `gathe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -65,11 +67,27 @@ class PrefixCache:
             raise ValueError(f"PrefixCache: max_calls must be >= 1, got {max_calls}")
         self.max_calls = max_calls
         self._calls: list[_CachedCall] = []
+        self._staging = 0  # open `staging()` blocks: stores push nothing out meanwhile
         self.reused_tokens = 0  # prompt tokens whose keys/values came from an earlier call
         self.prefilled_tokens = 0  # prompt tokens that went through the model
 
     def clear(self) -> None:
         self._calls = []
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[_Staging]:
+        """Calls made inside keep their caches beside the last `max_calls` ones (pushing none
+        out) until the block exits, which forgets them and their token counts. A generate
+        call prefills its long rows' prompt heads this way, then copies them."""
+        calls, counts = list(self._calls), (self.reused_tokens, self.prefilled_tokens)
+        self._staging += 1
+        try:
+            yield _Staging(self, counts[0])
+        finally:
+            self._staging -= 1
+            kept = {id(c) for c in calls}
+            self._calls = [c for c in self._calls if id(c) in kept]
+            self.reused_tokens, self.prefilled_tokens = counts
 
     def match(
         self, ids: list[list[int]], adapters: np.ndarray, params: Any, cache_dtype: str
@@ -177,7 +195,19 @@ class PrefixCache:
             weakref.ref(params),
             cache_dtype,
         )
-        self._calls = [*self._calls, call][-self.max_calls :]
+        self._calls = [*self._calls, call]
+        if not self._staging:
+            self._calls = self._calls[-self.max_calls :]
+
+
+@dataclasses.dataclass
+class _Staging:
+    cache: PrefixCache
+    reused_before: int
+
+    def reused_tokens(self) -> int:
+        """Prompt tokens the calls inside copied from caches stored before the block."""
+        return self.cache.reused_tokens - self.reused_before
 
 
 @jax.jit

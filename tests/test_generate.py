@@ -22,6 +22,7 @@ from cmat_jax.generate import (
     SamplingParams,
     _draw,
     _filter_top_k_top_p,
+    _split_block,
     bucket_batch,
     bucket_length,
     compile_counts,
@@ -418,6 +419,48 @@ def test_prefix_cache_shares_prefixes_across_rows_and_calls(gen, tiny):
     assert out.tokens == gen.generate(shared, **kw).tokens
     one = [[head[0]], head[:2]]  # a 1-token prompt has nothing to reuse
     assert gen.generate(one, prefix_cache=pc, **kw).tokens == gen.generate(one, **kw).tokens
+
+
+def test_a_long_new_row_is_staged_not_shared(gen, tiny):
+    """Three rows continue a cached turn (5 new tokens each) beside a new 90-token prompt. The
+    new row's head is prefilled by a staged call of its own, so the others still prefill one
+    16-token block (not 96) and reuse the rest; with `max_calls=1` the staged cache does not
+    push out the cached turn. Tokens equal a fresh generation's, log-probs to 1e-5."""
+    _, prompts = tiny
+    rng = np.random.default_rng(5)
+    pc = PrefixCache(max_calls=1)
+    kw = dict(max_new_tokens=8, eos_ids=[], adapter_ids=[-1, 0, 1, 0])
+    out = gen.generate(prompts, prefix_cache=pc, **kw)
+    cur = _next_turn(prompts, out.tokens, rng)
+    cur[3] = rng.integers(3, 300, size=90).tolist()
+    before = (pc.reused_tokens, pc.prefilled_tokens)
+    staged = gen.generate(cur, prefix_cache=pc, **kw)
+    ref = gen.generate(cur, **kw)
+    assert staged.tokens == ref.tokens
+    for a, b in zip(staged.logprobs, ref.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    reused = pc.reused_tokens - before[0]
+    assert reused == sum(max(len(p) - 16, 0) for p in cur[:3])
+    assert reused + pc.prefilled_tokens - before[1] == sum(len(p) for p in cur)
+    # The next turn reuses this call's rows, the staged new row included.
+    nxt = _next_turn(cur, staged.tokens, rng)
+    before = pc.reused_tokens
+    assert gen.generate(nxt, prefix_cache=pc, **kw).tokens == gen.generate(nxt, **kw).tokens
+    assert pc.reused_tokens - before == sum(max(len(p) - 16, 0) for p in nxt)
+    # The staged call's cache is forgotten once the call is done.
+    roomy = PrefixCache(max_calls=4)
+    gen.generate(prompts, prefix_cache=roomy, **kw)
+    gen.generate(cur, prefix_cache=roomy, **kw)
+    assert len(roomy._calls) == 2
+
+
+def test_split_block_only_when_it_pays():
+    batch, length = (lambda n: bucket_batch(n)), (lambda n: bucket_length(n))
+    # One 360-token row beside short ones: 8 x 96 + 1 x 384 token slots, not 8 x 384.
+    assert _split_block(np.array([8, 8, 78, 78, 78, 360]), batch, length) == 96
+    assert _split_block(np.array([8, 8, 555, 558, 562]), batch, length) == 16
+    for even in ([64, 60, 64, 50], [300, 310], [12]):  # similar parts: one shared block
+        assert _split_block(np.array(even), batch, length) is None
 
 
 def test_prefix_cache_is_not_used_across_weights_or_adapters(tiny):
