@@ -643,6 +643,15 @@ turn2 = [p + t + [7, 8, 9] for p, t in zip(prompts, out.tokens)]
 out2 = sharded.generate(turn2, prefix_cache=pc, **kw)
 ref2 = Generator(Llama(cfg, rngs=nnx.Rngs(0)), cache_dtype="float32").generate(turn2, **kw)
 assert pc.reused_tokens > 0 and out2.tokens == ref2.tokens, (pc.reused_tokens, out2.tokens)
+# A third turn beside a new 80-token prompt: its head is prefilled by a staged sharded call,
+# the continuing rows prefill one 16-token block.
+turn3 = [p + t + [7, 8, 9] for p, t in zip(turn2[:2], out2.tokens)]
+turn3.append(rng.integers(3, 300, size=80).tolist())
+before = pc.reused_tokens
+out3 = sharded.generate(turn3, prefix_cache=pc, **kw)
+ref3 = Generator(Llama(cfg, rngs=nnx.Rngs(0)), cache_dtype="float32").generate(turn3, **kw)
+assert out3.tokens == ref3.tokens, (out3.tokens, ref3.tokens)
+assert pc.reused_tokens - before == sum(len(p) - 16 for p in turn3[:2]), pc.reused_tokens
 print("OK")
 """
 
