@@ -772,18 +772,20 @@ class Generator:
         lens = np.array([len(p) for p in ids])
         ads = np.full((n,), -1, np.int32) if adapters is None else np.asarray(adapters, np.int32)
         match = prefix_cache.match(ids, ads, params, self.cache_dtype)
+        uncached = lens - match[2]
         reuse = reused_kv = None
         staged_reused = 0
         long_rows = np.zeros((n,), bool)
         split = _split_block(
-            lens - match[2],
+            uncached,
             lambda rows: bucket_batch(rows, multiple, self.min_batch),
             lambda tokens: bucket_length(tokens, self.min_prompt_bucket),
         )
-        with prefix_cache.staging() as staged:
+        with prefix_cache.staging():
             if split is not None:
-                long_rows = lens - match[2] > split
+                long_rows = uncached > split
                 rows = np.flatnonzero(long_rows)
+                before = prefix_cache.reused_tokens
                 self._generate(
                     [ids[i][: len(ids[i]) - split] for i in rows],
                     max_new_tokens=1,
@@ -791,17 +793,13 @@ class Generator:
                     eos_ids=[],
                     prefix_cache=prefix_cache,
                 )
-                staged_reused = staged.reused_tokens()
+                staged_reused = prefix_cache.reused_tokens - before
                 match = prefix_cache.match(ids, ads, params, self.cache_dtype)
+                uncached = lens - match[2]
             if match[2].any():
-                block = bucket_length(int((lens - match[2]).max()), self.min_prompt_bucket)
+                block = bucket_length(int(uncached.max()), self.min_prompt_bucket)
                 reuse = prefix_cache.plan(
-                    ids,
-                    match,
-                    prompt_bucket=T,
-                    block=block,
-                    batch=B,
-                    pad_id=pad_id,
+                    ids, match, prompt_bucket=T, block=block, batch=B, pad_id=pad_id
                 )
             if reuse is not None:
                 reused_kv = prefix_cache.gather(reuse)

@@ -75,14 +75,14 @@ class PrefixCache:
         self._calls = []
 
     @contextlib.contextmanager
-    def staging(self) -> Iterator[_Staging]:
+    def staging(self) -> Iterator[None]:
         """Calls made inside keep their caches beside the last `max_calls` ones (pushing none
         out) until the block exits, which forgets them and their token counts. A generate
         call prefills its long rows' prompt heads this way, then copies them."""
         calls, counts = list(self._calls), (self.reused_tokens, self.prefilled_tokens)
         self._staging += 1
         try:
-            yield _Staging(self, counts[0])
+            yield
         finally:
             self._staging -= 1
             kept = {id(c) for c in calls}
@@ -198,16 +198,6 @@ class PrefixCache:
         self._calls = [*self._calls, call]
         if not self._staging:
             self._calls = self._calls[-self.max_calls :]
-
-
-@dataclasses.dataclass
-class _Staging:
-    cache: PrefixCache
-    reused_before: int
-
-    def reused_tokens(self) -> int:
-        """Prompt tokens the calls inside copied from caches stored before the block."""
-        return self.cache.reused_tokens - self.reused_before
 
 
 @jax.jit
