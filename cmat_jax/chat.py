@@ -15,8 +15,8 @@ import jax
 import tyro
 
 from cmat_jax.cli import run_cli
-from cmat_jax.generate import Generator, SamplingParams
-from cmat_jax.prefix_cache import PrefixCache
+from cmat_jax.inference.generate import Generator, SamplingParams
+from cmat_jax.inference.prefix_cache import PrefixCache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -176,8 +176,8 @@ def load_eval_model(
     import jax
     from flax import nnx
 
-    from cmat_jax.checkpoint import Checkpointer
     from cmat_jax.model.lora import LoRAConfig, LoRAParam
+    from cmat_jax.training.checkpoint import Checkpointer
 
     run_dir = Path(source).expanduser().resolve()
     where = run_dir / "config.json"
@@ -227,7 +227,7 @@ def make_model_agent(
 ) -> Agent:
     """A plain chat agent (greedy replies from the Assistant slot, no Checker) for
     :func:`run_episodes`; ``evaluate`` runs the model agent through :func:`evaluate_model`."""
-    from cmat_jax.generate import Generator
+    from cmat_jax.inference.generate import Generator
 
     em = load_eval_model(model_source, dtype)
     return _ModelAgent(Generator(em.model, em.tokenizer), em, max_new_tokens)

@@ -94,11 +94,11 @@ def load_run(
     import jax
     from flax import nnx
 
-    from cmat_jax.checkpoint import Checkpointer
     from cmat_jax.model.config import ModelConfig
     from cmat_jax.model.llama import Llama
     from cmat_jax.model.lora import LoRAParam
     from cmat_jax.run_dir import RunDir
+    from cmat_jax.training.checkpoint import Checkpointer
 
     run = RunDir(run_dir)
     cfg = run.read_config()

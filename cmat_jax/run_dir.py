@@ -5,7 +5,7 @@ Layout::
     DIR/config.json      the resolved run config (what to pass to resume or export it)
     DIR/metrics.jsonl    one JSON object per logged step: {"step": N, "loss": ..., ...}
     DIR/tb/              TensorBoard event files
-    DIR/checkpoints/     orbax checkpoints (see cmat_jax.checkpoint)
+    DIR/checkpoints/     orbax checkpoints (see cmat_jax.training.checkpoint)
 
 A run directory that holds anything is never overwritten: opening it again needs
 `resume=True`, and then its config must equal the new one except for the fields in

@@ -30,8 +30,8 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from cmat_jax.checkpoint import CheckpointConfig
 from cmat_jax.cli import run_cli
+from cmat_jax.training.checkpoint import CheckpointConfig
 
 CONFIGS_ENV = "CMAT_JAX_CONFIGS"
 
@@ -88,7 +88,7 @@ class OptimArgs:
     """Gradient accumulation: split each batch into this many micro-batches."""
 
     def build(self):
-        from cmat_jax.train_step import OptimConfig
+        from cmat_jax.training.step import OptimConfig
 
         return OptimConfig(**dataclasses.asdict(self))
 
@@ -282,12 +282,12 @@ def run_sft(job: SFTJob) -> dict:
     from flax import nnx
 
     from cmat_jax import sharding as shd
-    from cmat_jax.checkpoint import Checkpointer
     from cmat_jax.data import build_iterator
     from cmat_jax.distributed import batch_share, global_batch
-    from cmat_jax.mfu import MFUMeter
     from cmat_jax.run_dir import MetricsLogger, Progress, RunDir
-    from cmat_jax.train_step import init_train_state, make_optimizer, make_train_step
+    from cmat_jax.training.checkpoint import Checkpointer
+    from cmat_jax.training.mfu import MFUMeter
+    from cmat_jax.training.step import init_train_state, make_optimizer, make_train_step
     from cmat_jax.weights.load import load_model
 
     config = resolved_config(job)

@@ -17,15 +17,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cmat_jax.checkpoint import CheckpointConfig
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.train import LoRAArgs, MeshArgs, OptimArgs, SFTJob
+from cmat_jax.training.checkpoint import CheckpointConfig
 
 
 @dataclass(frozen=True)
 class Hardware:
     name: str
-    peak_key: str  # cmat_jax.mfu.PEAK_FLOPS key
+    peak_key: str  # cmat_jax.training.mfu.PEAK_FLOPS key
     devices: int  # JAX devices (v5p-8 is 4 chips: a v5p chip is one megacore device)
     hbm_gib: float  # per device
     budget_gib: float  # what a recipe may use per device (HBM minus runtime headroom)

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from cmat_jax.checkpoint import CheckpointConfig
 from cmat_jax.train import LoRAArgs, OptimArgs, SFTJob
+from cmat_jax.training.checkpoint import CheckpointConfig
 
 _HERE = Path(__file__).resolve().parent
 

@@ -14,11 +14,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cmat_jax.checkpoint import CheckpointConfig, Checkpointer, CheckpointError, completed_steps
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import LoRAConfig
-from cmat_jax.train_step import OptimConfig, init_train_state, make_optimizer, make_train_step
+from cmat_jax.training.checkpoint import (
+    CheckpointConfig,
+    Checkpointer,
+    CheckpointError,
+    completed_steps,
+)
+from cmat_jax.training.step import OptimConfig, init_train_state, make_optimizer, make_train_step
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(
@@ -152,10 +157,10 @@ _SHARDED = textwrap.dedent(
     from jax.sharding import NamedSharding
 
     from cmat_jax import sharding as shd
-    from cmat_jax.checkpoint import Checkpointer
+    from cmat_jax.training.checkpoint import Checkpointer
     from cmat_jax.model.llama import Llama
     from cmat_jax.model.lora import LoRAConfig
-    from cmat_jax.train_step import OptimConfig, make_optimizer, split_model, state_specs
+    from cmat_jax.training.step import OptimConfig, make_optimizer, split_model, state_specs
     from tests.test_checkpoint import CFG, _assert_trees_equal, _state
 
     assert jax.device_count() == 4

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from cmat_jax.checkpoint import completed_steps
 from cmat_jax.cmat import loop
 from cmat_jax.cmat.loop import CMATJob, run_cmat
 from cmat_jax.cmat.memory import LongTermMemory
 from cmat_jax.cmat.rollout import RolloutEngine
 from cmat_jax.train import LoRAArgs
+from cmat_jax.training.checkpoint import completed_steps
 from tests.fixtures_hf import save_tiny_model_dir
 
 

@@ -31,7 +31,7 @@ from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import LoRAConfig, LoRAParam
 from cmat_jax.sharding import make_mesh
-from cmat_jax.train_step import init_train_state
+from cmat_jax.training.step import init_train_state
 
 CFG = ModelConfig(
     vocab_size=96,

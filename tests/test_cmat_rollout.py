@@ -24,9 +24,9 @@ from cmat_jax.cmat.rollout import (
     rows_to_batch,
 )
 from cmat_jax.envs.base import StepResult
-from cmat_jax.generate import Generator
-from cmat_jax.losses import token_logp
+from cmat_jax.inference.generate import Generator
 from cmat_jax.model.lora import LoRAConfig
+from cmat_jax.training.losses import token_logp
 from cmat_jax.weights.load import load_model
 from tests.fixtures_hf import save_tiny_model_dir
 

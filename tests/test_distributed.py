@@ -74,13 +74,13 @@ def worker(out: str, ckpt_dir: str, coordinator: str, num_processes: int, proces
     from flax import nnx
     from jax.experimental import multihost_utils
 
-    from cmat_jax.checkpoint import CheckpointConfig, Checkpointer
     from cmat_jax.distributed import batch_share, global_batch, is_main_process
     from cmat_jax.model.config import ModelConfig
     from cmat_jax.model.llama import Llama
     from cmat_jax.model.lora import LoRAConfig
     from cmat_jax.sharding import MeshConfig, make_mesh
-    from cmat_jax.train_step import (
+    from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
+    from cmat_jax.training.step import (
         OptimConfig,
         init_train_state,
         make_optimizer,

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from cmat_jax.checkpoint import CheckpointError
 from cmat_jax.envs.agents import NullAgent, ReplayAgent, oracle_plan
 from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
@@ -21,6 +20,7 @@ from cmat_jax.evaluate import (
     make_model_agent,
     run_episodes,
 )
+from cmat_jax.training.checkpoint import CheckpointError
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
 
@@ -177,9 +177,9 @@ def _tiny_run_dir(root: Path, model_dir: Path, slots: tuple[str, ...], slot: str
     from flax import nnx
 
     from cmat_jax import load_model
-    from cmat_jax.checkpoint import CheckpointConfig, Checkpointer
     from cmat_jax.model.lora import LoRAParam
     from cmat_jax.train import LoRAArgs
+    from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
 
     lora = LoRAArgs(rank=2, alpha=4.0, slots=slots)
     cfg = {"model": str(model_dir), "lora": dataclasses.asdict(lora)}

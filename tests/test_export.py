@@ -13,11 +13,11 @@ import transformers
 from flax import nnx
 
 from cmat_jax import export, train
-from cmat_jax.checkpoint import Checkpointer
 from cmat_jax.cli import run_cli
 from cmat_jax.model.lora import LoRAParam
 from cmat_jax.run_dir import RunDir
-from cmat_jax.train_step import init_train_state, make_optimizer
+from cmat_jax.training.checkpoint import Checkpointer
+from cmat_jax.training.step import init_train_state, make_optimizer
 from cmat_jax.weights.load import load_model
 from tests.fixtures_hf import save_tiny_model_dir
 

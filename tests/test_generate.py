@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cmat_jax.generate import (
+from cmat_jax.inference.generate import (
     GenerationError,
     Generator,
     PrefixCache,
@@ -618,7 +618,7 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
-from cmat_jax.generate import Generator, PrefixCache, SamplingParams, cache_spec
+from cmat_jax.inference.generate import Generator, PrefixCache, SamplingParams, cache_spec
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import KVCache, Llama
 from cmat_jax.sharding import shard_model

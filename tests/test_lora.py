@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cmat_jax.losses import full_token_logp, nll_sum, token_logp
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import TARGETS, LoRAConfig, LoRAParam
+from cmat_jax.training.losses import full_token_logp, nll_sum, token_logp
 
 CFG = ModelConfig(
     vocab_size=96,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cmat_jax import mfu
 from cmat_jax.model.config import ModelConfig
+from cmat_jax.training import mfu
 from cmat_jax.weights.registry import PRESETS
 
 TINY = ModelConfig(

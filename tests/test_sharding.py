@@ -96,7 +96,7 @@ _SCRIPT = textwrap.dedent(
     from cmat_jax.model.llama import Llama
     from cmat_jax.model.lora import LoRAConfig
     from cmat_jax.sharding import MeshConfig, make_mesh, validate
-    from cmat_jax.train_step import OptimConfig, init_train_state, make_optimizer, make_train_step
+    from cmat_jax.training.step import OptimConfig, init_train_state, make_optimizer, make_train_step
 
     assert jax.device_count() == 8, jax.devices()
     cfg = ModelConfig(**json.loads(sys.argv[1]))

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from cmat_jax import train
-from cmat_jax.checkpoint import CheckpointConfig, completed_steps
 from cmat_jax.cli import run_cli
 from cmat_jax.run_dir import read_metrics
+from cmat_jax.training.checkpoint import CheckpointConfig, completed_steps
 from tests.fixtures_tiny import make_sft_workspace, sft_args, sft_records, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 def _restore_lora(run: Path, step: int) -> dict[str, np.ndarray]:
     import jax
 
-    from cmat_jax.checkpoint import Checkpointer
+    from cmat_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run / "checkpoints", read_only=True)
     try:
@@ -223,7 +223,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 def test_help_documents_every_field(capsys):
     from cmat_jax.model.lora import LoRAConfig
     from cmat_jax.sharding import MeshConfig
-    from cmat_jax.train_step import OptimConfig
+    from cmat_jax.training.step import OptimConfig
 
     # The CLI mirrors stay complete.
     for mirror, real in [

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cmat_jax.losses import chunked_token_logp, full_token_logp, nll_sum
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import LoRAConfig
-from cmat_jax.train_step import (
+from cmat_jax.training.losses import chunked_token_logp, full_token_logp, nll_sum
+from cmat_jax.training.step import (
     OptimConfig,
     TrainState,
     init_train_state,

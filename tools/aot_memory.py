@@ -93,7 +93,7 @@ def abstract_state(cfg: Any, lora_cfg: Any, optimizer: Any) -> tuple[Any, Any, A
 
     from cmat_jax.model.llama import Llama
     from cmat_jax.model.lora import LoRAParam
-    from cmat_jax.train_step import init_train_state
+    from cmat_jax.training.step import init_train_state
 
     def build() -> Any:
         model = Llama(cfg, rngs=nnx.Rngs(0))
@@ -158,7 +158,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
 
     from cmat_jax import sharding as shd
     from cmat_jax.cmat.loss import LossConfig, make_cmat_step
-    from cmat_jax.train_step import make_optimizer, make_train_step
+    from cmat_jax.training.step import make_optimizer, make_train_step
 
     recipes = load_recipes()
     recipe = recipes.get(ns.config)

@@ -146,7 +146,7 @@ def build_models(real: bool, with_peer: bool, attention_impl: str = "xla"):
 
 
 def bench_ours(model, ids: np.ndarray, new: int, repeats: int) -> dict:
-    from cmat_jax.generate import Generator, compile_counts
+    from cmat_jax.inference.generate import Generator, compile_counts
 
     gen = Generator(model, cache_dtype="bfloat16")
     prompts = ids.tolist()
@@ -195,7 +195,7 @@ def bench_turns(ours_model, peer_model, ids: np.ndarray, new: int, turns: int, o
     """Seconds for `turns` turns of growing prompts: ours with and without a PrefixCache, and
     the peer. Each side runs the whole sequence twice and keeps the second (compiled) run; the
     prompts grow by our own outputs, so every side sees the same prompts."""
-    from cmat_jax.generate import Generator, PrefixCache
+    from cmat_jax.inference.generate import Generator, PrefixCache
 
     gen = Generator(ours_model, cache_dtype="bfloat16")
     rng = np.random.default_rng(1)

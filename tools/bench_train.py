@@ -81,7 +81,12 @@ def run_ours(args) -> dict:
     from cmat_jax.model.config import ModelConfig
     from cmat_jax.model.llama import Llama
     from cmat_jax.model.lora import LoRAConfig
-    from cmat_jax.train_step import OptimConfig, init_train_state, make_optimizer, make_train_step
+    from cmat_jax.training.step import (
+        OptimConfig,
+        init_train_state,
+        make_optimizer,
+        make_train_step,
+    )
 
     cfg = ModelConfig(
         **SMOLLM2_135M,

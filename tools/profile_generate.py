@@ -47,7 +47,7 @@ def main() -> None:
     import numpy as np
     from bench_generate import build_models
 
-    from cmat_jax.generate import Generator
+    from cmat_jax.inference.generate import Generator
 
     model, _ = build_models(real=False, with_peer=False)
     gen = Generator(model, cache_dtype="bfloat16")

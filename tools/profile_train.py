@@ -48,11 +48,16 @@ def main() -> None:
     from flax import nnx
 
     import cmat_jax.model.llama as llama
-    from cmat_jax.losses import chunked_token_logp, nll_sum, token_logp
     from cmat_jax.model.attention import attention
     from cmat_jax.model.config import ModelConfig
     from cmat_jax.model.lora import LoRAConfig
-    from cmat_jax.train_step import OptimConfig, init_train_state, make_optimizer, make_train_step
+    from cmat_jax.training.losses import chunked_token_logp, nll_sum, token_logp
+    from cmat_jax.training.step import (
+        OptimConfig,
+        init_train_state,
+        make_optimizer,
+        make_train_step,
+    )
 
     cfg = ModelConfig(
         **SMOLLM2_135M,

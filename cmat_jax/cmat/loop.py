@@ -538,12 +538,12 @@ class _Run:
         import jax
         from flax import nnx
 
-        from cmat_jax.checkpoint import CheckpointConfig, Checkpointer
         from cmat_jax.cmat import roles as R
         from cmat_jax.cmat.feedback import RunningBaseline
         from cmat_jax.envs.dbbench import SYSTEM_PROMPT
         from cmat_jax.run_dir import MetricsLogger, RunDir
-        from cmat_jax.train_step import init_train_state
+        from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
+        from cmat_jax.training.step import init_train_state
         from cmat_jax.weights.load import load_model
 
         self.job = job

@@ -30,7 +30,7 @@ Batch (all per-token arrays [B, T] are aligned with `targets`: position t scores
   anchor                bool [B] or [B, T]  (when anchor_coef > 0)
 Values at masked-out positions are ignored (they may be padding garbage, even inf).
 
-Per-token log-probs come from the chunked cross-entropy of `cmat_jax.losses` (custom VJP) and
+Per-token log-probs come from the chunked cross-entropy of `cmat_jax.training.losses` (custom VJP) and
 the entropy metric from a chunked no-grad pass (`chunked_entropy`), so no [B, T, V] float32
 logits array is ever formed.
 """
@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cmat_jax.losses import DEFAULT_CHUNK_TOKENS, chunk_length, chunked_token_logp
 from cmat_jax.model.lora import NONE_SLOT
-from cmat_jax.train_step import TrainState, TrainStep, current_lr, guarded_update, split_micro
+from cmat_jax.training.losses import DEFAULT_CHUNK_TOKENS, chunk_length, chunked_token_logp
+from cmat_jax.training.step import TrainState, TrainStep, current_lr, guarded_update, split_micro
 
 MODES = ("rwr", "pg", "ppo")
 MODEL_KEYS = ("inputs", "targets", "segment_ids", "positions")

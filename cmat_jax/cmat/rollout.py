@@ -41,8 +41,8 @@ from cmat_jax.cmat import roles as R
 from cmat_jax.cmat.config import CMATConfig
 from cmat_jax.cmat.memory import LongTermMemory, MemoryRecord, ReadPolicy, ShortTermMemory
 from cmat_jax.envs.base import Env, counterfactual_step
-from cmat_jax.generate import Generator, SamplingParams
-from cmat_jax.prefix_cache import PrefixCache
+from cmat_jax.inference.generate import Generator, SamplingParams
+from cmat_jax.inference.prefix_cache import PrefixCache
 
 _SENTINEL = "\u2063CMAT-SENTINEL\u2063"
 

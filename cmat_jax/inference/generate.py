@@ -8,7 +8,7 @@ Flow of `Generator.generate`:
      last position only (no [B, T, V] logits).
      With a `PrefixCache` whose cached rows share prefixes with the prompts, `extend` (jit)
      instead prefills one block of each prompt's last tokens (the bucketed longest uncached
-     part) after keys/values copied from earlier calls' caches (`cmat_jax.prefix_cache`); the
+     part) after keys/values copied from earlier calls' caches (`cmat_jax.inference.prefix_cache`); the
      cache comes out with the same S.
   3. `decode_chunk` (jit) runs a `lax.while_loop` that feeds one token per row per step, samples
      the next (sampling fused into the loop), and exits when every row is done or the chunk's
@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cmat_jax.inference.prefix_cache import PrefixCache
 from cmat_jax.model.llama import KVCache, Llama, to_scan_bits
-from cmat_jax.prefix_cache import PrefixCache
 
 FINISH_REASONS = ("running", "eos", "stop", "length")
 _RUNNING, _EOS, _STOP, _LENGTH = range(4)
@@ -599,7 +599,7 @@ class Generator:
         `eos_ids` defaults to `tokenizer.eos_ids` (none without a tokenizer); `adapter_ids` are
         slot names or ints per row (-1 / "none" = base model); `key` defaults to key(0).
         `prefix_cache` reuses the keys/values of prompt prefixes that earlier calls given the
-        same `PrefixCache` computed (see `cmat_jax.prefix_cache`). `score_ids`: `scores` gets
+        same `PrefixCache` computed (see `cmat_jax.inference.prefix_cache`). `score_ids`: `scores` gets
         each prompt's next-token log-probs of these ids (a Checker's verdict words)."""
         if isinstance(stop, str):
             stop = [stop]

@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cmat_jax import sharding as shd
-from cmat_jax.losses import DEFAULT_CHUNK_TOKENS, nll_sum, token_logp
 from cmat_jax.model.lora import LoRAParam
+from cmat_jax.training.losses import DEFAULT_CHUNK_TOKENS, nll_sum, token_logp
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "adapter_ids")
 

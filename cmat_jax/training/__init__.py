@@ -1,0 +1,1 @@
+"""Training: the jitted step, token losses, checkpoints and MFU accounting."""
