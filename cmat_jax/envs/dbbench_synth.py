@@ -22,6 +22,7 @@ import dataclasses
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ class SynthTask:
     gold_sql: str
     key_column: str
     key_value: str | None  # the row a lookup/UPDATE/INSERT is about (for checks)
+    # a statement a careful agent tries first and then corrects (an exact match for a name the
+    # question gives only in part, which finds no row)
+    first_try: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         rec = self.task.to_record()
@@ -816,10 +820,50 @@ def _lower_q(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _bench_other(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+def _fold(text: str) -> str:
+    """Lower case without accents: how MySQL's default collation compares."""
+    return "".join(
+        c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c)
+    )
+
+
+def _partial_name(rng: random.Random, t: _Table, r: int, avoid: int) -> tuple[int, str]:
+    """A word of a name in row ``r`` that no other row's name contains ("Castellan" for "Amara
+    Castellan"): the way questions often name a row."""
+    cols = [i for i, role in enumerate(t.roles) if role in ("key", "text") and i != avoid]
+    for i in rng.sample(cols, len(cols)):
+        words = [w for w in re.findall(r"[A-Za-z]{4,}", t.rows[r][i]) if w != t.rows[r][i]]
+        rng.shuffle(words)
+        for w in words:
+            if sum(_fold(w) in _fold(row[i]) for row in t.rows) == 1:
+                return i, w
+    raise SynthError("no distinctive part of a name")
+
+
+def _bench_partial_lookup(rng: random.Random, t: _Table, r: int, a: int) -> tuple:
+    """A question that names its row by part of a value; the gold SQL matches it with LIKE
+    and a careful agent's first, exact try finds nothing."""
+    i, w = _partial_name(rng, t, r, a)
+    A, T, C = t.headers[a], q(t.name), q(t.headers[i])
+    desc = rng.choice(
+        (
+            f"What is the {A} of {w}?",
+            _lower_q(f"What {A} does {w} have?"),
+            f"Tell me the {A} for {w}.",
+            f"{w} has what {A}?",
+            _lower_q(f"Which {A} goes with {w}?"),
+        )
+    )
+    gold = f"SELECT {q(A)} FROM {T} WHERE {C} LIKE {lit('%' + w + '%')}"
+    return desc, gold, None, {"first_try": f"SELECT {q(A)} FROM {T} WHERE {C} = {lit(w)}"}
+
+
+def _bench_other(rng: random.Random, t: _Table) -> tuple:
     r = rng.randrange(len(t.rows))
     a = rng.randrange(len(t.headers))
     A = t.headers[a]
+    if rng.random() < 0.15:
+        return _bench_partial_lookup(rng, t, r, a)
     conds = _row_conds(rng, t, r, {a})
     if rng.random() < 0.2:
         conds = [_like_cond(rng, t, r, {a})]
@@ -975,7 +1019,7 @@ def _bench_comparison(rng: random.Random, t: _Table) -> tuple:
         )
     )
     sql = f"SELECT {q(K)}, {q(N)} FROM {T} WHERE {q(K)} IN ({lit(k1)}, {lit(k2)})"
-    return desc, sql, None, ("higher" if x1 > x2 else "lower",)
+    return desc, sql, None, {"label": ("higher" if x1 > x2 else "lower",)}
 
 
 def _bench_ranking(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
@@ -1348,7 +1392,8 @@ def generate_task(
             if wikisql_share > 0 and typ in _WIKISQL_BUILDERS and rng.random() < wikisql_share:
                 build = _WIKISQL_BUILDERS[typ]
         try:
-            desc, sql, key_value, *answer = build(rng, table)
+            desc, sql, key_value, *more = build(rng, table)
+            extra = more[0] if more else {}
             if bench:
                 add = (
                     agentbench_add_description(table.name, table.headers)
@@ -1357,10 +1402,16 @@ def generate_task(
                 )
             else:
                 add = _add_description(rng, table)
-            task = _checked_task(table, typ, desc, add, sql, answer, f"synth-{seed}-{index}", bench)
+            task = _checked_task(table, typ, desc, add, sql, extra, f"synth-{seed}-{index}", bench)
         except SynthError:
             continue
-        return SynthTask(task=task, gold_sql=sql, key_column=table.key_header, key_value=key_value)
+        return SynthTask(
+            task=task,
+            gold_sql=sql,
+            key_column=table.key_header,
+            key_value=key_value,
+            first_try=extra.get("first_try"),
+        )
     raise SynthError(f"no valid task for seed={seed} index={index}")
 
 
@@ -1370,12 +1421,18 @@ def _checked_task(
     desc: str,
     add: str,
     sql: str,
-    answer: list[tuple[str, ...]],
+    extra: dict[str, Any],
     tid: str,
     bench: bool,
 ) -> DBTask:
     """Run the gold SQL; the task with its gold answer, or SynthError when the draw is unfit
-    (an empty or ambiguous answer, a change that changes nothing)."""
+    (an empty or ambiguous answer, a change that changes nothing, a first try that finds rows).
+    ``extra``: ``label`` (an answer the rows only imply), ``first_try`` (see SynthTask)."""
+    if extra.get("first_try"):
+        tried, db = _run(table, extra["first_try"])
+        db.close()
+        if tried.rows:
+            raise SynthError("the first try already finds the row")
     res, db = _run(table, sql)
     try:
         if typ in ("INSERT", "UPDATE"):
@@ -1392,7 +1449,7 @@ def _checked_task(
             raise SynthError("too many rows")
         if bench and any(not _filled(str(r[0])) for r in rows):
             raise SynthError("a placeholder as the answer")
-        label = answer[0] if answer else tuple(_fmt(r[0]) for r in rows)
+        label = extra.get("label") or tuple(_fmt(r[0]) for r in rows)
         return _db_task(table, typ, desc, add, label, None, tid)
     finally:
         db.close()
@@ -1449,6 +1506,13 @@ def expert_plan(st: SynthTask, seed: int = 0) -> list[str]:
                 intro = "Now I have the exact column names, so I can fix the statement."
             else:
                 intro = recovery + " I will fix the statement."
+    if st.first_try is not None and rng.random() < 0.7:
+        look_up = "I will look the name up exactly as the question writes it."
+        msgs.append(_op(f"{intro} {look_up}", st.first_try))
+        intro = (
+            "No row has exactly that name, so it must be part of a longer one; "
+            "I will match it with LIKE."
+        )
     if t.is_mutation:
         msgs.append(_op(f"{intro} This statement makes the change.", st.gold_sql))
         if st.key_value is not None and rng.random() < 0.3:
