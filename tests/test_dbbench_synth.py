@@ -26,7 +26,9 @@ from cmat_jax.envs.dbbench_synth import (
     write_tasks_jsonl,
 )
 from cmat_jax.envs.dbbench_synth_domains import DOMAINS
+from cmat_jax.envs.mysql_backend import MySQLBackend
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from tests.mariadb import mariadb_params  # noqa: F401  (session fixture)
 
 
 def _fingerprint(task) -> str:
@@ -283,3 +285,17 @@ def test_coverage_tool_compares_and_finds_overlap(tmp_path, capsys):
     assert tool.main(["--n", "5", "--reference", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{bad}:2" in err[0]
+
+
+@pytest.mark.mysql
+def test_benchmark_shaped_tasks_hold_on_mariadb(mariadb_params):  # noqa: F811
+    """The gold answers and table hashes come from SQLite; AgentBench runs MySQL. Every
+    question type's SQL (numbers stored as TEXT, LIKE, GROUP BY, subqueries, accented names)
+    must give the same outcome there."""
+    env = DBBenchEnv(MySQLBackend(mariadb_params))
+    for task_type in TASK_TYPES:
+        for i in range(6):
+            st = generate_task(13, i, task_type=task_type, benchmark_share=1.0)
+            tr = expert_episode(st, env, seed=13)
+            assert tr["reward"] == 1.0, (st.task.description, st.gold_sql, tr["steps"])
+    env.close()
