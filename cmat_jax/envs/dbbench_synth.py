@@ -17,10 +17,12 @@ observation is real) and writes OpenAI ``messages`` JSONL for the SFT trainer;
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import random
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,19 @@ from typing import Any
 from cmat_jax.envs.dbbench import QUERY_TYPES, DBBenchEnv, DBTask
 from cmat_jax.envs.dbbench_synth_domains import (
     DOMAINS,
+    EXTRA_COLUMNS,
+    LEAD_HEADERS,
     NAME_HEADS,
     NAME_TOPICS,
     TABLE_QUALIFIERS,
     TOWNS,
     Column,
     Domain,
+    header_style,
+    person,
+    person_intl,
+    with_blanks,
+    year_columns,
 )
 from cmat_jax.envs.sql_backend import ExecResult
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
@@ -59,6 +68,9 @@ class SynthTask:
     gold_sql: str
     key_column: str
     key_value: str | None  # the row a lookup/UPDATE/INSERT is about (for checks)
+    # a statement a careful agent tries first and then corrects (an exact match for a name the
+    # question gives only in part, which finds no row)
+    first_try: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         rec = self.task.to_record()
@@ -137,6 +149,11 @@ class _Table:
     roles: list[str]
     makers: list[Column]
     rows: list[list[str]]
+    key: int = 0  # the column whose values are unique per row
+
+    @property
+    def key_header(self) -> str:
+        return self.headers[self.key]
 
     def cols(self, role: str) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r == role]
@@ -180,6 +197,15 @@ def _run(table: _Table, sql: str) -> tuple[ExecResult, Any]:
         db.close()
         raise SynthError(f"gold SQL failed: {res.text} :: {sql}")
     return res, db
+
+
+def _table_hash(table: _Table) -> str:
+    """AgentBench's hash of the table as drawn (before any change)."""
+    db = _BACKEND.open(_db_task(table, "other", "", "", (), None, "x").table_spec())
+    try:
+        return db.table_hash()
+    finally:
+        db.close()
 
 
 def _db_task(
@@ -571,6 +597,741 @@ def _wikisql_update(rng: random.Random, t: _Table) -> tuple[str, str, str | None
     return desc, f"UPDATE {q(t.name)} SET {sets} WHERE {where}", key
 
 
+# -- benchmark-shaped tasks ------------------------------------------------------------------
+# AgentBench DB's own mix (its data files and paper): one third INSERT, one third UPDATE, one
+# third questions over WikiSQL / WikiTableQuestions tables, most asked WikiSQL-style ("What is
+# the A when the C is v?") under one to three conditions, the rest in lower-case
+# WikiTableQuestions style; answers are one value or a list of values. The builders below cover
+# each question type with the SQL it needs (conditions joined by AND / OR / IN, comparisons on
+# numbers stored as TEXT, ORDER BY ... LIMIT / OFFSET, COUNT(DISTINCT), GROUP BY, scalar
+# subqueries), on tables drawn by `_draw_bench_table`.
+
+BENCH_TYPE_WEIGHTS = {
+    "INSERT": 23,
+    "UPDATE": 23,
+    "other": 5,
+    "comparison": 4,
+    "counting": 3,
+    "ranking": 3,
+    "aggregation-SUM": 2,
+    "aggregation-MIN": 2,
+    "aggregation-MAX": 2,
+    "aggregation-AVG": 2,
+}
+
+
+def agentbench_add_description(name: str, headers: list[str] | tuple[str, ...]) -> str:
+    """The table line every AgentBench DB item carries (its fixed wording)."""
+    return (
+        f"The name of this table is {name}, and the headers of this table are {','.join(headers)}."
+    )
+
+
+def _bench_table_name(rng: random.Random, domain: Domain) -> str:
+    """Like `_table_name`, plus names that begin with a year ("1987 Rugby Results",
+    "2004_chess_winners"): MySQL takes those unquoted, so agents meet them in the benchmark."""
+    name = _table_name(rng, domain)
+    if rng.random() < 0.05:
+        year = str(rng.randint(1950, 2023))
+        sep = "_" if "_" in name else " "
+        name = year + sep + (name.lower() if sep == "_" else name)
+    return name
+
+
+def _draw_bench_table(rng: random.Random) -> _Table:
+    domain = rng.choice(DOMAINS)
+    key_col = next(c for c in domain.columns if c.role == "key")
+    others = [c for c in domain.columns if c.role != "key"]
+    must = [rng.choice([c for c in others if c.role == "num"])]
+    must.append(rng.choice([c for c in others if c.role == "cat"]))
+    rest = [c for c in others if c not in must]
+    rng.shuffle(rest)
+    body = must + rest[: rng.randint(0, len(rest))]
+    extras = rng.sample(EXTRA_COLUMNS, rng.choice((0, 1, 1, 2, 2, 3)))
+    if rng.random() < 0.12:
+        extras += year_columns(rng)
+    rng.shuffle(body)
+    cols = [key_col, *body]
+    lead = [c for c in extras if c.names[0] in LEAD_HEADERS]
+    tail = [c for c in extras if c not in lead]
+    cols = (lead + cols if rng.random() < 0.7 else cols + lead) + tail
+    style = header_style(rng)
+    headers, seen, kept = [], set(), []
+    for c in cols:
+        h = style(rng.choice(c.names))
+        if h.lower() in seen:  # an extra column named like a domain column
+            continue
+        seen.add(h.lower())
+        headers.append(h)
+        kept.append(c)
+    blank = rng.choice((0.0, 0.0, 0.05, 0.12))
+    makers = [
+        dataclasses.replace(
+            c,
+            make=with_blanks(person_intl if c.make is person else c.make, blank)
+            if c.role == "text"
+            else (person_intl if c.make is person else c.make),
+        )
+        for c in kept
+    ]
+    u = rng.random()
+    n_rows = (
+        rng.randint(12, 30) if u < 0.7 else rng.randint(31, 45) if u < 0.93 else rng.randint(46, 70)
+    )
+    values = [
+        _unique_values(rng, c, n_rows) if c.role == "key" else [c.make(rng) for _ in range(n_rows)]
+        for c in makers
+    ]
+    return _Table(
+        name=_bench_table_name(rng, domain),
+        entity=domain.entity,
+        headers=headers,
+        roles=[c.role for c in makers],
+        makers=makers,
+        rows=[list(r) for r in zip(*values, strict=True)],
+        key=kept.index(key_col),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cond:
+    """One WHERE condition and two ways of saying it: "a Club of Falkirk" / "the Club is
+    Falkirk"."""
+
+    sql: str
+    a: str
+    the: str
+
+
+def _filled(value: str) -> bool:
+    return value.strip() not in PLACEHOLDER_CELLS
+
+
+PLACEHOLDER_CELLS = {"", "—", "–", "-", "N/A", "n/a"}
+
+
+def _shown(rng: random.Random, value: str) -> str:
+    """The value as the question writes it: one time in three lower-cased, as WikiSQL's
+    questions often are (MySQL compares case-insensitively)."""
+    return value.lower() if rng.random() < 0.3 else value
+
+
+def _eq_cond(rng: random.Random, t: _Table, c: int, value: str) -> _Cond:
+    C, v = t.headers[c], _shown(rng, value)
+    return _Cond(f"{q(C)} = {lit(v)}", f"a {C} of {v}", f"the {C} is {v}")
+
+
+def _num_cond(rng: random.Random, t: _Table, n: int, value: str) -> _Cond:
+    """A comparison that ``value`` (a cell of column ``n``) satisfies."""
+    N, x = t.headers[n], _num(value)
+    places = len(value.split(".")[1]) if "." in value else 0
+    kind = rng.choices(("gt", "lt", "ge", "le"), weights=(7, 7, 3, 3))[0]
+    step = 1 if places == 0 else 10**-places * rng.randint(1, 9)
+    bound_v = x - step if kind == "gt" else x + step if kind == "lt" else x
+    bound = f"{bound_v:.{places}f}"
+    word, op = {
+        "gt": (rng.choice(("larger than", "greater than", "more than", "over", "above")), ">"),
+        "lt": (rng.choice(("smaller than", "less than", "fewer than", "under", "below")), "<"),
+        "ge": (rng.choice(("at least", "no less than")), ">="),
+        "le": (rng.choice(("at most", "no more than")), "<="),
+    }[kind]
+    return _Cond(f"{q(N)} {op} {bound}", f"a {N} {word} {bound}", f"the {N} is {word} {bound}")
+
+
+def _like_cond(rng: random.Random, t: _Table, r: int, avoid: set[int]) -> _Cond:
+    """A ``LIKE '%word%'`` condition on a word of a name in row ``r``."""
+    cols = [i for i, role in enumerate(t.roles) if role in ("key", "text") and i not in avoid]
+    words = [(i, w) for i in cols for w in re.findall(r"[A-Za-z]{4,}", t.rows[r][i])]
+    if not words:
+        raise SynthError("no word to match")
+    i, w = rng.choice(words)
+    C = t.headers[i]
+    return _Cond(
+        f"{q(C)} LIKE {lit('%' + w + '%')}",
+        f"a {C} containing '{w}'",
+        f"the {C} contains '{w}'",
+    )
+
+
+def _eq_columns(t: _Table, avoid: set[int]) -> list[int]:
+    return [i for i, r in enumerate(t.roles) if r in ("key", "cat", "fmt") and i not in avoid]
+
+
+def _num_columns(t: _Table, avoid: set[int]) -> list[int]:
+    return [i for i, r in enumerate(t.roles) if r == "num" and i not in avoid]
+
+
+def _row_conds(
+    rng: random.Random, t: _Table, r: int, avoid: set[int], n_max: int = 3, numeric: bool = False
+) -> list[_Cond]:
+    """One to ``n_max`` conditions that row ``r`` meets: an equality first (or a comparison when
+    ``numeric``), then maybe a comparison and another equality."""
+    eq = [i for i in _eq_columns(t, avoid) if _filled(t.rows[r][i])]
+    nums = [i for i in _num_columns(t, avoid) if _filled(t.rows[r][i])]
+    conds: list[_Cond] = []
+    used: set[int] = set()
+    if numeric:
+        if not nums:
+            raise SynthError("no numeric column to compare")
+        n = rng.choice(nums)
+        conds.append(_num_cond(rng, t, n, t.rows[r][n]))
+        used.add(n)
+        if eq and rng.random() < 0.7:
+            c = rng.choice(eq)
+            conds.append(_eq_cond(rng, t, c, t.rows[r][c]))
+            used.add(c)
+    else:
+        if not eq:
+            raise SynthError("no column to filter on")
+        c = rng.choice(eq)
+        conds.append(_eq_cond(rng, t, c, t.rows[r][c]))
+        used.add(c)
+    while len(conds) < n_max and rng.random() < 0.4:
+        pool = [i for i in eq + nums if i not in used]
+        if not pool:
+            break
+        i = rng.choice(pool)
+        used.add(i)
+        make = _num_cond if i in nums else _eq_cond
+        conds.append(make(rng, t, i, t.rows[r][i]))
+    rng.shuffle(conds)
+    return conds
+
+
+def _where(conds: list[_Cond]) -> str:
+    return " WHERE " + " AND ".join(c.sql for c in conds) if conds else ""
+
+
+def _with_a(conds: list[_Cond]) -> str:
+    return _and_list([c.a for c in conds])
+
+
+def _with_the(conds: list[_Cond]) -> str:
+    return _and_list([c.the for c in conds])
+
+
+def _bare(conds: list[_Cond]) -> str:
+    """ "Club of Falkirk and a Wins above 2" (the first "a " dropped)."""
+    return _with_a(conds)[2:]
+
+
+def _lower_q(text: str) -> str:
+    """WikiTableQuestions style: all lower case."""
+    return text[:1].lower() + text[1:]
+
+
+def _fold(text: str) -> str:
+    """Lower case without accents: how MySQL's default collation compares."""
+    return "".join(
+        c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c)
+    )
+
+
+def _partial_name(rng: random.Random, t: _Table, r: int, avoid: int) -> tuple[int, str]:
+    """A word of a name in row ``r`` that no other row's name contains ("Castellan" for "Amara
+    Castellan"): the way questions often name a row."""
+    cols = [i for i, role in enumerate(t.roles) if role in ("key", "text") and i != avoid]
+    for i in rng.sample(cols, len(cols)):
+        words = [w for w in re.findall(r"[A-Za-z]{4,}", t.rows[r][i]) if w != t.rows[r][i]]
+        rng.shuffle(words)
+        for w in words:
+            if sum(_fold(w) in _fold(row[i]) for row in t.rows) == 1:
+                return i, w
+    raise SynthError("no distinctive part of a name")
+
+
+def _bench_partial_lookup(rng: random.Random, t: _Table, r: int, a: int) -> tuple:
+    """A question that names its row by part of a value; the gold SQL matches it with LIKE
+    and a careful agent's first, exact try finds nothing."""
+    i, w = _partial_name(rng, t, r, a)
+    A, T, C = t.headers[a], q(t.name), q(t.headers[i])
+    desc = rng.choice(
+        (
+            f"What is the {A} of {w}?",
+            _lower_q(f"What {A} does {w} have?"),
+            f"Tell me the {A} for {w}.",
+            f"{w} has what {A}?",
+            _lower_q(f"Which {A} goes with {w}?"),
+        )
+    )
+    gold = f"SELECT {q(A)} FROM {T} WHERE {C} LIKE {lit('%' + w + '%')}"
+    return desc, gold, None, {"first_try": f"SELECT {q(A)} FROM {T} WHERE {C} = {lit(w)}"}
+
+
+def _bench_other(rng: random.Random, t: _Table) -> tuple:
+    r = rng.randrange(len(t.rows))
+    a = rng.randrange(len(t.headers))
+    A = t.headers[a]
+    if rng.random() < 0.15:
+        return _bench_partial_lookup(rng, t, r, a)
+    conds = _row_conds(rng, t, r, {a})
+    if rng.random() < 0.2:
+        conds = [_like_cond(rng, t, r, {a})]
+    distinct = rng.random() < 0.15
+    sel = f"DISTINCT {q(A)}" if distinct else q(A)
+    desc = rng.choice(
+        (
+            f"What is the {A} when {_with_the(conds)}?",
+            f"Which {A} has {_with_a(conds)}?",
+            f"Name the {A} for {_bare(conds)}.",
+            f"{_bare(conds)[:1].upper()}{_bare(conds)[1:]} has what {A}?",
+            f"Tell me the {A} for {_with_the(conds)}.",
+            _lower_q(f"What {A} is listed when {_with_the(conds)}?"),
+            _lower_q(f"Give the {A} of the entry with {_with_a(conds)}."),
+            f"What are the {A} values for rows where {_with_the(conds)}?",
+        )
+    )
+    if distinct:
+        desc = rng.choice(
+            (
+                f"List the different {A} values among rows where {_with_the(conds)}.",
+                _lower_q(f"What distinct {A} appear when {_with_the(conds)}?"),
+            )
+        )
+    return desc, f"SELECT {sel} FROM {q(t.name)}{_where(conds)}", None
+
+
+def _bench_counting(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    r = rng.randrange(len(t.rows))
+    E, T = t.entity, q(t.name)
+    mode = rng.random()
+    if mode < 0.2:  # COUNT(DISTINCT c) over the table or a subset
+        c = rng.choice([i for i in _eq_columns(t, {t.key}) if t.roles[i] == "cat"])
+        C = t.headers[c]
+        conds = _row_conds(rng, t, r, {c}, n_max=1) if rng.random() < 0.4 else []
+        cond = f" when {_with_the(conds)}" if conds else ""
+        desc = rng.choice(
+            (
+                f"How many different {C} values are there{cond}?",
+                _lower_q(f"How many distinct {C} appear in the table{cond}?"),
+                f"Count the unique {C} entries{cond}.",
+            )
+        )
+        return desc, f"SELECT COUNT(DISTINCT {q(C)}) FROM {T}{_where(conds)}", None
+    if mode < 0.35:  # two values of one column: IN / OR
+        c = rng.choice([i for i in _eq_columns(t, set()) if t.roles[i] == "cat"])
+        C = t.headers[c]
+        vals = sorted({v for v in t.column(c) if _filled(v)})
+        if len(vals) < 2:
+            raise SynthError("one value only")
+        v1, v2 = rng.sample(vals, 2)
+        sql_cond = (
+            f"{q(C)} IN ({lit(v1)}, {lit(v2)})"
+            if rng.random() < 0.5
+            else f"{q(C)} = {lit(v1)} OR {q(C)} = {lit(v2)}"
+        )
+        desc = rng.choice(
+            (
+                f"How many {E} have a {C} of either {v1} or {v2}?",
+                _lower_q(f"How many rows list {v1} or {v2} as the {C}?"),
+                f"What is the number of {E} whose {C} is {v1} or {v2}?",
+            )
+        )
+        return desc, f"SELECT COUNT(*) FROM {T} WHERE {sql_cond}", None
+    conds = _row_conds(rng, t, r, {t.key}, numeric=rng.random() < 0.4)
+    if rng.random() < 0.2:
+        conds = [_like_cond(rng, t, r, set())]
+    a = rng.choice([i for i in range(len(t.headers)) if i != t.key] + [t.key])
+    A = t.headers[a]
+    target = rng.choice(("COUNT(*)", f"COUNT({q(A)})"))
+    desc = rng.choice(
+        (
+            f"How many {A} have {_with_a(conds)}?",
+            f"What is the total number of {A} when {_with_the(conds)}?",
+            f"How many {E} are there where {_with_the(conds)}?",
+            _lower_q(f"How many entries have {_with_a(conds)}?"),
+            f"Count the rows with {_with_a(conds)}.",
+            f"What is the count of {E} with {_with_a(conds)}?",
+        )
+    )
+    return desc, f"SELECT {target} FROM {T}{_where(conds)}", None
+
+
+def _ranked(t: _Table, n: int, rows: list[int]) -> list[float]:
+    return sorted((_num(t.rows[i][n]) for i in rows), reverse=True)
+
+
+def _no_tie(vals: list[float], k: int) -> bool:
+    """The first ``k`` of ``vals`` (sorted) are told apart from each other and the rest."""
+    return len(vals) > k and len(set(vals[: k + 1])) == k + 1
+
+
+def _bench_comparison(rng: random.Random, t: _Table) -> tuple:
+    E, T, K = t.entity, q(t.name), t.key_header
+    nums = _num_columns(t, set())
+    mode = rng.random()
+    if mode < 0.5:  # WikiSQL: a column under a comparison (and an equality)
+        r = rng.randrange(len(t.rows))
+        a = rng.randrange(len(t.headers))
+        A = t.headers[a]
+        conds = _row_conds(rng, t, r, {a}, numeric=True)
+        desc = rng.choice(
+            (
+                f"What is the {A} when {_with_the(conds)}?",
+                f"Which {A} has {_with_a(conds)}?",
+                f"Name the {A} with {_with_a(conds)}.",
+                _lower_q(f"What {A} has {_with_a(conds)}?"),
+                f"Tell me the {A} that has {_with_a(conds)}.",
+            )
+        )
+        return desc, f"SELECT {q(A)} FROM {T}{_where(conds)}", None
+    n = rng.choice(nums)
+    N = t.headers[n]
+    if mode < 0.75:  # every key above / below a threshold
+        r = rng.randrange(len(t.rows))
+        cond = _num_cond(rng, t, n, t.rows[r][n])
+        desc = rng.choice(
+            (
+                f"Which {K} values have {cond.a}?",
+                _lower_q(f"Which {E} had {cond.a}?"),
+                f"List every {K} where {cond.the}.",
+                f"Give the {K} of all {E} with {cond.a}.",
+            )
+        )
+        return desc, f"SELECT {q(K)} FROM {T} WHERE {cond.sql}", None
+    i, j = rng.sample(range(len(t.rows)), 2)
+    k1, k2 = t.rows[i][t.key], t.rows[j][t.key]
+    x1, x2 = _num(t.rows[i][n]), _num(t.rows[j][n])
+    if x1 == x2:
+        raise SynthError("equal values")
+    if mode < 0.88:  # which of two has more
+        more = rng.random() < 0.5
+        word = rng.choice(("more", "a higher", "a larger")) if more else rng.choice(
+            ("less", "a lower", "a smaller"))  # fmt: skip
+        desc = rng.choice(
+            (
+                f"Which has {word} {N}, {k1} or {k2}?",
+                _lower_q(f"Who had {word} {N}: {k1} or {k2}?"),
+                f"Between {k1} and {k2}, which {K} has {word} {N}?",
+            )
+        )
+        order = "DESC" if more else "ASC"
+        sql = (
+            f"SELECT {q(K)} FROM {T} WHERE {q(K)} IN ({lit(k1)}, {lit(k2)}) "
+            f"ORDER BY {q(N)} + 0 {order} LIMIT 1"
+        )
+        return desc, sql, None
+    # higher or lower: the answer is a word the query's rows imply
+    desc = rng.choice(
+        (
+            f"Was the {N} of {k1} higher or lower than that of {k2}?",
+            _lower_q(f"Is {k1}'s {N} higher or lower than {k2}'s?"),
+        )
+    )
+    sql = f"SELECT {q(K)}, {q(N)} FROM {T} WHERE {q(K)} IN ({lit(k1)}, {lit(k2)})"
+    return desc, sql, None, {"label": ("higher" if x1 > x2 else "lower",)}
+
+
+def _bench_ranking(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    E, T, K = t.entity, q(t.name), t.key_header
+    n = rng.choice(_num_columns(t, set()))
+    N = t.headers[n]
+    high = rng.random() < 0.5
+    order = "DESC" if high else "ASC"
+    word = rng.choice(("highest", "largest", "greatest", "most")) if high else rng.choice(
+        ("lowest", "smallest", "least", "fewest"))  # fmt: skip
+    mode = rng.random()
+    rows = list(range(len(t.rows)))
+    if mode < 0.3:  # the top key, perhaps within a subset
+        conds: list[_Cond] = []
+        if rng.random() < 0.5:
+            r = rng.randrange(len(t.rows))
+            c = rng.choice([i for i in _eq_columns(t, {t.key}) if t.roles[i] == "cat"])
+            if not _filled(t.rows[r][c]):
+                raise SynthError("a placeholder to filter on")
+            conds = [_eq_cond(rng, t, c, t.rows[r][c])]
+            v = t.rows[r][c].lower()
+            rows = [i for i in rows if t.rows[i][c].lower() == v]
+        vals = _ranked(t, n, rows)
+        if not high:
+            vals = vals[::-1]
+        if len(vals) > 1 and vals[0] == vals[1]:
+            raise SynthError("tie at the top")
+        scope = f" among rows where {_with_the(conds)}" if conds else ""
+        desc = rng.choice(
+            (
+                f"Which {K} has the {word} {N}{scope}?",
+                _lower_q(f"Which {E} had the {word} {N}{scope}?"),
+                f"Name the {K} with the {word} {N}{scope}.",
+                f"Who is ranked first by {N} ({word} first){scope}? Give the {K}.",
+            )
+        )
+        sql = f"SELECT {q(K)} FROM {T}{_where(conds)} ORDER BY {q(N)} + 0 {order} LIMIT 1"
+        return desc, sql, None
+    if mode < 0.5:  # WikiSQL "Name the least N when C is v": the extreme value itself
+        r = rng.randrange(len(t.rows))
+        conds = _row_conds(rng, t, r, {n}, n_max=2)
+        desc = rng.choice(
+            (
+                f"Name the {word} {N} when {_with_the(conds)}.",
+                f"What is the {word} {N} with {_with_a(conds)}?",
+                _lower_q(f"What was the {word} {N} for {_bare(conds)}?"),
+            )
+        )
+        sql = f"SELECT {q(N)} FROM {T}{_where(conds)} ORDER BY {q(N)} + 0 {order} LIMIT 1"
+        return desc, sql, None
+    vals = _ranked(t, n, rows)
+    if not high:
+        vals = vals[::-1]
+    if mode < 0.65:  # top k
+        k = rng.choice((2, 3, 3, 5))
+        if not _no_tie(vals, k):
+            raise SynthError("tie inside the top k")
+        desc = rng.choice(
+            (
+                f"List the {k} {K} values with the {word} {N}.",
+                _lower_q(f"What are the top {k} {E} by {N} ({word} first)? Give their {K}."),
+                f"Which {k} {E} have the {word} {N}?",
+            )
+        )
+        return desc, f"SELECT {q(K)} FROM {T} ORDER BY {q(N)} + 0 {order} LIMIT {k}", None
+    if mode < 0.74:  # the n-th place
+        if not _no_tie(vals, 2):
+            raise SynthError("tie near the top")
+        place = rng.choice(("second", "2nd"))
+        desc = rng.choice(
+            (
+                f"Which {K} has the {place} {word} {N}?",
+                _lower_q(f"Who came {place} by {N}, counting the {word} first? Give the {K}."),
+            )
+        )
+        sql = f"SELECT {q(K)} FROM {T} ORDER BY {q(N)} + 0 {order} LIMIT 1 OFFSET 1"
+        return desc, sql, None
+    if mode < 0.84:  # all that share the top value (ties welcome)
+        agg = "MAX" if high else "MIN"
+        desc = rng.choice(
+            (
+                f"Which {K} values share the {word} {N}? List all of them.",
+                _lower_q(f"Which {E} had the {word} {N}? Include every tie."),
+            )
+        )
+        sql = f"SELECT {q(K)} FROM {T} WHERE {q(N)} + 0 = (SELECT {agg}({q(N)} + 0) FROM {T})"
+        return desc, sql, None
+    # the most / least frequent category
+    c = rng.choice([i for i in _eq_columns(t, {t.key}) if t.roles[i] == "cat"])
+    C = t.headers[c]
+    counts = collections.Counter(v.lower() for v in t.column(c) if _filled(v))
+    ranked = sorted(counts.values(), reverse=high)
+    if len(ranked) < 2 or ranked[0] == ranked[1]:
+        raise SynthError("tie in counts")
+    often = "most" if high else "fewest"
+    desc = rng.choice(
+        (
+            f"Which {C} appears in the {often} rows?",
+            _lower_q(f"Which {C} has the {often} {E}?"),
+        )
+    )
+    sql = (
+        f"SELECT {q(C)} FROM {T} WHERE {q(C)} NOT IN ('', '—', '–', '-', 'N/A') "
+        f"GROUP BY {q(C)} ORDER BY COUNT(*) {order} LIMIT 1"
+    )
+    return desc, sql, None
+
+
+_AGG_WORDS = {
+    "SUM": ("total", "sum of the", "combined", "overall"),
+    "AVG": ("average", "mean", "avg."),
+    "MIN": ("lowest", "smallest", "minimum", "least", "fewest"),
+    "MAX": ("highest", "largest", "maximum", "most", "greatest"),
+}
+
+
+def _bench_aggregation(kind: str) -> Callable[[random.Random, _Table], tuple]:
+    def build(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+        T = q(t.name)
+        n = rng.choice(_num_columns(t, set()))
+        N = t.headers[n]
+        expr = f"{kind}({q(N)} + 0)" if kind in ("MIN", "MAX") else f"{kind}({q(N)})"
+        w = rng.choice(_AGG_WORDS[kind])
+        mode = rng.random()
+        if mode < 0.2:  # a few named rows
+            ks = rng.sample(t.column(t.key), rng.randint(2, 3))
+            K = t.key_header
+            names = _and_list(ks)
+            desc = rng.choice(
+                (
+                    f"What is the {w} {N} of {names}?",
+                    _lower_q(f"What was the {w} {N} for {names}?"),
+                )
+            )
+            where = f" WHERE {q(K)} IN ({', '.join(lit(k) for k in ks)})"
+            return desc, f"SELECT {expr} FROM {T}{where}", None
+        conds: list[_Cond] = []
+        if mode < 0.85:
+            conds = _row_conds(rng, t, rng.randrange(len(t.rows)), {n, t.key}, n_max=2)
+        if conds:
+            desc = rng.choice(
+                (
+                    f"What is the {w} {N} when {_with_the(conds)}?",
+                    f"What is the {w} {N} that has {_with_a(conds)}?",
+                    f"Name the {w} {N} for {_bare(conds)}.",
+                    _lower_q(f"What was the {w} {N} with {_with_a(conds)}?"),
+                    f"Give the {w} {N} among {t.entity} where {_with_the(conds)}.",
+                )
+            )
+        else:
+            desc = rng.choice(
+                (
+                    f"What is the {w} {N} of all {t.entity}?",
+                    _lower_q(f"What is the {w} {N} in the table?"),
+                    f"Compute the {w} {N} over every row.",
+                )
+            )
+        return desc, f"SELECT {expr} FROM {T}{_where(conds)}", None
+
+    return build
+
+
+def _new_key(rng: random.Random, t: _Table) -> str:
+    existing = {v.lower() for v in t.column(t.key)}
+    for _ in range(200):
+        v = t.makers[t.key].make(rng)
+        if v.lower() not in existing:
+            return v
+    raise SynthError("no new key")
+
+
+def _bench_insert(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    key = _new_key(rng, t)
+    cols = list(range(len(t.headers)))
+    values = {i: key if i == t.key else t.makers[i].make(rng) for i in cols}
+    if rng.random() < 0.15 and len(cols) > 3:  # one column left out (NULL)
+        cols.remove(rng.choice([i for i in cols if i != t.key]))
+    cols = [i for i in cols if values[i] != "" or i == t.key]
+    pairs = [(t.headers[i], values[i]) for i in cols]
+    rest = [(h, v) for h, v in pairs if h != t.key_header]
+    K, v_ = t.key_header, _quoter(rng)
+    desc = rng.choice(
+        (
+            f"Insert a new row into the {t.name} table: "
+            + _and_list([f"{h} is {v_(v)}" for h, v in pairs])
+            + ".",
+            f"Add an entry for {key} to {t.name} with "
+            + _and_list([f"{h} {v_(v)}" for h, v in rest])
+            + ".",
+            f"The {t.name} table needs a new record where "
+            + _and_list([f"the {h} is {v_(v)}" for h, v in pairs])
+            + ".",
+            f"In the table {t.name}, insert the values ("
+            + ", ".join(f"'{v}'" for _, v in pairs)
+            + ") for the columns ("
+            + ", ".join(h for h, _ in pairs)
+            + ").",
+            f"On the {t.name} table, add {key} with "
+            + _and_list([f"a {h} of {v}" for h, v in rest])
+            + ".",
+            f"A new {K} {v_(key)} should be recorded in {t.name}: "
+            + "; ".join(f"{h}: {v}" for h, v in rest)
+            + ".",
+            f"{key} has joined the {t.name} table, with "
+            + _and_list([f"{v_(v)} as {h}" for h, v in rest])
+            + "; add the row.",
+        )
+    )
+    names = ", ".join(q(h) for h, _ in pairs)
+    if rng.random() < 0.75:
+        sql = f"INSERT INTO {q(t.name)} ({names}) VALUES ({', '.join(lit(v) for _, v in pairs)})"
+    else:
+        sql = f"INSERT INTO {q(t.name)} SET " + ", ".join(f"{q(h)} = {lit(v)}" for h, v in pairs)
+    return desc, sql, key
+
+
+def _bench_update(rng: random.Random, t: _Table) -> tuple[str, str, str | None]:
+    T, K = q(t.name), t.key_header
+    r = rng.randrange(len(t.rows))
+    key = t.rows[r][t.key]
+    n_set = min(rng.choice((1, 1, 1, 1, 1, 2, 2, 3, 4, 5)), len(t.headers) - 1)
+    targets = sorted(rng.sample([i for i in range(len(t.headers)) if i != t.key], n_set))
+    pairs = []
+    for a in targets:
+        new = next(
+            (
+                v
+                for v in (t.makers[a].make(rng) for _ in range(50))
+                if v != t.rows[r][a] and _filled(v)
+            ),
+            None,
+        )
+        if new is None:
+            raise SynthError("no new value")
+        pairs.append((t.headers[a], new))
+    sets = ", ".join(f"{q(h)} = {lit(v)}" for h, v in pairs)
+    v_ = _quoter(rng)
+    changes = _and_list([f"the {h} to {v_(v)}" for h, v in pairs])
+    mode = rng.random()
+    if mode < 0.12:  # two rows named by key
+        j = rng.choice([i for i in range(len(t.rows)) if i != r])
+        key2 = t.rows[j][t.key]
+        desc = rng.choice(
+            (
+                f"In {t.name}, set {changes} for both {key} and {key2}.",
+                f"Update the {t.name} table: {key} and {key2} should have "
+                + _and_list([f"{h} {v_(v)}" for h, v in pairs])
+                + ".",
+            )
+        )
+        where = f"{q(K)} = {lit(key)} OR {q(K)} = {lit(key2)}"
+        return desc, f"UPDATE {T} SET {sets} WHERE {where}", None
+    if mode < 0.24:  # every row of a category, or above a threshold
+        cat_cols = [i for i in _eq_columns(t, set(targets) | {t.key}) if t.roles[i] == "cat"]
+        num_cols = _num_columns(t, set(targets))
+        cat_cols = [i for i in cat_cols if _filled(t.rows[r][i])]
+        if cat_cols and (rng.random() < 0.6 or not num_cols):
+            c = rng.choice(cat_cols)
+            cond = _eq_cond(rng, t, c, t.rows[r][c])
+        elif num_cols:
+            n = rng.choice(num_cols)
+            cond = _num_cond(rng, t, n, t.rows[r][n])
+        else:
+            raise SynthError("no column to select rows by")
+        desc = rng.choice(
+            (
+                f"For every row where {cond.the}, change {changes}.",
+                f"Update {t.name} so that all {t.entity} with {cond.a} have "
+                + _and_list([f"{h} {v_(v)}" for h, v in pairs])
+                + ".",
+            )
+        )
+        return desc, f"UPDATE {T} SET {sets} WHERE {cond.sql}", None
+    conds = [_Cond(f"{q(K)} = {lit(key)}", f"a {K} of {key}", f"the {K} is {key}")]
+    if mode < 0.35:  # a second condition naming the same row
+        conds += _row_conds(rng, t, r, set(targets) | {t.key}, n_max=1)
+    desc = rng.choice(
+        (
+            f"Change {changes} where {_with_the(conds)}.",
+            f"Update the {t.name} table by setting {changes} for the row with {_with_a(conds)}.",
+            f"On the {t.name} table, {key}'s "
+            + _and_list([f"{h} should now be {v_(v)}" for h, v in pairs])
+            + ".",
+            f"In {t.name}, the entry whose {K} is {key} has a new "
+            + _and_list([f"{h}: {v}" for h, v in pairs])
+            + ".",
+            f"Alter the record of {key} in {t.name}: set "
+            + _and_list([f"{h} = {v_(v)}" for h, v in pairs])
+            + ".",
+            "Set " + _and_list([f"{h} to {v_(v)}" for h, v in pairs]) + f" for {key}.",
+            f"The {t.name} row for {_bare(conds)} now has "
+            + _and_list([f"a {h} of {v}" for h, v in pairs])
+            + "; update it.",
+        )
+    )
+    return desc, f"UPDATE {T} SET {sets}{_where(conds)}", key
+
+
+_BENCH_BUILDERS = {
+    "other": _bench_other,
+    "counting": _bench_counting,
+    "comparison": _bench_comparison,
+    "ranking": _bench_ranking,
+    "aggregation-SUM": _bench_aggregation("SUM"),
+    "aggregation-MIN": _bench_aggregation("MIN"),
+    "aggregation-MAX": _bench_aggregation("MAX"),
+    "aggregation-AVG": _bench_aggregation("AVG"),
+    "INSERT": _bench_insert,
+    "UPDATE": _bench_update,
+}
+
+
 _WIKISQL_BUILDERS = {
     "other": _wikisql_lookup,
     "comparison": _wikisql_lookup,
@@ -593,54 +1354,112 @@ _BUILDERS = {
 
 
 def generate_task(
-    seed: int, index: int, task_type: str | None = None, wikisql_share: float = 0.0
+    seed: int,
+    index: int,
+    task_type: str | None = None,
+    wikisql_share: float = 0.0,
+    benchmark_share: float = 0.0,
 ) -> SynthTask:
-    """The ``index``-th task of stream ``seed`` (deterministic). ``wikisql_share``: the chance
-    that an `other`, `comparison`, INSERT or UPDATE task is drawn in the style of AgentBench's
-    DB items (built on WikiSQL tables): lookups under several conditions, INSERTs told as
-    facts, UPDATEs of several columns (`_WIKISQL_BUILDERS`); 0 draws exactly the tasks of
-    earlier versions."""
-    if not 0.0 <= wikisql_share <= 1.0:
-        raise ValueError(f"wikisql_share must be in [0, 1], got {wikisql_share!r}")
+    """The ``index``-th task of stream ``seed`` (deterministic).
+
+    ``benchmark_share``: the chance that the task is drawn in the shape of AgentBench's DB
+    split as a whole (`_draw_bench_table`, `_BENCH_BUILDERS`, `BENCH_TYPE_WEIGHTS`, AgentBench's
+    table line): a third INSERT, a third UPDATE, the rest every question type with the SQL it
+    needs. Otherwise ``wikisql_share`` is the chance that an `other`, `comparison`, INSERT or
+    UPDATE task is drawn in the style of AgentBench's WikiSQL items (`_WIKISQL_BUILDERS`). Both
+    0 draw exactly the tasks of earlier versions; the choice between the styles is drawn apart
+    from the task, so raising ``benchmark_share`` leaves the other tasks as they were."""
+    for name, share in (("wikisql_share", wikisql_share), ("benchmark_share", benchmark_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {share!r}")
+    bench = random.Random(f"dbbench-synth-style:{seed}:{index}").random() < benchmark_share
     for attempt in range(50):
-        rng = random.Random(f"dbbench-synth:{seed}:{index}:{attempt}")
-        typ = task_type or rng.choices(TASK_TYPES, weights=_TYPE_WEIGHTS)[0]
-        table = _draw_table(rng)
-        build = _BUILDERS[typ]
-        if wikisql_share > 0 and typ in _WIKISQL_BUILDERS and rng.random() < wikisql_share:
-            build = _WIKISQL_BUILDERS[typ]
+        if bench:
+            rng = random.Random(f"dbbench-synth-bench:{seed}:{index}:{attempt}")
+            typ = (
+                task_type
+                or rng.choices(list(BENCH_TYPE_WEIGHTS), weights=list(BENCH_TYPE_WEIGHTS.values()))[
+                    0
+                ]
+            )
+            table = _draw_bench_table(rng)
+            build = _BENCH_BUILDERS[typ]
+        else:
+            rng = random.Random(f"dbbench-synth:{seed}:{index}:{attempt}")
+            typ = task_type or rng.choices(TASK_TYPES, weights=_TYPE_WEIGHTS)[0]
+            table = _draw_table(rng)
+            build = _BUILDERS[typ]
+            if wikisql_share > 0 and typ in _WIKISQL_BUILDERS and rng.random() < wikisql_share:
+                build = _WIKISQL_BUILDERS[typ]
         try:
-            desc, sql, key_value = build(rng, table)
-            add = _add_description(rng, table)
-            tid = f"synth-{seed}-{index}"
-            res, db = _run(table, sql)
-            try:
-                if typ in ("INSERT", "UPDATE"):
-                    md5 = db.table_hash()
-                    task = _db_task(table, typ, desc, add, (sql,), md5, tid)
-                else:
-                    rows = res.rows or []
-                    if not rows or any(r[0] is None for r in rows):
-                        raise SynthError("empty answer")
-                    if typ == "other" and len(rows) != 1:
-                        raise SynthError("ambiguous lookup")
-                    if build is _wikisql_lookup and len(rows) > 6:
-                        raise SynthError("ambiguous lookup")
-                    label = tuple(_fmt(r[0]) for r in rows)
-                    task = _db_task(table, typ, desc, add, label, None, tid)
-            finally:
-                db.close()
+            desc, sql, key_value, *more = build(rng, table)
+            extra = more[0] if more else {}
+            if bench:
+                add = (
+                    agentbench_add_description(table.name, table.headers)
+                    if rng.random() < 0.9
+                    else _add_description(rng, table)
+                )
+            else:
+                add = _add_description(rng, table)
+            task = _checked_task(table, typ, desc, add, sql, extra, f"synth-{seed}-{index}", bench)
         except SynthError:
             continue
-        return SynthTask(task=task, gold_sql=sql, key_column=table.headers[0], key_value=key_value)
+        return SynthTask(
+            task=task,
+            gold_sql=sql,
+            key_column=table.key_header,
+            key_value=key_value,
+            first_try=extra.get("first_try"),
+        )
     raise SynthError(f"no valid task for seed={seed} index={index}")
 
 
+def _checked_task(
+    table: _Table,
+    typ: str,
+    desc: str,
+    add: str,
+    sql: str,
+    extra: dict[str, Any],
+    tid: str,
+    bench: bool,
+) -> DBTask:
+    """Run the gold SQL; the task with its gold answer, or SynthError when the draw is unfit
+    (an empty or ambiguous answer, a change that changes nothing, a first try that finds rows).
+    ``extra``: ``label`` (an answer the rows only imply), ``first_try`` (see SynthTask)."""
+    if extra.get("first_try"):
+        tried, db = _run(table, extra["first_try"])
+        db.close()
+        if tried.rows:
+            raise SynthError("the first try already finds the row")
+    res, db = _run(table, sql)
+    try:
+        if typ in ("INSERT", "UPDATE"):
+            md5 = db.table_hash()
+            if bench and md5 == _table_hash(table):
+                raise SynthError("the change changes nothing")
+            return _db_task(table, typ, desc, add, (sql,), md5, tid)
+        rows = res.rows or []
+        if not rows or any(r[0] is None for r in rows):
+            raise SynthError("empty answer")
+        if typ == "other" and len(rows) != 1 and not bench:
+            raise SynthError("ambiguous lookup")
+        if len(rows) > (8 if bench else 6) and (bench or typ != "other"):
+            raise SynthError("too many rows")
+        if bench and any(not _filled(str(r[0])) for r in rows):
+            raise SynthError("a placeholder as the answer")
+        label = extra.get("label") or tuple(_fmt(r[0]) for r in rows)
+        return _db_task(table, typ, desc, add, label, None, tid)
+    finally:
+        db.close()
+
+
 def generate_tasks(
-    n: int, seed: int = 0, start: int = 0, wikisql_share: float = 0.0
+    n: int, seed: int = 0, start: int = 0, wikisql_share: float = 0.0, benchmark_share: float = 0.0
 ) -> Iterator[SynthTask]:
     for i in range(start, start + n):
-        yield generate_task(seed, i, wikisql_share=wikisql_share)
+        yield generate_task(seed, i, wikisql_share=wikisql_share, benchmark_share=benchmark_share)
 
 
 # -- the scripted expert ---------------------------------------------------------------------
@@ -679,7 +1498,7 @@ def expert_plan(st: SynthTask, seed: int = 0) -> list[str]:
         intro = "Now I know the layout of the table."
     if rng.random() < 0.15:
         bad = _mistake(rng, st)
-        if bad is not None:
+        if bad is not None and _fails(st.task, bad[0]):
             sql_bad, recovery = bad
             msgs.append(_op(f"{intro} I will write the query directly.", sql_bad))
             if rng.random() < 0.5:
@@ -687,6 +1506,13 @@ def expert_plan(st: SynthTask, seed: int = 0) -> list[str]:
                 intro = "Now I have the exact column names, so I can fix the statement."
             else:
                 intro = recovery + " I will fix the statement."
+    if st.first_try is not None and rng.random() < 0.7:
+        look_up = "I will look the name up exactly as the question writes it."
+        msgs.append(_op(f"{intro} {look_up}", st.first_try))
+        intro = (
+            "No row has exactly that name, so it must be part of a longer one; "
+            "I will match it with LIKE."
+        )
     if t.is_mutation:
         msgs.append(_op(f"{intro} This statement makes the change.", st.gold_sql))
         if st.key_value is not None and rng.random() < 0.3:
@@ -714,6 +1540,16 @@ def expert_plan(st: SynthTask, seed: int = 0) -> list[str]:
     return msgs
 
 
+def _fails(task: DBTask, sql: str) -> bool:
+    """Whether ``sql`` is an error on a fresh copy of the task's table: the expert only makes
+    mistakes whose error it then reads (an unquoted name can also parse as something else)."""
+    db = _BACKEND.open(task.table_spec())
+    try:
+        return db.execute(sql).error
+    finally:
+        db.close()
+
+
 def _mistake(rng: random.Random, st: SynthTask) -> tuple[str, str] | None:
     """A plausible failing statement and the thought that explains the error."""
     t = st.task
@@ -726,11 +1562,13 @@ def _mistake(rng: random.Random, st: SynthTask) -> tuple[str, str] | None:
         )
     used = [h for h in t.columns if q(h) in sql]
     if kind == "quotes":
-        spaced = [h for h in used if " " in h and h != t.table_name]
+        spaced = [h for h in used if re.search(r"[^0-9A-Za-z_$\u0080-\uffff]", h)]
+        spaced = [h for h in spaced if h != t.table_name]
         if spaced:
             h = spaced[0]
+            why = "contains spaces" if " " in h else "contains punctuation"
             return sql.replace(q(h), h), (
-                f"The name {h} contains spaces, so it has to be quoted with backticks."
+                f"The name {h} {why}, so it has to be quoted with backticks."
             )
     for h in used:
         wrong = _wrong_column(t.columns, h)
@@ -753,7 +1591,7 @@ def expert_episode(st: SynthTask, env: DBBenchEnv, seed: int = 0) -> dict[str, A
     return env.transcript()
 
 
-def write_sft_jsonl(path: str | Path, n: int, seed: int = 0) -> int:
+def write_sft_jsonl(path: str | Path, n: int, seed: int = 0, benchmark_share: float = 0.0) -> int:
     """Write ``n`` expert trajectories as ``{"messages": [...]}`` lines; returns the count.
 
     Messages: system, user (task), then assistant / user (observation) turns ending with the
@@ -761,7 +1599,7 @@ def write_sft_jsonl(path: str | Path, n: int, seed: int = 0) -> int:
     env = DBBenchEnv(SQLiteBackend())
     written = 0
     with Path(path).open("w", encoding="utf-8") as f:
-        for st in generate_tasks(n, seed):
+        for st in generate_tasks(n, seed, benchmark_share=benchmark_share):
             tr = expert_episode(st, env, seed)
             if tr["reward"] != 1.0:
                 raise SynthError(f"scripted expert failed task {st.task.task_id}: {tr['status']}")
@@ -772,9 +1610,9 @@ def write_sft_jsonl(path: str | Path, n: int, seed: int = 0) -> int:
     return written
 
 
-def write_tasks_jsonl(path: str | Path, n: int, seed: int = 0) -> int:
+def write_tasks_jsonl(path: str | Path, n: int, seed: int = 0, benchmark_share: float = 0.0) -> int:
     """Write ``n`` task records in the AgentBench DBBench JSONL schema."""
     with Path(path).open("w", encoding="utf-8") as f:
-        for st in generate_tasks(n, seed):
+        for st in generate_tasks(n, seed, benchmark_share=benchmark_share):
             f.write(json.dumps(st.to_record(), ensure_ascii=False) + "\n")
     return n

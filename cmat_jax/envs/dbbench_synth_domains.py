@@ -472,3 +472,94 @@ NAME_HEADS = (
     "Production", "Output", "Exports", "Attendance", "Ratings", "Discography", "Filmography",
     "Bibliography", "Honours", "Titles", "Achievements", "Milestones", "Incidents", "Accidents",
 )  # fmt: skip
+
+# -- benchmark-shaped tables ------------------------------------------------------------------
+# AgentBench's DB tables come from Wikipedia (WikiSQL, WikiTableQuestions, ...), widened with
+# extra rows. Compared with the domains above they have more columns, headers with punctuation
+# ("Pts.", "Win %", "Team(s)") or made of digits ("2005"), numbers written for people ("12,400",
+# "$3.1 million"), placeholder cells ("—", ""), accented names, and tables whose first column
+# is not a key (a year, a rank) so values repeat. The makers below add those traits to any
+# domain table; role "fmt" marks a number written for people (shown and looked up, never
+# compared or summed: MySQL and SQLite read "12,400" as 12).
+
+FIRST_INTL = (
+    "José", "Zoë", "Björn", "Łukasz", "Inês", "Søren", "Ángel", "Chloé", "Jürgen", "Çağla",
+    "Mária", "Tomás", "Noémie", "Håkon", "Dušan", "Anaïs",
+)  # fmt: skip
+LAST_INTL = (
+    "Müller", "Ødegaard", "Nuñez", "Šimić", "Brontë", "Çelik", "Gonçalves", "Dvořák", "Ågren",
+    "Fernández", "Lefèvre", "Wójcik", "Þórsson", "Kovač",
+)  # fmt: skip
+PLACEHOLDERS = ("—", "–", "", "N/A", "n/a", "-")
+ROUND_RESULTS = ("W", "F", "SF", "QF", "R16", "3R", "2R", "1R", "RR", "—", "A")
+
+
+def person_intl(rng: random.Random) -> str:
+    """A name, one in four with letters outside ASCII."""
+    if rng.random() < 0.25:
+        return f"{rng.choice(FIRST_INTL)} {rng.choice(LAST_INTL + tuple(LAST))}"
+    return person(rng)
+
+
+def thousands(lo: int, hi: int) -> ValueMaker:
+    return lambda rng: f"{rng.randint(lo, hi):,}"
+
+
+def money(lo: int, hi: int) -> ValueMaker:
+    def make(rng: random.Random) -> str:
+        v = rng.randint(lo, hi)
+        if v >= 1_000_000 and rng.random() < 0.5:
+            return f"${v / 1_000_000:.1f} million"
+        return f"${v:,}"
+
+    return make
+
+
+def with_blanks(make: ValueMaker, share: float) -> ValueMaker:
+    """``make``, but a placeholder ("—", "", "N/A", ...) in a ``share`` of the cells."""
+    return lambda rng: rng.choice(PLACEHOLDERS) if rng.random() < share else make(rng)
+
+
+def ordinal(lo: int, hi: int) -> ValueMaker:
+    def make(rng: random.Random) -> str:
+        n = rng.randint(lo, hi)
+        suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+        return f"{n}{suffix}"
+
+    return make
+
+
+# Extra columns a benchmark-shaped table may carry besides its domain's own. "lead" columns
+# (a year, a rank) may stand first, before the key, as Wikipedia tables often do.
+EXTRA_COLUMNS: tuple[Column, ...] = (
+    C("Rank|Pos.|No.|#|Place", "num", integer(1, 30)),
+    C("Year|Season|Yr.", "num", integer(1961, 2023)),
+    C("Notes|Remarks|Comment(s)|Ref.", "text", with_blanks(
+        pick("debut", "record", "retired", "on loan", "new", "[1]", "[2]", "relegated", "tie"), 0.5)),
+    C("Win %|Share (%)|Pct.|% of total", "num", decimal(0, 100, 1)),
+    C("Prize Money|Budget ($)|Revenue (US$)|Earnings", "fmt", money(4_000, 9_000_000)),
+    C("Attendance|Crowd|Population|Votes", "fmt", thousands(1_200, 250_000)),
+    C("Position|Finish|Result", "cat", ordinal(1, 40)),
+    C("Contact|Leader(s)|Chair/President", "text", person_intl),
+    C("Area (km²)|Surface (km²)|Temp. (°C)", "num", decimal(1, 900, 1)),
+)  # fmt: skip
+LEAD_HEADERS = {"Rank", "Pos.", "No.", "#", "Place", "Year", "Season", "Yr."}
+
+
+def year_columns(rng: random.Random) -> list[Column]:
+    """Two to four consecutive year-named columns (results per season: "W", "SF", "—")."""
+    start = rng.randint(1995, 2018)
+    return [
+        Column((str(y),), "cat", pick(*ROUND_RESULTS))
+        for y in range(start, start + rng.randint(2, 4))
+    ]
+
+
+def header_style(rng: random.Random) -> Callable[[str], str]:
+    """One header style per table: as written, sentence case ("Home team"), or lower case."""
+    style = rng.random()
+    if style < 0.7:
+        return lambda h: h
+    if style < 0.95:
+        return lambda h: h[:1] + h[1:].lower()
+    return lambda h: h.lower()
