@@ -10,6 +10,8 @@ module only decides how to call `jax.distributed.initialize`:
   port is derived from the job id; one process per node sees all its GPUs, one process per GPU
   sees its own),
 - `tpu`: a Cloud TPU VM: JAX reads the slice's topology from the TPU metadata itself,
+- `jax`: whatever cluster `jax.distributed.initialize()` detects by itself (SLURM with one
+  task per GPU, Cloud TPU, Kubernetes, MPI, ...); the SLURM batch script uses this,
 - `single`: none of the above — one process, no initialization.
 
 `resolve()` is a pure function of (flags, environment) so every branch is testable without a
@@ -41,8 +43,8 @@ ENV_NUM_PROCESSES = "CMAT_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "CMAT_JAX_PROCESS_ID"
 ENV_PORT = "CMAT_JAX_COORDINATOR_PORT"
 
-Mode = Literal["auto", "single", "explicit", "slurm", "tpu"]
-MODES = ("auto", "single", "explicit", "slurm", "tpu")
+Mode = Literal["auto", "single", "explicit", "slurm", "tpu", "jax"]
+MODES = ("auto", "single", "explicit", "slurm", "tpu", "jax")
 
 
 class DistributedError(ValueError):
@@ -54,8 +56,9 @@ class DistributedArgs:
     """How this process joins a multi-process JAX run (all optional: 'auto' detects)."""
 
     mode: Mode = "auto"
-    """auto | single | explicit | slurm | tpu ('auto': explicit if a coordinator is given,
-    else SLURM if its variables are set, else a Cloud TPU VM, else a single process)."""
+    """auto | single | explicit | slurm | tpu | jax ('auto': explicit if a coordinator is
+    given, else SLURM if its variables are set, else a Cloud TPU VM, else a single process;
+    'jax': `jax.distributed.initialize()` detects the cluster itself)."""
     coordinator: str | None = None
     """host:port of process 0's coordinator service (explicit mode)."""
     num_processes: int | None = None
@@ -74,7 +77,7 @@ class DistributedArgs:
 class Plan:
     """The resolved `jax.distributed.initialize` arguments (kind 'single': no call)."""
 
-    kind: Literal["single", "explicit", "slurm", "tpu"]
+    kind: Literal["single", "explicit", "slurm", "tpu", "jax"]
     coordinator: str | None = None
     num_processes: int = 1
     process_id: int = 0
@@ -192,8 +195,8 @@ def resolve(
         return _explicit_plan(args, env)
     if mode == "slurm":
         return _slurm_plan(args, env)
-    if mode == "tpu":
-        return Plan("tpu")
+    if mode in ("tpu", "jax"):
+        return Plan(mode)
     return Plan("single")
 
 
@@ -214,7 +217,7 @@ def initialize_from_env(
 
     plan = resolve(args, env)
     timeout = (args or DistributedArgs()).timeout_s
-    if plan.kind == "tpu":
+    if plan.kind in ("tpu", "jax"):  # JAX detects the cluster and its topology itself
         jax.distributed.initialize(initialization_timeout=timeout)
     elif plan.kind != "single":
         # Cross-process collectives on CPU (tests, CPU clusters) go through gloo.

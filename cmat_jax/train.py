@@ -219,9 +219,15 @@ def resolved_config(job: SFTJob) -> dict:
 
 
 def configs_dir() -> Path:
-    """$CMAT_JAX_CONFIGS, else the repository's configs/ beside the package."""
+    """$CMAT_JAX_CONFIGS; else the presets installed inside the package (a wheel maps the
+    repository's configs/ to `cmat_jax/configs`); else configs/ beside the package (a source
+    checkout or an editable install)."""
     env = os.environ.get(CONFIGS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
 
 
 def load_presets(kind: type) -> dict[str, Any]:

@@ -49,8 +49,16 @@ def save_tiny_tokenizer(path: Path, vocab_size: int = 300) -> Path:
     return path
 
 
-def save_tiny_hf_model(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    """A random-init HF causal LM (weights perturbed so nothing is trivially zero/one)."""
+def save_tiny_hf_model(
+    path: Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    *,
+    max_shard_size: str | int | None = None,
+    **overrides,
+) -> Path:
+    """A random-init HF causal LM (weights perturbed so nothing is trivially zero/one);
+    `max_shard_size` splits the safetensors into shards with an index, as large models are."""
     import transformers
 
     cls = {
@@ -73,12 +81,22 @@ def save_tiny_hf_model(path: Path, model_type: str = "llama", seed: int = 0, **o
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path)
+    if max_shard_size is None:
+        model.save_pretrained(path)
+    else:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
     return path
 
 
-def save_tiny_model_dir(path: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+def save_tiny_model_dir(
+    path: Path,
+    model_type: str = "llama",
+    seed: int = 0,
+    *,
+    max_shard_size: str | int | None = None,
+    **overrides,
+) -> Path:
     """HF model + tokenizer in one directory, loadable by `load_model` and by transformers."""
-    save_tiny_hf_model(path, model_type, seed, **overrides)
+    save_tiny_hf_model(path, model_type, seed, max_shard_size=max_shard_size, **overrides)
     save_tiny_tokenizer(path, vocab_size=min(300, overrides.get("vocab_size", 320)))
     return path

@@ -1,4 +1,4 @@
-"""safetensors reader: single file, model dir, sharded index, bf16, header validation."""
+"""safetensors reader: single file, model dir, sharded index, slices, bf16, header validation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from cmat_jax.weights.errors import WeightsError
-from cmat_jax.weights.safetensors_io import iter_safetensors, safetensors_names_shapes
+from cmat_jax.weights.safetensors_io import SafetensorsCheckpoint
+
+
+def _read_all(path: Path) -> dict[str, np.ndarray]:
+    with SafetensorsCheckpoint(path) as ckpt:
+        return {name: ckpt.read(name) for name in ckpt.shapes}
 
 
 def _state(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -49,52 +54,58 @@ def _write_sharded(d: Path, state: dict[str, np.ndarray], n_shards: int = 3) -> 
 def test_single_file_and_dir_round_trip(tmp_path: Path) -> None:
     state = _state(np.random.default_rng(0))
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "np"})
-    _assert_same(dict(iter_safetensors(tmp_path)), state)
-    _assert_same(dict(iter_safetensors(tmp_path / "model.safetensors")), state)
+    _assert_same(_read_all(tmp_path), state)
+    _assert_same(_read_all(tmp_path / "model.safetensors"), state)
 
 
 def test_sharded_round_trip_and_headers(tmp_path: Path) -> None:
     state = _state(np.random.default_rng(1))
     _write_sharded(tmp_path, state)
-    _assert_same(dict(iter_safetensors(tmp_path)), state)
-    shapes = safetensors_names_shapes(tmp_path)
-    assert shapes == {n: (a.shape, a.dtype) for n, a in state.items()}
+    _assert_same(_read_all(tmp_path), state)
+    with SafetensorsCheckpoint(tmp_path) as ckpt:
+        assert ckpt.shapes == {n: a.shape for n, a in state.items()}
+        assert ckpt.dtypes["model.layers.0.self_attn.q_proj.weight"] == "F16"
 
 
-def test_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
+def test_reads_slices(tmp_path: Path) -> None:
     state = _state(np.random.default_rng(2))
-    save_file(state, str(tmp_path / "model.safetensors"))
-    it = iter_safetensors(tmp_path)
-    name, first = next(it)
-    np.testing.assert_array_equal(first, state[name])
-    assert len(list(it)) == len(state) - 1
+    _write_sharded(tmp_path, state, n_shards=2)
+    w = state["lm_head.weight"]
+    with SafetensorsCheckpoint(tmp_path) as ckpt:
+        got = ckpt.read("lm_head.weight", (slice(8, 16), slice(4, 12)))
+        np.testing.assert_array_equal(got, w[8:16, 4:12])
+        np.testing.assert_array_equal(
+            ckpt.read("model.norm.weight", (slice(2, 5),)), state["model.norm.weight"][2:5]
+        )
 
 
 def test_bf16(tmp_path: Path) -> None:
     x = np.random.default_rng(3).standard_normal((8, 4)).astype(ml_dtypes.bfloat16)
     save_file({"w": x, "f": np.arange(3, dtype=np.int64)}, str(tmp_path / "model.safetensors"))
-    got = dict(iter_safetensors(tmp_path))
+    got = _read_all(tmp_path)
     assert got["w"].dtype == np.dtype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(got["w"].astype(np.float32), x.astype(np.float32))
     np.testing.assert_array_equal(got["f"], np.arange(3))
-    assert safetensors_names_shapes(tmp_path)["w"] == ((8, 4), np.dtype(ml_dtypes.bfloat16))
+    with SafetensorsCheckpoint(tmp_path) as ckpt:
+        assert (ckpt.shapes["w"], ckpt.dtypes["w"]) == ((8, 4), "BF16")
+        np.testing.assert_array_equal(ckpt.read("w", (slice(2, 4),)), x[2:4])
 
 
 def test_truncated_file(tmp_path: Path) -> None:
     f = tmp_path / "model.safetensors"
     save_file(_state(np.random.default_rng(4)), str(f))
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(WeightsError, match=r"model\.safetensors: truncated"):
-        safetensors_names_shapes(tmp_path)
-    with pytest.raises(WeightsError, match="truncated"):
-        next(iter_safetensors(tmp_path))
+    with pytest.raises(
+        WeightsError, match=r"model\.safetensors: not a safetensors file or truncated"
+    ):
+        SafetensorsCheckpoint(tmp_path)
 
 
 def test_missing_shard(tmp_path: Path) -> None:
     _write_sharded(tmp_path, _state(np.random.default_rng(5)))
     (tmp_path / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(WeightsError, match=r"index\.json: names shard 'model-00002-of-00003"):
-        next(iter_safetensors(tmp_path))
+        SafetensorsCheckpoint(tmp_path)
 
 
 def test_index_tensor_not_in_shard(tmp_path: Path) -> None:
@@ -104,29 +115,17 @@ def test_index_tensor_not_in_shard(tmp_path: Path) -> None:
     data["weight_map"]["model.extra.weight"] = "model-00001-of-00003.safetensors"
     index.write_text(json.dumps(data))
     with pytest.raises(WeightsError, match=r"'model\.extra\.weight' is not in shard"):
-        safetensors_names_shapes(tmp_path)
+        SafetensorsCheckpoint(tmp_path)
 
 
 def test_not_safetensors_and_missing(tmp_path: Path) -> None:
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"PK\x03\x04 this is a zip, not safetensors" * 4)
     with pytest.raises(WeightsError, match=r"model\.safetensors: not a safetensors file"):
-        next(iter_safetensors(bad))
+        SafetensorsCheckpoint(bad)
     with pytest.raises(WeightsError, match=r"nope\.safetensors: no such safetensors file"):
-        next(iter_safetensors(tmp_path / "nope.safetensors"))
+        SafetensorsCheckpoint(tmp_path / "nope.safetensors")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(WeightsError, match=r"no model\.safetensors or model\.safetensors\.index"):
-        next(iter_safetensors(empty))
-
-
-def test_raw_reader_matches_safe_open(tmp_path: Path) -> None:
-    # The byte-range fallback (used when safe_open cannot give numpy a dtype) reads the same.
-    from cmat_jax.weights.safetensors_io import _read_header, _read_raw
-
-    f = tmp_path / "model.safetensors"
-    state = _state(np.random.default_rng(7))
-    state["bf"] = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4).astype(ml_dtypes.bfloat16)
-    save_file(state, str(f))
-    raw = {e.name: _read_raw(f, e) for e in _read_header(f)}
-    _assert_same(raw, state)
+        SafetensorsCheckpoint(empty)

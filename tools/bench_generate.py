@@ -140,7 +140,7 @@ def build_models(real: bool, with_peer: bool, attention_impl: str = "xla"):
         compute_dtype="bfloat16",
         attention_impl=attention_impl,
     )
-    tensors = ((k, v.float().numpy()) for k, v in peer.state_dict().items())
+    tensors = {k: v.float().numpy() for k, v in peer.state_dict().items()}
     ours = build_model(cfg, tensors, where="random init")
     return ours, (peer if with_peer else None)
 

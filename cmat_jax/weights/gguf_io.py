@@ -1,131 +1,52 @@
-"""GGUF (llama.cpp) reader: HF-style config from the metadata, HF-named float32 tensors.
+"""GGUF (llama.cpp) reader: HF-style config from the metadata, HF-named float32 tensors by slice.
 
-The file is memory-mapped by ``gguf.GGUFReader``; tensors are dequantized one at a time with
-the vectorized numpy kernels below (block layouts from ggml's spec), reshaped to HF shape (GGUF lists dims innermost-first) and renamed to HF names.
+The file is memory-mapped by ``gguf.GGUFReader``. ``GGUFModel.read(name, index)`` dequantizes
+only the rows and quant blocks a slice covers, with ``gguf.quants`` (every type it supports),
+and returns it in HF shape (GGUF lists dims innermost-first) under its HF name, so a sharded
+load dequantizes each device's part of each tensor and never the whole model at once.
 llama.cpp's converter permutes the rows of q/k projections for llama-arch models (interleaved
 -> rotate-half RoPE); that permutation is undone here so the model only ever sees HF layouts.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, quants
+from gguf.gguf_reader import ReaderTensor
 
 from cmat_jax.weights.errors import WeightsError
 
-Q = GGMLQuantizationType
 
-# ---------------------------------------------------------------------------------------------
-# Dequantization: each kernel maps raw blocks [n_blocks, type_size] uint8 -> [n_blocks, block].
-
-
-def _f16_col(blocks_NB: np.ndarray, start: int) -> np.ndarray:
-    """The little-endian f16 at byte ``start`` of every block, as an f32 column [N, 1]."""
-    return np.ascontiguousarray(blocks_NB[:, start : start + 2]).view("<f2").astype(np.float32)
-
-
-def _deq_q8_0(blocks_NB: np.ndarray) -> np.ndarray:
-    # d: f16 | qs: int8[32]
-    d_N1 = _f16_col(blocks_NB, 0)
-    return d_N1 * blocks_NB[:, 2:].view(np.int8).astype(np.float32)
+@functools.cache
+def dequantizable(qtype: GGMLQuantizationType) -> bool:
+    """Whether ``gguf.quants`` can dequantize ``qtype`` (asked of the library, one zero block)."""
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    try:
+        quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
-def _nibbles(qs_NH: np.ndarray) -> np.ndarray:
-    """Low nibbles give the first half of the block, high nibbles the second half."""
-    return np.concatenate([qs_NH & 0x0F, qs_NH >> 4], axis=1)
-
-
-def _deq_q4_0(blocks_NB: np.ndarray) -> np.ndarray:
-    # d: f16 | qs: uint8[16]; x = (q - 8) * d
-    d_N1 = _f16_col(blocks_NB, 0)
-    q_N32 = _nibbles(blocks_NB[:, 2:]).astype(np.int8) - 8
-    return d_N1 * q_N32.astype(np.float32)
-
-
-def _deq_q4_1(blocks_NB: np.ndarray) -> np.ndarray:
-    # d: f16 | m: f16 | qs: uint8[16]; x = q * d + m
-    d_N1, m_N1 = _f16_col(blocks_NB, 0), _f16_col(blocks_NB, 2)
-    return d_N1 * _nibbles(blocks_NB[:, 4:]).astype(np.float32) + m_N1
-
-
-def _deq_q4_k(blocks_NB: np.ndarray) -> np.ndarray:
-    # d: f16 | dmin: f16 | scales: uint8[12] (8 six-bit scales + 8 six-bit mins) | qs: uint8[128]
-    n = blocks_NB.shape[0]
-    d_N1, dmin_N1 = _f16_col(blocks_NB, 0), _f16_col(blocks_NB, 2)
-    s_N12 = blocks_NB[:, 4:16]
-    sc_N8 = np.empty((n, 8), np.uint8)
-    mn_N8 = np.empty((n, 8), np.uint8)
-    sc_N8[:, :4] = s_N12[:, 0:4] & 63
-    mn_N8[:, :4] = s_N12[:, 4:8] & 63
-    sc_N8[:, 4:] = (s_N12[:, 8:12] & 0x0F) | ((s_N12[:, 0:4] >> 6) << 4)
-    mn_N8[:, 4:] = (s_N12[:, 8:12] >> 4) | ((s_N12[:, 4:8] >> 6) << 4)
-    # qs: 4 groups of 32 bytes; low nibbles -> sub-block 2g, high nibbles -> sub-block 2g+1.
-    qs_N432 = blocks_NB[:, 16:].reshape(n, 4, 32)
-    q_N832 = np.stack([qs_N432 & 0x0F, qs_N432 >> 4], axis=2).reshape(n, 8, 32)
-    scale_N81 = (d_N1 * sc_N8)[:, :, None]
-    offset_N81 = (dmin_N1 * mn_N8)[:, :, None]
-    return (scale_N81 * q_N832 - offset_N81).reshape(n, 256)
-
-
-def _deq_q6_k(blocks_NB: np.ndarray) -> np.ndarray:
-    # ql: uint8[128] (low 4 bits) | qh: uint8[64] (high 2 bits) | scales: int8[16] | d: f16
-    n = blocks_NB.shape[0]
-    ql_N2232 = blocks_NB[:, 0:128].reshape(n, 2, 2, 32)  # [half, 32-byte group, l]
-    qh_N232 = blocks_NB[:, 128:192].reshape(n, 2, 32)  # [half, l]
-    sc_N2421 = blocks_NB[:, 192:208].view(np.int8).reshape(n, 2, 4, 2, 1).astype(np.float32)
-    d_N1 = _f16_col(blocks_NB, 208)
-    # Quarter j of a 128-value half: low nibble of group j%2 when j<2, high nibble when j>=2;
-    # its high 2 bits are bits 2j..2j+1 of qh.
-    low_N2432 = np.stack([ql_N2232 & 0x0F, ql_N2232 >> 4], axis=2).reshape(n, 2, 4, 32)
-    shifts_4 = np.array([0, 2, 4, 6], np.uint8)
-    high_N2432 = (qh_N232[:, :, None, :] >> shifts_4[None, None, :, None]) & 3
-    q_N2432 = (low_N2432 | (high_N2432 << 4)).astype(np.int8) - 32
-    # Each 16 values of a quarter share one int8 scale: scales[8*half + 2*j + l//16].
-    q_N24216 = q_N2432.reshape(n, 2, 4, 2, 16).astype(np.float32)
-    return (d_N1.reshape(n, 1, 1, 1, 1) * sc_N2421 * q_N24216).reshape(n, 256)
-
-
-def _deq_bf16(blocks_NB: np.ndarray) -> np.ndarray:
-    bits = blocks_NB.view("<u2").astype(np.uint32) << 16
-    return bits.view(np.float32)
-
-
-def _deq_f16(blocks_NB: np.ndarray) -> np.ndarray:
-    return blocks_NB.view("<f2").astype(np.float32)
-
-
-def _deq_f32(blocks_NB: np.ndarray) -> np.ndarray:
-    return blocks_NB.view("<f4").astype(np.float32)
-
-
-_DEQUANT: dict[GGMLQuantizationType, Callable[[np.ndarray], np.ndarray]] = {
-    Q.F32: _deq_f32,
-    Q.F16: _deq_f16,
-    Q.BF16: _deq_bf16,
-    Q.Q8_0: _deq_q8_0,
-    Q.Q4_0: _deq_q4_0,
-    Q.Q4_1: _deq_q4_1,
-    Q.Q4_K: _deq_q4_k,
-    Q.Q6_K: _deq_q6_k,
-}
-SUPPORTED_TYPES: tuple[GGMLQuantizationType, ...] = tuple(_DEQUANT)
-
-
-def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, n_elements: int) -> np.ndarray:
-    """Raw tensor bytes (any shape, uint8 or the plain dtype) -> flat float32 [n_elements]."""
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    raw_u8 = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    if raw_u8.size * block != n_elements * type_size:
-        raise ValueError(f"{qtype.name}: {raw_u8.size} bytes do not hold {n_elements} values")
-    blocks_NB = raw_u8.reshape(-1, type_size)
-    return _DEQUANT[qtype](blocks_NB).reshape(n_elements)
+def _read_block_range(t: ReaderTensor, outer: tuple[slice, ...], cols: slice) -> np.ndarray:
+    """Float32 values of ``t`` (HF shape) at ``outer`` x ``cols``: only the quant blocks that
+    hold ``cols`` in the selected rows are copied out of the memory map and dequantized."""
+    block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+    n_cols = int(t.shape[0])
+    rows_shape = tuple(int(d) for d in reversed(t.shape[1:]))
+    raw = t.data.view(np.uint8).reshape(*rows_shape, -1)  # [..., bytes of one innermost row]
+    c0, c1, _ = cols.indices(n_cols)
+    b0, b1 = c0 // block, -(-c1 // block)
+    raw_sel = np.ascontiguousarray(raw[(*outer, slice(b0 * type_size, b1 * type_size))])
+    values = quants.dequantize(raw_sel, t.tensor_type)
+    return np.asarray(values[..., c0 - b0 * block : c1 - b0 * block], np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,34 +178,50 @@ class GGUFModel:
                 cfg[hf_key] = int(tok)
         return cfg
 
-    def names_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """HF name -> (HF shape, GGML type name), from the tensor infos only."""
-        return {
-            hf_name(t.name) or t.name: (
-                tuple(int(d) for d in reversed(t.shape)),
-                t.tensor_type.name,
-            )
-            for t in self.reader.tensors
-        }
+    @cached_property
+    def _by_hf_name(self) -> dict[str, ReaderTensor]:
+        return {hf_name(t.name) or t.name: t for t in self.reader.tensors}
 
-    def iter_tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """Yield ``(hf_name, float32 array in HF shape)``, one tensor dequantized at a time."""
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> HF shape, from the tensor infos only."""
+        return {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._by_hf_name.items()}
+
+    @cached_property
+    def qtypes(self) -> dict[str, str]:
+        """HF name -> GGML type name (``Q4_K``, ``F32``, ...)."""
+        return {n: t.tensor_type.name for n, t in self._by_hf_name.items()}
+
+    @cached_property
+    def _permute_heads(self) -> dict[str, int]:
+        """GGUF block tensor kind -> head count, for the q/k rows llama.cpp permuted."""
+        if self.arch != "llama":
+            return {}
         cfg = self.hf_config
-        permute_heads = {}
-        if self.arch == "llama":
-            permute_heads = {
-                "attn_q": cfg["num_attention_heads"],
-                "attn_k": cfg["num_key_value_heads"],
-            }
-        for t in self.reader.tensors:
-            name = hf_name(t.name)
-            assert name is not None  # checked in read_gguf
-            shape = tuple(int(d) for d in reversed(t.shape))
-            w = dequantize(t.data, t.tensor_type, int(t.n_elements)).reshape(shape)
-            m = _BLOCK_RE.fullmatch(t.name)
-            if m is not None and m.group(2) in permute_heads:
-                w = unpermute_qk(w, permute_heads[m.group(2)])
-            yield name, w
+        return {"attn_q": cfg["num_attention_heads"], "attn_k": cfg["num_key_value_heads"]}
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """Float32 slice ``index`` (HF layout; ``()`` = whole tensor) of HF tensor ``name``."""
+        t = self._by_hf_name[name]
+        shape = self.shapes[name]
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        if any(s.step not in (None, 1) for s in index):
+            raise ValueError(f"{name}: strided slices are not supported ({index})")
+        m = _BLOCK_RE.fullmatch(t.name)
+        n_head = self._permute_heads.get(m.group(2), 0) if m else 0
+        if not n_head:
+            return _read_block_range(t, index[:-1], index[-1])
+        # Stored rows are permuted within each head: read whole heads, unpermute, cut.
+        head_rows = shape[0] // n_head
+        r0, r1, _ = index[0].indices(shape[0])
+        h0, h1 = r0 // head_rows, -(-r1 // head_rows)
+        rows = slice(h0 * head_rows, h1 * head_rows)
+        if len(shape) == 1:
+            heads = _read_block_range(t, (), rows)
+        else:
+            heads = _read_block_range(t, (rows, *index[1:-1]), index[-1])
+        w = unpermute_qk(heads, h1 - h0)
+        return w[r0 - h0 * head_rows : r1 - h0 * head_rows]
 
 
 def read_gguf(path: Path | str) -> GGUFModel:
@@ -306,10 +243,10 @@ def read_gguf(path: Path | str) -> GGUFModel:
             f"{path}: architecture {arch!r} not supported (supported: {sorted(_ARCH_MODEL_TYPE)})"
         )
     for t in reader.tensors:
-        if t.tensor_type not in _DEQUANT:
+        if not dequantizable(t.tensor_type):
             raise WeightsError(
-                f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, not supported "
-                f"(supported: {', '.join(q.name for q in SUPPORTED_TYPES)})"
+                f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which gguf.quants "
+                "cannot dequantize (not supported)"
             )
         if hf_name(t.name) is None:
             raise WeightsError(f"{path}: tensor {t.name!r} has no HF counterpart (not supported)")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from cmat_jax import sharding as shd
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama, layer_param_specs
 
@@ -45,75 +51,180 @@ class LoadError(ValueError):
     """A checkpoint that does not fit the model; the message names the file and tensor."""
 
 
+class TensorSource(Protocol):
+    """HF-named tensors with random access by slice (safetensors, GGUF, or in-memory arrays)."""
+
+    shapes: Mapping[str, tuple[int, ...]]  # HF name -> HF shape
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """The slice ``index`` of tensor ``name`` in HF layout (``()`` = the whole tensor)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """In-memory HF-named arrays as a `TensorSource` (e.g. a torch state dict as numpy)."""
+
+    arrays: Mapping[str, np.ndarray]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(a.shape) for n, a in self.arrays.items()}
+
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        return self.arrays[name][index]
+
+
 def _np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def build_model(
-    cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, where: str = "checkpoint"
-) -> Llama:
-    """Fill a model from streamed HF-named tensors (each copied once into its stacked slot)."""
-    dt = _np_dtype(cfg.param_dtype)
+@dataclass(frozen=True)
+class _ParamPlan:
+    """Where one of our params comes from: one HF tensor per layer (or one for a top param)."""
+
+    shape: tuple[int, ...]  # ours: [in, out] Linear weights, stacked on a leading layer axis
+    hf_names: tuple[str, ...]
+    transpose: bool
+    stacked: bool
+
+
+def _plan(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> dict:
+    """Our param path -> `_ParamPlan`, checked against the source's names and shapes before any
+    tensor data is read."""
     layer_specs = layer_param_specs(cfg)
-    buffers: dict[str, np.ndarray] = {n: np.empty(s, dt) for n, (s, _) in layer_specs.items()}
-    filled: dict[str, np.ndarray] = {n: np.zeros(cfg.num_layers, bool) for n in layer_specs}
     top_shapes = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,)}
     if not cfg.tie_embeddings:
         top_shapes["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
-    top: dict[str, np.ndarray] = {}
+    layer_names: dict[str, list[str | None]] = {n: [None] * cfg.num_layers for n in layer_specs}
+    top_names: dict[str, str] = {}
+    transposed: dict[str, bool] = {}
 
-    for hf_name, array in tensors:
-        if _SKIP_RE.match(hf_name):
+    for hf, hf_shape in shapes.items():
+        if _SKIP_RE.match(hf):
             continue
-        m = _LAYER_RE.match(hf_name)
+        m = _LAYER_RE.match(hf)
         if m:
             layer, suffix = int(m.group(1)), m.group(2)
             if suffix not in HF_LAYER_NAMES or layer >= cfg.num_layers:
-                raise LoadError(f"{where}: unexpected tensor {hf_name!r} for this config")
+                raise LoadError(f"{where}: unexpected tensor {hf!r} for this config")
             name, transpose = HF_LAYER_NAMES[suffix]
-            if name not in buffers:
+            if name not in layer_specs:
                 raise LoadError(
-                    f"{where}: tensor {hf_name!r} is not used by this config "
+                    f"{where}: tensor {hf!r} is not used by this config "
                     f"(qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias})"
                 )
-            value = array.T if transpose else array
-            expected = buffers[name].shape[1:]
-            if value.shape != expected:
-                raise LoadError(
-                    f"{where}: tensor {hf_name!r} has shape {array.shape}, "
-                    f"expected {expected[::-1] if transpose else expected}"
-                )
-            buffers[name][layer] = value
-            filled[name][layer] = True
-        elif hf_name in HF_TOP_NAMES:
-            name, transpose = HF_TOP_NAMES[hf_name]
+            expected = layer_specs[name][0][1:]
+            layer_names[name][layer] = hf
+        elif hf in HF_TOP_NAMES:
+            name, transpose = HF_TOP_NAMES[hf]
             if name == "lm_head" and cfg.tie_embeddings:
                 continue  # some tied checkpoints still store a copy
-            value = array.T if transpose else array
-            if value.shape != top_shapes[name]:
-                raise LoadError(
-                    f"{where}: tensor {hf_name!r} has shape {array.shape}, "
-                    f"expected {top_shapes[name][::-1] if transpose else top_shapes[name]}"
-                )
-            top[name] = np.asarray(value, dt)
+            expected = top_shapes[name]
+            top_names[name] = hf
         else:
-            raise LoadError(f"{where}: unexpected tensor {hf_name!r}")
+            raise LoadError(f"{where}: unexpected tensor {hf!r}")
+        ours = tuple(hf_shape[::-1]) if transpose else tuple(hf_shape)
+        if ours != tuple(expected):
+            raise LoadError(
+                f"{where}: tensor {hf!r} has shape {tuple(hf_shape)}, "
+                f"expected {tuple(expected[::-1]) if transpose else tuple(expected)}"
+            )
+        transposed[name] = transpose
 
-    missing = [n for n in top_shapes if n not in top]
+    missing = [n for n in top_shapes if n not in top_names]
     missing += [
-        f"{n} (layers {np.flatnonzero(~f).tolist()})" for n, f in filled.items() if not f.all()
+        f"{n} (layers {[i for i, h in enumerate(hs) if h is None]})"
+        for n, hs in layer_names.items()
+        if None in hs
     ]
     if missing:
         raise LoadError(f"{where}: missing tensors: {', '.join(missing)}")
+    plans = {
+        (name,): _ParamPlan(top_shapes[name], (hf,), transposed[name], False)
+        for name, hf in top_names.items()
+    }
+    for name, hfs in layer_names.items():
+        plans[("layers", name)] = _ParamPlan(
+            layer_specs[name][0], tuple(hfs), transposed[name], True
+        )
+    return plans
 
+
+def _read_shard(
+    source: TensorSource, plan: _ParamPlan, index: tuple[slice, ...], dtype: np.dtype
+) -> np.ndarray:
+    """Our param's slice ``index`` as a host array of ``dtype``, read slice by slice from the
+    HF tensors (one layer's slice at a time for stacked params)."""
+    index = tuple(index) + (slice(None),) * (len(plan.shape) - len(index))
+
+    def hf_slice(name: str, idx: tuple[slice, ...]) -> np.ndarray:
+        if plan.transpose:
+            return source.read(name, idx[::-1]).T
+        return source.read(name, idx)
+
+    if not plan.stacked:
+        return np.asarray(hf_slice(plan.hf_names[0], index), dtype)
+    layers = range(*index[0].indices(plan.shape[0]))
+    inner_shape = tuple(
+        len(range(*s.indices(d))) for s, d in zip(index[1:], plan.shape[1:], strict=True)
+    )
+    out = np.empty((len(layers), *inner_shape), dtype)
+    for i, layer in enumerate(layers):
+        out[i] = hf_slice(plan.hf_names[layer], index[1:])
+    return out
+
+
+def _place(
+    shape: tuple[int, ...],
+    sharding: NamedSharding | None,
+    read: Callable[[tuple[slice, ...]], np.ndarray],
+) -> jax.Array:
+    """One param on device(s). With a sharding, each distinct shard is read on the host once and
+    copied to the devices that hold it before the next is read, so the host never holds more
+    than one shard; without, the whole param goes to the default device (uncommitted)."""
+    if sharding is None:
+        return jnp.asarray(read(()))
+    by_index: dict[tuple, list[Any]] = {}
+    indices = sharding.addressable_devices_indices_map(shape)
+    for device, index in indices.items():
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        by_index.setdefault(key, []).append(device)
+    placed: dict[Any, jax.Array] = {}
+    for key, devices in by_index.items():
+        host = read(tuple(slice(*k) for k in key))
+        for device in devices:
+            placed[device] = jax.device_put(host, device)
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, [placed[d] for d in indices])
+
+
+def build_model(
+    cfg: ModelConfig,
+    source: TensorSource | Mapping[str, np.ndarray],
+    *,
+    where: str = "checkpoint",
+    mesh: Mesh | None = None,
+) -> Llama:
+    """A model filled from HF-named tensors, each param read straight into its place.
+
+    With ``mesh``, every param is laid out by its logical axes (`cmat_jax.sharding` rules) and
+    each device's shard is read on its own: no device and no host buffer ever holds a whole
+    model. All names and shapes are checked before any tensor data is read.
+    """
+    if not hasattr(source, "read"):
+        source = ArraySource(source)
+    plans = _plan(cfg, source.shapes, where)
+    dtype = _np_dtype(cfg.param_dtype)
     model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    model.embed.value = jnp.asarray(top["embed"])
-    model.final_norm.value = jnp.asarray(top["final_norm"])
-    if not cfg.tie_embeddings:
-        model.lm_head.value = jnp.asarray(top["lm_head"])
-    for name, buf in buffers.items():
-        getattr(model.layers, name).value = jnp.asarray(buf)
-        buffers[name] = None  # free the host copy as soon as the device has it
+    specs = shd.state_specs(nnx.state(model))
+    for path, plan in plans.items():
+        spec = functools.reduce(lambda tree, key: tree[key], path, specs)
+        sharding = None if mesh is None else NamedSharding(mesh, spec)
+        value = _place(
+            plan.shape, sharding, lambda idx, plan=plan: _read_shard(source, plan, idx, dtype)
+        )
+        functools.reduce(getattr, path, model).value = value
     return model
 
 
@@ -123,33 +234,38 @@ def load_model(
     *,
     compute_dtype: str | None = None,
     cache_dir: str | Path | None = None,
+    mesh: Mesh | None = None,
     **config_overrides: Any,
 ):
     """`(model, tokenizer)` from an HF directory, a `.gguf` file, or a preset name.
 
-    `dtype` is the parameter dtype; `compute_dtype` (matmul inputs) defaults to it.
+    `dtype` is the parameter dtype; `compute_dtype` (matmul inputs) defaults to it. With `mesh`,
+    the params are loaded sharded by the logical-axis rules (see `build_model`).
     """
     from cmat_jax.tokenizer import load_tokenizer
     from cmat_jax.weights.registry import resolve_source
 
     resolved = resolve_source(source, cache=cache_dir)
+    where = str(resolved.path)
     overrides = {"param_dtype": dtype, "compute_dtype": compute_dtype or dtype, **config_overrides}
-    if resolved.kind == "gguf":
-        from cmat_jax.weights.gguf_io import read_gguf
+    with contextlib.ExitStack() as stack:
+        if resolved.kind == "gguf":
+            from cmat_jax.weights.gguf_io import read_gguf
 
-        gguf = read_gguf(resolved.path)
-        cfg = ModelConfig.from_hf(gguf.hf_config, where=str(resolved.path), **overrides)
-        model = build_model(cfg, gguf.iter_tensors(), where=str(resolved.path))
-        tokenizer = load_tokenizer(resolved.path)
-    else:
-        from cmat_jax.weights.safetensors_io import iter_safetensors
+            tensors = read_gguf(resolved.path)
+            cfg = ModelConfig.from_hf(tensors.hf_config, where=where, **overrides)
+        else:
+            from cmat_jax.weights.safetensors_io import SafetensorsCheckpoint
 
-        config_file = resolved.path / "config.json"
-        where = str(config_file if config_file.exists() else resolved.path)
-        cfg = ModelConfig.from_hf(resolved.hf_config(), where=where, **overrides)
-        model = build_model(cfg, iter_safetensors(resolved.path), where=str(resolved.path))
+            config_file = resolved.path / "config.json"
+            config_where = str(config_file if config_file.exists() else resolved.path)
+            cfg = ModelConfig.from_hf(resolved.hf_config(), where=config_where, **overrides)
+            tensors = stack.enter_context(SafetensorsCheckpoint(resolved.path))
         tokenizer = load_tokenizer(resolved.path)
-    check_vocab(cfg, tokenizer, where=str(resolved.path))
+        check_vocab(cfg, tokenizer, where=where)
+        if mesh is not None:
+            shd.validate(cfg, mesh)
+        model = build_model(cfg, tensors, where=where, mesh=mesh)
     return model, tokenizer
 
 
