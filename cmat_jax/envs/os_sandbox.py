@@ -56,6 +56,9 @@ IMAGES: dict[str, tuple[str, ...]] = {
     "default": BASE_PACKAGES,
     "packages": (*BASE_PACKAGES, "npm"),
 }
+# `FROM ubuntu` (24.04) ships a user "ubuntu" (uid 1000) with a home: so does this image.
+CUSTOMIZE = ('chroot "$1" useradd --create-home --shell /bin/bash ubuntu',)
+RECIPE = 1  # bump when the image recipe changes: cached images of another recipe are rebuilt
 HOST_TOOLS = {"mmdebstrap": "mmdebstrap", "bwrap": "bubblewrap"}
 ID_COUNT = 65536
 ROOT_ID_BASE = 1_000_000  # host id of root inside, for a root host without an /etc/subuid range
@@ -101,7 +104,9 @@ class Limits:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CMAT_OS_SANDBOX_CACHE", "~/.cache/cmat_jax/os_sandbox")).expanduser()
+    return Path(
+        os.environ.get("CMAT_OS_SANDBOX_CACHE", "~/.cache/cmat_jax/os_sandbox")
+    ).expanduser()
 
 
 def rootfs_path(image: str) -> Path:
@@ -181,6 +186,7 @@ def build_rootfs(image: str = "default", *, log: Any = None) -> dict[str, Any]:
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        *(f"--customize-hook={hook}" for hook in CUSTOMIZE),
         os.environ.get("CMAT_OS_SUITE", SUITE),
         str(tmp),
         os.environ.get("CMAT_OS_MIRROR", MIRROR),
@@ -190,11 +196,14 @@ def build_rootfs(image: str = "default", *, log: Any = None) -> dict[str, Any]:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         _remove_tree(tmp)
-        raise SandboxUnavailable(f"mmdebstrap failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        raise SandboxUnavailable(
+            f"mmdebstrap failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
     if mode == "root":
         _shift_ownership(tmp, base)  # root inside the sandbox = host id `base`
     meta = {
         "image": image,
+        "recipe": RECIPE,
         "packages": list(IMAGES[image]),
         "suite": os.environ.get("CMAT_OS_SUITE", SUITE),
         "id_base": base,
@@ -218,7 +227,9 @@ def _shift_ownership(root: Path, base: int) -> None:
     the mode)."""
     for dirpath, dirnames, filenames in os.walk(root):
         entries = [dirpath, *(os.path.join(dirpath, n) for n in filenames)]
-        entries += [os.path.join(dirpath, n) for n in dirnames if os.path.islink(os.path.join(dirpath, n))]
+        entries += [
+            os.path.join(dirpath, n) for n in dirnames if os.path.islink(os.path.join(dirpath, n))
+        ]
         for p in entries:
             st = os.lstat(p)
             os.lchown(p, st.st_uid + base, st.st_gid + base)
@@ -234,10 +245,12 @@ def _remove_tree(path: Path) -> None:
 
 
 def rootfs_meta(image: str) -> dict[str, Any] | None:
+    """The metadata of the cached image (None when missing or built by another recipe)."""
     try:
-        return json.loads((rootfs_path(image) / ".cmat_rootfs.json").read_text())
+        meta = json.loads((rootfs_path(image) / ".cmat_rootfs.json").read_text())
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) and meta.get("recipe") == RECIPE else None
 
 
 def ensure_rootfs(image: str = "default", *, log: Any = None) -> Path:
@@ -320,7 +333,10 @@ def _userns_error(stage1_error: str) -> SandboxUnavailable:
         with contextlib.suppress(OSError):
             if Path(f).read_text().strip() == bad:
                 hints.append(f"{f} is {bad}")
-    why = "; ".join(hints) or "the kernel or a container runtime (seccomp) refuses unshare(CLONE_NEWUSER)"
+    why = (
+        "; ".join(hints)
+        or "the kernel or a container runtime (seccomp) refuses unshare(CLONE_NEWUSER)"
+    )
     return SandboxUnavailable(
         f"cannot isolate the OS task: {stage1_error}. The OS sandbox needs user namespaces "
         f"({why}). Nothing was run: the OS task never runs unsandboxed."
@@ -357,7 +373,9 @@ class Sandbox:
             )
         bwrap = shutil.which("bwrap")
         if bwrap is None:
-            raise SandboxUnavailable("bwrap not found: run `python -m cmat_jax.envs.os_sandbox setup`")
+            raise SandboxUnavailable(
+                "bwrap not found: run `python -m cmat_jax.envs.os_sandbox setup`"
+            )
         lim = self.limits
         cfg = {
             "rootfs": str(rootfs),
@@ -407,6 +425,9 @@ class Sandbox:
     def _bwrap_args(self) -> list[str]:
         args = [
             "--proc", "/proc",
+            # Host-root-only (unreadable here, unlike in Docker, where root is host root):
+            # hidden so `find /` runs without errors, as the AgentBench checks expect.
+            "--tmpfs", "/proc/tty/driver",
             "--dev", "/dev",
             "--tmpfs", "/dev/shm",
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
@@ -430,7 +451,9 @@ class Sandbox:
             exe = shutil.which(tool)
             if exe is None:
                 raise SandboxUnavailable(f"{tool} not found (Debian/Ubuntu package 'uidmap')")
-            done = subprocess.run([exe, str(pid), "0", str(base), str(ID_COUNT)], capture_output=True, text=True)
+            done = subprocess.run(
+                [exe, str(pid), "0", str(base), str(ID_COUNT)], capture_output=True, text=True
+            )
             if done.returncode != 0:
                 raise SandboxUnavailable(f"{tool} failed: {done.stderr.strip()}")
 
@@ -520,9 +543,13 @@ def _error_of(line: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m cmat_jax.envs.os_sandbox", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m cmat_jax.envs.os_sandbox", description=__doc__.split("\n\n")[0]
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("setup", help="build the cached root filesystem (if missing) and check a sandbox starts")
+    s = sub.add_parser(
+        "setup", help="build the cached root filesystem (if missing) and check a sandbox starts"
+    )
     s.add_argument("--image", choices=[*IMAGES, "all"], default="default")
     s.add_argument("--rebuild", action="store_true", help="build again even when cached")
     args = ap.parse_args(argv)
@@ -537,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:
             with Sandbox(image) as sb:
                 started = time.perf_counter() - t0
                 out = sb.shell("id -u; hostname; python3 --version")
-            print(f"{image}: {rootfs_path(image)} ok (sandbox start {started * 1000:.0f} ms; {' '.join(out.split())})")
+            print(
+                f"{image}: {rootfs_path(image)} ok (sandbox start {started * 1000:.0f} ms; {' '.join(out.split())})"
+            )
     except SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

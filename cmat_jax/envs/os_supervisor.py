@@ -12,11 +12,12 @@ JSON request per line on stdin with one JSON line on stdout:
   past ``timeout``.
 
 Being PID 1 of its PID namespace, nothing inside the sandbox can signal it (the kernel drops
-signals to a namespace init that has no handler), and it is not dumpable, so the agent cannot
-open its pipes through /proc/1/fd. When it exits the kernel kills every process of the sandbox.
+signals to a namespace init that has no handler). When it exits the kernel kills every process
+of the sandbox. (Like everything the checks rely on, it lives inside the sandbox: an agent set on
+cheating could subvert its own scoring there, as in AgentBench; it cannot reach the host.)
 """
 
-import ctypes
+import contextlib
 import fcntl
 import json
 import os
@@ -65,10 +66,8 @@ def _wait_exit(pid, deadline):
 
 
 def _kill_group(pgid):
-    try:
+    with contextlib.suppress(OSError):
         os.killpg(pgid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class Shell:
@@ -106,7 +105,9 @@ class Shell:
         self.execute("PS1=''; PS2=''; unset HISTFILE", 30)
 
     def _read_some(self, deadline):
-        ready, _, _ = select.select([self.master], [], [], max(0.0, min(deadline - time.monotonic(), 0.2)))
+        ready, _, _ = select.select(
+            [self.master], [], [], max(0.0, min(deadline - time.monotonic(), 0.2))
+        )
         data = None
         if ready:
             try:
@@ -165,12 +166,14 @@ def _ansi_c_quote(text):
         if 32 <= b < 127 and c not in "'\\":
             out.append(c)
         else:
-            out.append("\\x%02x" % b)
+            out.append(f"\\x{b:02x}")
     return "".join(out)
 
 
 def run_script(argv, timeout):
-    r, w = os.pipe()
+    """Run to the exit of ``argv`` itself: background processes it leaves keep running (as
+    after ``docker exec``), writing to a memory file nobody reads any more."""
+    out_fd = os.memfd_create("script-output")
     try:
         pid = os.posix_spawnp(
             argv[0],
@@ -178,49 +181,30 @@ def run_script(argv, timeout):
             ENV,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, w, 1),
-                (os.POSIX_SPAWN_DUP2, w, 2),
-                (os.POSIX_SPAWN_CLOSE, r),
+                (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, out_fd, 2),
             ],
             setsid=True,
             setsigdef=(signal.SIGPIPE, signal.SIGINT, signal.SIGXFSZ),
         )
     except OSError as e:
-        os.close(r)
-        os.close(w)
+        os.close(out_fd)
         return 127, f"{argv[0]}: {e.strerror}\n"
-    os.close(w)
     _tracked.add(pid)
-    deadline = time.monotonic() + timeout
-    out = b""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            _kill_group(pid)
-            break
-        ready, _, _ = select.select([r], [], [], min(left, 0.2))
-        if ready:
-            data = os.read(r, 65536)
-            if not data:
-                break
-            if len(out) < OUTPUT_CAP:
-                out += data[: OUTPUT_CAP - len(out)]
-        else:
-            _reap()
-    os.close(r)
-    status = _wait_exit(pid, time.monotonic() + 5)
-    _tracked.discard(pid)
-    if status is None:
+    status = _wait_exit(pid, time.monotonic() + timeout)
+    if status is None:  # past the limit: the script and everything in its session
         _kill_group(pid)
-        status = _wait_exit(pid, time.monotonic() + 5) or (128 + 9) << 8
-    code = os.waitstatus_to_exitcode(status)
+        status = _wait_exit(pid, time.monotonic() + 5)
+    _tracked.discard(pid)
+    out = os.pread(out_fd, OUTPUT_CAP, 0)
+    os.close(out_fd)
+    code = os.waitstatus_to_exitcode(status) if status is not None else -9
     return (code if code >= 0 else 128 - code), out.decode("utf-8", "replace")
 
 
 def main():
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no /proc/1/fd for the agent
     os.chdir("/")
     shell = None
     requests, replies = sys.stdin.buffer, sys.stdout
