@@ -115,6 +115,10 @@ def rootfs_path(image: str) -> Path:
     return cache_dir() / image
 
 
+def _meta_path(image: str) -> Path:
+    return rootfs_path(image).with_name(image + ".json")
+
+
 def _id_range() -> tuple[int, str]:
     """(first host id mapped to root inside, how the mapping is written)."""
     user = pwd.getpwuid(os.getuid()).pw_name
@@ -210,12 +214,12 @@ def build_rootfs(image: str = "default", *, log: Any = None) -> dict[str, Any]:
         "id_mapping": how,
         "build_s": round(time.perf_counter() - t0, 1),
     }
-    (tmp / ".cmat_rootfs.json").write_text(json.dumps(meta) + "\n")
-    os.chmod(tmp / ".cmat_rootfs.json", 0o600)
+    _meta_path(image).unlink(missing_ok=True)
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    _meta_path(image).write_text(json.dumps(meta) + "\n")  # written last: marks it complete
     _remove_tree(old)
     if log:
         log(f"built {path} in {meta['build_s']} s")
@@ -247,7 +251,7 @@ def _remove_tree(path: Path) -> None:
 def rootfs_meta(image: str) -> dict[str, Any] | None:
     """The metadata of the cached image (None when missing or built by another recipe)."""
     try:
-        meta = json.loads((rootfs_path(image) / ".cmat_rootfs.json").read_text())
+        meta = json.loads(_meta_path(image).read_text())
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and meta.get("recipe") == RECIPE else None
@@ -427,9 +431,9 @@ class Sandbox:
             "--proc", "/proc",
             # Host-root-only (unreadable here, unlike in Docker, where root is host root):
             # hidden so `find /` runs without errors, as the AgentBench checks expect.
-            "--tmpfs", "/proc/tty/driver",
+            "--size", "4096", "--tmpfs", "/proc/tty/driver",
             "--dev", "/dev",
-            "--tmpfs", "/dev/shm",
+            "--size", str(64 << 20), "--tmpfs", "/dev/shm",
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try",
             "--hostname", HOSTNAME,
