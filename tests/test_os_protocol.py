@@ -26,7 +26,9 @@ from cmat_jax.envs.os_task import (
     parse_action,
     script_argv,
 )
-from tests.os_fixtures import OS_DEV, OS_SCRIPTS, os_image  # noqa: F401
+from tests.os_fixtures import OS_DEV, OS_SCRIPTS, os_image  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("os_image")
 
 
 def bash(cmd: str, think: str = "I run it.") -> str:
@@ -190,7 +192,7 @@ def run_plan(task: OSTask, replies: list[str]) -> tuple[OSEnv, list]:
     return env, results
 
 
-def test_shell_is_persistent(os_image):
+def test_shell_is_persistent():
     task = OSTask("t", "d", match={"answer": "x", "strip": True})
     _, res = run_plan(
         task,
@@ -203,7 +205,7 @@ def test_shell_is_persistent(os_image):
     assert res[2].observation == OUTPUT_PREFIX + "/srv\n42 1\nfn\n1\n"
 
 
-def test_long_output_is_truncated_and_empty_output_reported(os_image):
+def test_long_output_is_truncated_and_empty_output_reported():
     task = OSTask("t", "d", match={"answer": "x", "strip": True})
     _, res = run_plan(task, [bash("seq 1000"), bash("true"), bash("echo -n")])
     full = "".join(f"{i}\n" for i in range(1, 1001))
@@ -211,7 +213,7 @@ def test_long_output_is_truncated_and_empty_output_reported(os_image):
     assert res[1].observation == res[2].observation == EMPTY_OUTPUT
 
 
-def test_round_limit_is_8(os_image):
+def test_round_limit_is_8():
     task = OSTask("t", "d", match={"answer": "ok", "strip": True})
     env, res = run_plan(task, [bash(f"echo {i}") for i in range(10)])
     assert ROUND_LIMIT == 8 and len(res) == 8 and res[-1].done
@@ -220,7 +222,7 @@ def test_round_limit_is_8(os_image):
     assert res[-1].done and res[-1].reward == 1.0 and env.transcript()["rounds"] == 8
 
 
-def test_invalid_replies_end_the_episode(os_image):
+def test_invalid_replies_end_the_episode():
     task = OSTask("t", "d", match={"answer": "ok", "strip": True})
     env, res = run_plan(task, ["The answer is ok.", answer("ok")])
     assert len(res) == 1 and env.transcript()["status"] == "agent_validation_failed"
@@ -229,7 +231,7 @@ def test_invalid_replies_end_the_episode(os_image):
     assert len(res) == 1 and env.transcript()["status"] == "agent_invalid_action"
 
 
-def test_init_scripts_and_start_command(os_image):
+def test_init_scripts_and_start_command():
     task = OSTask(
         "t",
         "d",
@@ -248,7 +250,7 @@ def test_init_scripts_and_start_command(os_image):
     assert "init-output" not in json.dumps(env.transcript())
 
 
-def test_match_scoring(os_image):
+def test_match_scoring():
     plain = OSTask("t", "d", match={"answer": "log", "strip": True})
     assert run_plan(plain, [answer("  log ")])[1][-1].reward == 1.0
     assert run_plan(plain, [answer("Log")])[1][-1].reward == 0.0
@@ -260,7 +262,7 @@ def test_match_scoring(os_image):
     assert run_plan(regex, [answer("about 3 seconds")])[1][-1].reward == 0.0
 
 
-def test_check_scripts_get_the_argument_chain(os_image):
+def test_check_scripts_get_the_argument_chain():
     # Each script gets the answer, then the outputs of the scripts before it; null = example.
     example = Script("bash", "echo ex-$((6*7))")
     record = Script("bash", 'printf "%s|" "$@" > /tmp/args; echo second')
@@ -269,7 +271,7 @@ def test_check_scripts_get_the_argument_chain(os_image):
         "import sys; sys.exit(0 if sys.argv[1:] == ['42', 'ex-42\\n', 'second\\n'] else 1)",
     )
     task = OSTask("t", "d", check=(None, record, compare), example=example)
-    env, res = run_plan(task, [answer("42")])
+    _, res = run_plan(task, [answer("42")])
     assert res[-1].reward == 1.0
     assert run_plan(task, [answer("41")])[1][-1].reward == 0.0
     # finish commits no answer: the chain starts with the string "None".
@@ -280,7 +282,7 @@ def test_check_scripts_get_the_argument_chain(os_image):
     assert run_plan(stop, [answer("x")])[1][-1].reward == 0.0
 
 
-def test_check_sees_what_the_agent_did(os_image):
+def test_check_sees_what_the_agent_did():
     task = OSTask("t", "d", check=(Script("bash", "calc 2 '*' 21 | grep -qx 42"),))
     agent_fix = bash(
         "printf '#!/bin/bash\\necho $(($*))\\n' > /usr/local/bin/calc && chmod +x /usr/local/bin/calc"
@@ -289,7 +291,7 @@ def test_check_sees_what_the_agent_did(os_image):
     assert run_plan(task, ["Think: ok\n\nAct: finish"])[1][-1].reward == 0.0
 
 
-def test_snapshot_restore_replays_the_shell(os_image):
+def test_snapshot_restore_replays_the_shell():
     task = OSTask("t", "d", match={"answer": "x", "strip": True})
     env = OSEnv()
     env.reset(task)
