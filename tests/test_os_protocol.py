@@ -6,9 +6,13 @@ chain; plus the problem-file loader and its errors."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
+from cmat_jax.envs.os_sandbox import Limits
 from cmat_jax.envs.os_task import (
     EMPTY_OUTPUT,
     INSTRUCTIONS,
@@ -305,3 +309,40 @@ def test_snapshot_restore_replays_the_shell():
         assert env.transcript()["rounds"] == 2
     finally:
         env.close()
+
+
+def test_long_running_commands_are_interrupted():
+    env = OSEnv(limits=Limits(command_timeout_s=1.0))
+    env.reset(OSTask("t", "d", match={"answer": "x", "strip": True}))
+    try:
+        t0 = time.monotonic()
+        env.step(bash("echo before; sleep 100"))
+        env.step(bash("vim /etc/hostname"))  # waits for a keyboard that never types
+        env.step(bash("while true; do :; done"))
+        assert time.monotonic() - t0 < 12
+        res = env.step(bash("echo after; jobs | wc -l"))
+        assert res.observation == OUTPUT_PREFIX + "after\n0\n"
+    finally:
+        env.close()
+
+
+def test_output_flood_is_cut_and_exit_ends_only_the_shell():
+    task = OSTask("t", "d", check=(Script("bash", '[ "$1" = 7 ]'),))
+    _, res = run_plan(
+        task,
+        [bash("yes | head -c 5000000"), bash("exit"), bash("echo gone"), answer("7")],
+    )
+    assert res[0].observation == OUTPUT_PREFIX + "y\n" * 390 + TRUNCATION_NOTE
+    assert res[2].observation == EMPTY_OUTPUT  # the shell exited, as in a closed terminal
+    assert res[3].reward == 1.0  # checks run as separate processes: the sandbox still works
+
+
+def test_a_broken_sandbox_ends_the_episode_as_a_failure():
+    env = OSEnv()
+    env.reset(OSTask("t", "d", match={"answer": "x", "strip": True}))
+    assert env.sandbox is not None and env.sandbox._proc is not None
+    os.killpg(env.sandbox._proc.pid, signal.SIGKILL)
+    res = env.step(bash("echo hi"))
+    assert res.done and res.reward == 0.0 and res.info["error"] is True
+    assert env.transcript()["status"] == "sandbox_failed"
+    env.close()

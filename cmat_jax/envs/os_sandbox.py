@@ -121,7 +121,10 @@ def _meta_path(image: str) -> Path:
 
 def _id_range() -> tuple[int, str]:
     """(first host id mapped to root inside, how the mapping is written)."""
-    user = pwd.getpwuid(os.getuid()).pw_name
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
     for line in _read_lines("/etc/subuid"):
         name, _, rest = line.partition(":")
         start, _, count = rest.partition(":")

@@ -100,7 +100,8 @@ class Shell:
                 os._exit(127)
         os.close(slave)
         _tracked.add(pid)
-        self.pid, self.master, self.buf, self.alive = pid, master, b"", True
+        self.pid, self.master, self.alive = pid, master, True
+        self.buf, self.searched = bytearray(), 0  # output so far; how far it holds no prompt
         self._until_prompt(time.monotonic() + 30)
         self.execute("PS1=''; PS2=''; unset HISTFILE", 30)
 
@@ -115,20 +116,28 @@ class Shell:
             except OSError:  # EIO: no process holds the terminal any more
                 data = b""
             self.buf += data
-            if len(self.buf) > 2 * OUTPUT_CAP:
-                self.buf = self.buf[:OUTPUT_CAP] + self.buf[-OUTPUT_CAP:]
+            if len(self.buf) > 2 * OUTPUT_CAP:  # keep the head and the tail of a flood
+                del self.buf[OUTPUT_CAP : len(self.buf) - OUTPUT_CAP]
+                self.searched = min(self.searched, OUTPUT_CAP)
         _reap()
         if self.pid in _exited and not data:
             _exited.pop(self.pid)
             self.alive = False
 
+    def _take(self):
+        out, self.buf, self.searched = bytes(self.buf), bytearray(), 0
+        return out
+
     def _until_prompt(self, deadline):
         """Output up to the next prompt sentinel (None: the deadline passed or bash exited)."""
         while True:
-            m = self.sentinel.search(self.buf)
+            m = self.sentinel.search(self.buf, max(0, self.searched - 64))
             if m:
-                out, self.buf = self.buf[: m.start()], self.buf[m.end() :]
+                out = bytes(self.buf[: m.start()])
+                del self.buf[: m.end()]
+                self.searched = 0
                 return out
+            self.searched = len(self.buf)
             if not self.alive or time.monotonic() >= deadline:
                 return None
             self._read_some(deadline)
@@ -140,10 +149,10 @@ class Shell:
             if out is not None:
                 return out, False
         if not self.alive:  # bash exited (the agent ran `exit`): what it printed, then nothing
-            out, self.buf = self.buf, b""
+            out = self._take()
             return out, False
         # Past the time limit: Ctrl-C as a user would, then kill the foreground job.
-        partial, self.buf = self.buf, b""
+        partial = self._take()
         os.write(self.master, b"\x03")
         out = self._until_prompt(time.monotonic() + 1.0)
         if out is None and self.alive:
@@ -154,7 +163,7 @@ class Shell:
             _kill_group(fg)
             out = self._until_prompt(time.monotonic() + 2.0)
         if out is None:
-            out, self.buf = self.buf, b""
+            out = self._take()
         return partial + out, True
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cmat_jax.envs.base import EnvError, Message, StepResult, register_family
-from cmat_jax.envs.os_sandbox import IMAGES, Limits, Sandbox
+from cmat_jax.envs.os_sandbox import IMAGES, Limits, Sandbox, SandboxError
 
 ROUND_LIMIT = 8
 OUTPUT_LIMIT = 800
@@ -424,7 +424,10 @@ class OSEnv:
         if action.kind == "commit":
             return self._finish("completed", action.content, error=False, action="commit")
         cmd = action.content or ""
-        output = self.sandbox.shell(cmd) if cmd else ""
+        try:
+            output = self.sandbox.shell(cmd) if cmd else ""
+        except SandboxError:  # the agent broke its sandbox (e.g. got PID 1 killed): a failure
+            return self._finish("sandbox_failed", None, error=True, action="bash")
         s.commands.append(cmd)
         obs = format_observation(output)
         info = {"error": False, "action": "bash", "command": cmd, "status": "running"}
@@ -445,7 +448,10 @@ class OSEnv:
     ) -> StepResult:
         task, s = self.task, self._s
         assert task is not None and self.sandbox is not None
-        correct = status == "completed" and judge(task, answer, self.sandbox)
+        try:
+            correct = status == "completed" and judge(task, answer, self.sandbox)
+        except SandboxError:
+            status, correct = "sandbox_failed", False
         s.done, s.status, s.answer, s.reward = True, status, answer, float(correct)
         info = {"error": error, "action": action, "status": status, "answer": answer}
         info.update(labels=list(task.labels), correct=correct)
