@@ -346,3 +346,20 @@ def test_a_broken_sandbox_ends_the_episode_as_a_failure():
     assert res.done and res.reward == 0.0 and res.info["error"] is True
     assert env.transcript()["status"] == "sandbox_failed"
     env.close()
+
+
+def test_images_offer_agentbench_tools():
+    from cmat_jax.envs import make_env
+
+    env = make_env("os")
+    tools = "python3 pip git vim curl wget unzip zip tree ps useradd su"
+    env.reset(OSTask("t", "d", match={"answer": "x", "strip": True}))
+    try:
+        res = env.step(
+            bash(
+                f"for t in {tools}; do command -v $t > /dev/null || echo missing $t; done; echo checked"
+            )
+        )
+    finally:
+        env.close()
+    assert res.observation == OUTPUT_PREFIX + "checked\n"
