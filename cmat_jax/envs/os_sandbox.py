@@ -5,14 +5,15 @@ into a cached root filesystem (``~/.cache/cmat_jax/os_sandbox/<image>``) with th
 AgentBench's images: python3, pip, git, vim, curl, wget, unzip, zip, tree (+ procps); the
 ``packages`` image adds npm and is built only when a task asks for it. Set up once with::
 
-    python -m cmat_jax.envs.os_sandbox setup            # the default image (~30 s)
+    python -m cmat_jax.envs.os_sandbox setup            # the default image (0.5-2.5 min)
     python -m cmat_jax.envs.os_sandbox setup --image packages
 
 Each :class:`Sandbox` (one per episode) is:
 
 - its own user namespace: root inside is an unprivileged host id (the one the cached root
   filesystem belongs to), 65,536 ids mapped, so ``useradd`` / ``chown`` / ``su`` work inside
-  and nothing inside has any privilege outside;
+  and nothing inside has any privilege outside (as root the mapping is written directly; a
+  normal user needs a subordinate id range in /etc/subuid and /etc/subgid and ``newuidmap``);
 - its own mount namespace whose root is an overlay: the cached root filesystem, read-only, under
   a private size-limited tmpfs that takes every write and disappears with the sandbox; nothing
   of the host is mounted (no home, no repository, no host /tmp);
@@ -20,8 +21,8 @@ Each :class:`Sandbox` (one per episode) is:
 - resource limits: per-process rlimits (CPU seconds, address space, file size, open files,
   processes per sandbox user) and, when the host lets this process manage cgroups, a memory
   and a process-count cgroup for the whole sandbox; the tmpfs size bounds its disk;
-- Docker's default capability set inside minus NET_RAW and MKNOD (no SYS_ADMIN: no mounts; no
-  SYS_PTRACE: no reading PID 1's pipes);
+- Docker's default capability set inside minus NET_RAW and MKNOD (so no SYS_ADMIN: no mounts;
+  no SYS_PTRACE, SYS_MODULE, SYS_TIME, ...), all of them powers over this user namespace only;
 - torn down at :meth:`Sandbox.close`: the supervisor (PID 1) is killed, so the kernel kills every
   process left in the sandbox, and the tmpfs with them.
 
@@ -424,6 +425,8 @@ class Sandbox:
             ready = self._read_line()
             if ready is None or not ready.startswith('{"ready"'):
                 err = _error_of(ready) or self._stderr() or "the sandbox did not start"
+                if "Operation not permitted" in err:  # namespaces without their powers
+                    raise _userns_error(err)
                 raise SandboxUnavailable(f"cannot start the OS sandbox: {err}")
         except BaseException:
             self.close()
