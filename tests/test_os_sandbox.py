@@ -16,35 +16,50 @@ from pathlib import Path
 
 import pytest
 
-from cmat_jax.envs.os_sandbox import Limits, Sandbox, SandboxUnavailable, rootfs_meta, rootfs_path
+from cmat_jax.envs.os_sandbox import Limits, Sandbox, SandboxUnavailable, rootfs_path
 from tests.os_fixtures import os_image  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("os_image")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sandbox_pids() -> list[int]:
-    """Host PIDs running as one of the sandbox's ids (root inside = an unprivileged host id)."""
-    meta = rootfs_meta("default")
-    assert meta is not None
-    lo, hi = meta["id_base"], meta["id_base"] + 65536
-    pids = []
+def _process_table() -> dict[int, tuple[int, str]]:
+    """Host PID -> (parent PID, state) of every live process."""
+    table = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                uid = int((d / "status").read_text().split("\nUid:")[1].split()[0])
-            except (OSError, IndexError):
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
                 continue
-            if lo <= uid < hi:
-                pids.append(int(d.name))
-    return pids
+            table[int(d.name)] = (int(fields[1]), fields[0])
+    return table
 
 
-def wait_no_sandbox_processes(timeout: float = 5.0) -> list[int]:
+def descendants(root: int) -> set[int]:
+    """Live (non-zombie) host processes below ``root``: a sandbox's are below its bwrap."""
+    table = _process_table()
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {p for p, (pp, st) in table.items() if pp in frontier and st != "Z"} - found
+        found |= frontier
+    return found
+
+
+def wait_gone(pids: set[int], timeout: float = 5.0) -> set[int]:
+    """The processes of ``pids`` still alive (not zombies) after up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while (left := sandbox_pids()) and time.monotonic() < deadline:
+    while True:
+        table = _process_table()
+        left = {p for p in pids if p in table and table[p][1] != "Z"}
+        if not left or time.monotonic() > deadline:
+            return left
         time.sleep(0.05)
-    return left
+
+
+def sandbox_root(sb: Sandbox) -> int:
+    assert sb._proc is not None
+    return sb._proc.pid
 
 
 def image_fingerprint() -> tuple[int, int, float]:
@@ -71,10 +86,11 @@ def test_fork_bomb_is_contained_and_the_next_episode_is_clean():
     with Sandbox(limits=limits) as sb:
         sb.shell(":(){ :|:& };:", timeout=3)
         time.sleep(1)
-        assert len(sandbox_pids()) <= limits.processes + 2  # + bwrap's monitor and PID 1
+        procs = descendants(sandbox_root(sb))
+        assert len(procs) <= limits.processes + 1  # + PID 1, below bwrap
         out = sb.shell("echo still-answering", timeout=5)
         assert "still-answering" in out or "fork" in out
-    assert wait_no_sandbox_processes() == []
+    assert wait_gone(procs) == set()
     with Sandbox() as sb:
         assert_fresh(sb)
 
@@ -224,25 +240,27 @@ def test_background_processes_die_with_the_episode():
         )
         sb.run(["bash", "-c", "setsid sleep 1004 >/dev/null 2>&1 < /dev/null &"])
         assert sb.shell("sleep 0.5; ps -e -o cmd= | grep -c '^sleep 100'").strip() == "4"
-        assert len(sandbox_pids()) >= 6
-    assert wait_no_sandbox_processes() == []
+        procs = descendants(sandbox_root(sb))
+        assert len(procs) >= 6  # PID 1, bash, 4 sleeps
+    assert wait_gone(procs) == set()
 
 
 def test_everything_dies_when_the_host_process_is_killed():
     code = (
         "from cmat_jax.envs.os_sandbox import Sandbox; import sys, time\n"
-        "sb = Sandbox(); sb.shell('setsid sleep 1005 & nohup sleep 1006 &')\n"
+        "sb = Sandbox(); sb.shell('setsid sleep 1005 & nohup sleep 1006 &'); time.sleep(0.3)\n"
         "print('ready', flush=True); time.sleep(60)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        assert len(sandbox_pids()) >= 4
+        procs = descendants(proc.pid) - {proc.pid}
+        assert len(procs) >= 5  # stage1-turned-bwrap, PID 1, bash, 2 sleeps
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
         proc.kill()
-    assert wait_no_sandbox_processes() == []
+    assert wait_gone(procs) == set()
 
 
 def test_without_user_namespaces_it_refuses_clearly():

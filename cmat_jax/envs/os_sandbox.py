@@ -385,6 +385,8 @@ class Sandbox:
                 "bwrap not found: run `python -m cmat_jax.envs.os_sandbox setup`"
             )
         lim = self.limits
+        code_fd = os.memfd_create("cmat-os-supervisor", 0)  # inheritable: no MFD_CLOEXEC
+        os.write(code_fd, (_HERE / "os_supervisor.py").read_bytes())
         cfg = {
             "rootfs": str(rootfs),
             "stage": "/tmp",
@@ -399,17 +401,21 @@ class Sandbox:
                 "RLIMIT_NPROC": lim.processes,
                 "RLIMIT_CORE": 0,
             },
-            "bwrap_args": self._bwrap_args(),
+            "bwrap_args": self._bwrap_args(code_fd),
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(_HERE / "os_stage1.py"), json.dumps(cfg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={},
-            cwd="/",
-            start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(_HERE / "os_stage1.py"), json.dumps(cfg)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={},
+                cwd="/",
+                start_new_session=True,
+                pass_fds=(code_fd,),
+            )
+        finally:
+            os.close(code_fd)
         self._proc = proc
         try:
             first = self._read_line()
@@ -432,7 +438,7 @@ class Sandbox:
             self.close()
             raise
 
-    def _bwrap_args(self) -> list[str]:
+    def _bwrap_args(self, code_fd: int) -> list[str]:
         args = [
             "--proc", "/proc",
             # Host-root-only (unreadable here, unlike in Docker, where root is host root):
@@ -448,8 +454,10 @@ class Sandbox:
         ]  # fmt: skip
         for cap in CAPABILITIES:
             args += ["--cap-add", f"CAP_{cap}"]
-        supervisor = (_HERE / "os_supervisor.py").read_text()
-        return [*args, "--chdir", "/", "--", "/usr/bin/python3", "-I", "-S", "-c", supervisor]
+        # The supervisor's code comes in on an inherited memory file: its command line stays
+        # short in the sandbox's `ps` (it closes the descriptor once running).
+        code = f"/dev/fd/{code_fd}"
+        return [*args, "--chdir", "/", "--", "/usr/bin/python3", "-I", "-S", code, str(code_fd)]
 
     @staticmethod
     def _map_ids(pid: int, base: int, how: str) -> None:

@@ -212,6 +212,9 @@ def run_script(argv, timeout):
 
 
 def main():
+    if len(sys.argv) > 1:  # the descriptor this program was read from: not for the children
+        with contextlib.suppress(OSError):
+            os.close(int(sys.argv[1]))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     os.chdir("/")
