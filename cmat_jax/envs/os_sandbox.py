@@ -120,19 +120,24 @@ def _meta_path(image: str) -> Path:
     return rootfs_path(image).with_name(image + ".json")
 
 
-def _id_range() -> tuple[int, str]:
-    """(first host id mapped to root inside, how the mapping is written)."""
+def _id_range() -> tuple[int, int, str]:
+    """(host uid and host gid of root inside, how the maps are written)."""
     try:
         user = pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         user = str(os.getuid())
-    for line in _read_lines("/etc/subuid"):
-        name, _, rest = line.partition(":")
-        start, _, count = rest.partition(":")
-        if name in (user, str(os.getuid())) and count.isdigit() and int(count) >= ID_COUNT:
-            return int(start), "direct" if os.geteuid() == 0 else "newuidmap"
+    starts = []
+    for path in ("/etc/subuid", "/etc/subgid"):
+        for line in _read_lines(path):
+            name, _, rest = line.partition(":")
+            start, _, count = rest.partition(":")
+            if name in (user, str(os.getuid())) and count.isdigit() and int(count) >= ID_COUNT:
+                starts.append(int(start))
+                break
+    if len(starts) == 2:
+        return starts[0], starts[1], "direct" if os.geteuid() == 0 else "newuidmap"
     if os.geteuid() == 0:
-        return ROOT_ID_BASE, "direct"
+        return ROOT_ID_BASE, ROOT_ID_BASE, "direct"
     raise SandboxUnavailable(
         f"user {user} has no subordinate id range of {ID_COUNT} ids in /etc/subuid and "
         "/etc/subgid (the OS sandbox maps 65,536 ids: useradd / chown inside need them). Ask an "
@@ -179,7 +184,7 @@ def build_rootfs(image: str = "default", *, log: Any = None) -> dict[str, Any]:
     metadata (packages, id base, build seconds)."""
     path = rootfs_path(image)
     tools = _host_tools()
-    base, how = _id_range()
+    uid_base, gid_base, how = _id_range()
     tmp = path.with_name(path.name + ".building")
     _remove_tree(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -208,13 +213,13 @@ def build_rootfs(image: str = "default", *, log: Any = None) -> dict[str, Any]:
             f"mmdebstrap failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
         )
     if mode == "root":
-        _shift_ownership(tmp, base)  # root inside the sandbox = host id `base`
+        _shift_ownership(tmp, uid_base, gid_base)  # root inside = these host ids
     meta = {
         "image": image,
         "recipe": RECIPE,
         "packages": list(IMAGES[image]),
         "suite": os.environ.get("CMAT_OS_SUITE", SUITE),
-        "id_base": base,
+        "id_base": [uid_base, gid_base],
         "id_mapping": how,
         "build_s": round(time.perf_counter() - t0, 1),
     }
@@ -230,8 +235,8 @@ def build_rootfs(image: str = "default", *, log: Any = None) -> dict[str, Any]:
     return meta
 
 
-def _shift_ownership(root: Path, base: int) -> None:
-    """Add ``base`` to the owner and group of every file (a chown clears set-id bits: restore
+def _shift_ownership(root: Path, uid_base: int, gid_base: int) -> None:
+    """Add the bases to the owner and group of every file (a chown clears set-id bits: restore
     the mode)."""
     for dirpath, dirnames, filenames in os.walk(root):
         entries = [dirpath, *(os.path.join(dirpath, n) for n in filenames)]
@@ -240,7 +245,7 @@ def _shift_ownership(root: Path, base: int) -> None:
         ]
         for p in entries:
             st = os.lstat(p)
-            os.lchown(p, st.st_uid + base, st.st_gid + base)
+            os.lchown(p, st.st_uid + uid_base, st.st_gid + gid_base)
             if not stat.S_ISLNK(st.st_mode):
                 os.chmod(p, stat.S_IMODE(st.st_mode))
 
@@ -373,10 +378,11 @@ class Sandbox:
                 f"no OS image {self.image!r} at {rootfs}: run `python -m cmat_jax.envs.os_sandbox "
                 f"setup --image {self.image}`"
             )
-        base, how = _id_range()
-        if meta["id_base"] != base:
+        uid_base, gid_base, how = _id_range()
+        if meta["id_base"] != [uid_base, gid_base]:
             raise SandboxUnavailable(
-                f"{rootfs} belongs to host id {meta['id_base']}, this user maps root to {base}: "
+                f"{rootfs} belongs to host ids {meta['id_base']}, this user maps root to "
+                f"{[uid_base, gid_base]}: "
                 f"rebuild it (python -m cmat_jax.envs.os_sandbox setup --image {self.image})"
             )
         bwrap = shutil.which("bwrap")
@@ -422,7 +428,7 @@ class Sandbox:
             if first != "mapped?":
                 err = _error_of(first) or self._stderr()
                 raise _userns_error(err)
-            self._map_ids(proc.pid, base, how)
+            self._map_ids(proc.pid, uid_base, gid_base, how)
             self._cgroups = _Cgroups(lim) if os.geteuid() == 0 else None
             if self._cgroups is not None and self._cgroups.active:
                 self._cgroups.add(proc.pid)
@@ -460,12 +466,12 @@ class Sandbox:
         return [*args, "--chdir", "/", "--", "/usr/bin/python3", "-I", "-S", code, str(code_fd)]
 
     @staticmethod
-    def _map_ids(pid: int, base: int, how: str) -> None:
+    def _map_ids(pid: int, uid_base: int, gid_base: int, how: str) -> None:
         if how == "direct":
-            Path(f"/proc/{pid}/uid_map").write_text(f"0 {base} {ID_COUNT}\n")
-            Path(f"/proc/{pid}/gid_map").write_text(f"0 {base} {ID_COUNT}\n")
+            Path(f"/proc/{pid}/uid_map").write_text(f"0 {uid_base} {ID_COUNT}\n")
+            Path(f"/proc/{pid}/gid_map").write_text(f"0 {gid_base} {ID_COUNT}\n")
             return
-        for tool in ("newuidmap", "newgidmap"):
+        for tool, base in (("newuidmap", uid_base), ("newgidmap", gid_base)):
             exe = shutil.which(tool)
             if exe is None:
                 raise SandboxUnavailable(f"{tool} not found (Debian/Ubuntu package 'uidmap')")
