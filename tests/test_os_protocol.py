@@ -27,6 +27,7 @@ from cmat_jax.envs.os_task import (
     first_messages,
     format_observation,
     load_os_tasks,
+    os_metrics,
     parse_action,
     script_argv,
 )
@@ -363,3 +364,30 @@ def test_images_offer_agentbench_tools():
     finally:
         env.close()
     assert res.observation == OUTPUT_PREFIX + "checked\n"
+
+
+def test_numbered_test_file_shape_and_label_metrics(tmp_path):
+    # The numbered test files: no labels, an extra "explanation", init as a shebang script.
+    recs = [
+        {
+            "description": "How many sleepers?",
+            "explanation": "use ps",
+            "create": {"init": "#!/bin/bash\nfor i in 1 2 3; do (sleep 60) & done"},
+            "evaluation": {
+                "check": [None, {"language": "python", "file": "int.py"}],
+                "example": "ps -e -o cmd= | grep -c '^sleep 60'",
+            },
+        },
+        {"description": "Say hi.", "evaluation": {"match": {"regex": "^hi$"}}, "labels": ["x"]},
+    ]
+    (tmp_path / "int.py").write_text("import sys\nsys.exit(int(sys.argv[1]) != int(sys.argv[2]))\n")
+    (tmp_path / "7.json").write_text(json.dumps(recs))
+    tasks = load_os_tasks(tmp_path / "7.json")
+    assert [t.task_id for t in tasks] == ["7-00000", "7-00001"] and tasks[0].labels == ()
+    outs = []
+    for task, reply in zip(tasks, [answer("3"), answer("hi")], strict=True):
+        env, res = run_plan(task, [reply])
+        assert res[-1].reward == 1.0, env.transcript()
+        outs.append(env.output())
+    m = os_metrics([*outs, {"labels": ["x"], "answer": None, "correct": False}])
+    assert m["accuracy"] == 2 / 3 and m["label_accuracy"] == {"(none)": 1.0, "x": 0.5}
