@@ -64,7 +64,10 @@ class EvalConfig:
     step: int | None = None
     """With a run directory as --model: the checkpoint step to load (e.g. the end of agent
     tuning) instead of the newest."""
-    task: Literal["dbbench"] = "dbbench"
+    task: Literal["dbbench", "os"] = "dbbench"
+    script_dir: Path | None = None
+    """--task os: the folder the problem file's script paths are relative to (default: the
+    problem file's folder)."""
     agent: Literal["model", "oracle", "null"] = "model"
     checker: bool = False
     """Let the Checker role verify each proposal before it runs (model agent only)."""
@@ -404,6 +407,7 @@ def run_episodes(
     max_rounds: int = 15,
     notes: dict[str, str] | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
+    make_env: Callable[[], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run one episode per task with up to ``batch_size`` live at once; returns the
     transcripts in task order (each with the scorer's ``output``)."""
@@ -414,7 +418,7 @@ def run_episodes(
     live: list[tuple[int, DBBenchEnv]] = []
 
     def start(i: int) -> tuple[int, DBBenchEnv]:
-        env = DBBenchEnv(backend, max_rounds=max_rounds)
+        env = make_env() if make_env is not None else DBBenchEnv(backend, max_rounds=max_rounds)
         note = (notes or {}).get(tasks[i].task_id)
         if note:
             env.system_prompt += "\n\nNotes from your earlier attempts at this task:\n" + note
@@ -454,6 +458,10 @@ def run_episodes(
 
 def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     """Run the evaluation described by ``cfg``; writes and returns the results dict."""
+    if cfg.task == "os":
+        from cmat_jax.envs.os_eval import evaluate_os  # it builds on run_episodes (a cycle)
+
+        return evaluate_os(cfg, agent)
     if cfg.task != "dbbench":
         raise ValueError(f"unknown task {cfg.task!r}")
     if cfg.reflexion_trials < 1:
@@ -589,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     cfg = tyro.cli(EvalConfig, args=argv)
     results = evaluate(cfg)
-    summary = {k: results[k] for k in ("overall_cat_accuracy", "n", "episodes_per_minute")}
+    keys = ("overall_cat_accuracy", "accuracy", "n", "episodes_per_minute")
+    summary = {k: results[k] for k in keys if k in results}
     print(json.dumps(summary))
     return results
 
