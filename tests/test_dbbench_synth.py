@@ -7,7 +7,6 @@ import collections
 import hashlib
 import json
 import re
-from pathlib import Path
 
 from cmat_jax.envs.dbbench import DBBenchEnv, load_tasks
 from cmat_jax.envs.dbbench_synth import (
@@ -20,8 +19,9 @@ from cmat_jax.envs.dbbench_synth import (
 )
 from cmat_jax.envs.dbbench_synth_domains import DOMAINS
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from tests.dbbench_data import DBBENCH_DEV
 
-DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
+DEV = DBBENCH_DEV
 
 
 def _fingerprint(task) -> str:

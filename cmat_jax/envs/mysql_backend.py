@@ -103,6 +103,8 @@ class MySQLEpisode:
     def _create_table(self) -> None:
         t = self.table
         cols = ", ".join(f"{_q(c)} TEXT" for c in t.columns)
+        if not cols:  # no columns: the item's table could not be created (DBTask.table_spec)
+            return
         with self.conn.cursor() as cur:
             cur.execute(f"CREATE TABLE {_q(t.name)} ({cols})")
             if t.rows:

@@ -5,7 +5,12 @@ changes outcomes and leaves the rest to SQLite:
 
 - string literals: MySQL backslash escapes (``\\'``, ``\\n``, ...) are decoded, and double-quoted
   strings are strings (not identifiers) as in MySQL's default mode;
-- backtick identifiers become SQLite double-quoted identifiers; ``#`` comments are dropped;
+- identifiers: MySQL's unquoted form (letters, digits, ``_``, ``$`` and U+0080..U+FFFF, possibly
+  starting with a digit, e.g. ``1987_results``, but not all digits) is one token; those SQLite
+  cannot read bare (a leading digit or ``$``) and every backtick-quoted one are written with
+  backticks, which SQLite reads as identifiers only (a double-quoted name that matches no column
+  would silently become a string in SQLite, where MySQL reports an unknown column);
+- ``#`` comments are dropped;
 - a number compared with a column (``Year > 2000``) is compared as a number, as MySQL does for
   a TEXT column against a numeric literal (SQLite would compare text);
 - ``CAST(x AS SIGNED|UNSIGNED)`` -> ``CAST(x AS INTEGER)``; ``<=>`` -> ``IS``;
@@ -52,15 +57,22 @@ class Token:
     value: str = ""  # decoded string / identifier name
 
 
-_WORD = r"[A-Za-z_$\u0080-\uffff][0-9A-Za-z_$\u0080-\uffff]*"
+# MySQL's unquoted identifier characters (ASCII letters, digits, _ and $, and U+0080..U+FFFF).
+_IDENT_CHAR = r"0-9A-Za-z_$\u0080-\uffff"
+# A word: optional leading digits, then at least one non-digit identifier character (an
+# identifier may begin with a digit but may not be all digits; numbers are matched first).
+_WORD = rf"[0-9]*[A-Za-z_$\u0080-\uffff][{_IDENT_CHAR}]*"
+# Only ASCII whitespace separates tokens in MySQL (U+00A0 and friends are identifier characters).
 _TOKEN_RE = re.compile(
-    r"""(?P<ws>\s+)
+    r"""(?P<ws>[ \t\n\r\f\v]+)
     |(?P<comment>\#[^\n]*|--(?=\s|$)[^\n]*|/\*[\s\S]*?\*/)
     |(?P<str>'(?:[^'\\]|\\[\s\S]|'')*'|"(?:[^"\\]|\\[\s\S]|"")*")
     |(?P<ident>`(?:[^`]|``)*`)
     |(?P<semi>;)
-    |(?P<num>(?:0x[0-9A-Fa-f]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(?![0-9A-Za-z_$\u0080-\uffff]))
-    |(?P<word>\d*"""
+    |(?P<num>(?:0x[0-9A-Fa-f]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)(?!["""
+    + _IDENT_CHAR
+    + r"""]))
+    |(?P<word>"""
     + _WORD
     + r""")
     |(?P<op><=>|<>|!=|<=|>=|\|\||&&|:=|<<|>>|[\s\S])""",
@@ -130,7 +142,14 @@ def sqlite_string(value: str) -> str:
 
 
 def sqlite_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    """Any name as a SQLite identifier. Backticks, not double quotes: SQLite treats an unknown
+    double-quoted name as a string literal, a backtick-quoted one is always an identifier."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+# What SQLite reads as an identifier without quotes (it takes bytes >= 0x80 as letters, and `$`
+# after the first character); MySQL words outside this (a leading digit or `$`) get quoted.
+_SQLITE_BARE_RE = re.compile(r"[A-Za-z_\u0080-\uffff][0-9A-Za-z_$\u0080-\uffff]*")
 
 
 _COMPARISONS = {"=", "<", ">", "<=", ">=", "<>", "!="}
@@ -231,6 +250,8 @@ def to_sqlite(sql: str) -> str:
             prev = _prev_sig(tokens, i)
             is_cast = prev is not None and prev.text.upper() == "AS"
             out.append("INTEGER" if is_cast else tok.text)
+        elif tok.kind == "word" and not _SQLITE_BARE_RE.fullmatch(tok.text):
+            out.append(sqlite_ident(tok.text))  # e.g. 1987_results, $price
         elif tok.kind == "num":
             prev, nxt = _prev_sig(tokens, i), _next_sig(tokens, i)
             prev_op = prev is not None and (

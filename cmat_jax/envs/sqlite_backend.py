@@ -190,7 +190,8 @@ class SQLiteEpisode:
         _register_mysql_functions(conn)
         conn.execute("PRAGMA temp_store = MEMORY")
         cols = ", ".join(f"{sqlite_ident(c)} TEXT COLLATE {COLLATION}" for c in table.columns)
-        conn.execute(f"CREATE TABLE {sqlite_ident(table.name)} ({cols})")
+        if cols:  # no columns: the item's table could not be created (DBTask.table_spec)
+            conn.execute(f"CREATE TABLE {sqlite_ident(table.name)} ({cols})")
         if table.rows:
             marks = ", ".join("?" for _ in table.columns)
             conn.executemany(f"INSERT INTO {sqlite_ident(table.name)} VALUES ({marks})", table.rows)
