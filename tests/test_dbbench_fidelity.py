@@ -385,3 +385,37 @@ def test_observations_and_hash_agree_across_backends(backend):
         assert db.table_hash() == "[(None,)]"  # md5(NULL) of an empty table
     finally:
         db.close()
+
+
+def test_table_names_are_case_sensitive_as_on_agentbench_mysql(backend):
+    """AgentBench's MySQL runs on Linux (``lower_case_table_names=0``): a table name must match
+    exactly, while column names and aliases match in any case."""
+    task = DBTask("c", "d", "", "Scorers", tuple(COLUMNS), tuple(map(tuple, FULL_ROWS)),
+                  "other", ("3",))  # fmt: skip
+    db = backend.open(task.table_spec())
+    try:
+        for sql in (
+            "SELECT COUNT(*) FROM scorers",
+            "SELECT * FROM Scorers a, SCORERS b",
+            "UPDATE scorers SET Goals = '0'",
+            "INSERT INTO scorers (Player) VALUES ('x')",
+            "DELETE FROM `scorers`",
+            "SELECT Player FROM Scorers WHERE Goals IN (SELECT Goals FROM scorers)",
+        ):
+            assert db.execute(sql).text.startswith("1146 (42S02): Table"), sql
+        assert db.execute("SELECT scorers.goals FROM Scorers").error  # a qualifier, too
+        ok = [
+            "SELECT COUNT(*) FROM Scorers",
+            "SELECT scorers.GOALS FROM Scorers scorers WHERE scorers.player = 'Ann'",
+            "SELECT s.goals FROM Scorers AS s WHERE s.PLAYER = 'Ann'",
+            "SELECT COUNT(*) AS scorers FROM Scorers",
+        ]
+        assert [db.execute(sql).text for sql in ok] == [
+            "[(3,)]",
+            "[('12',)]",
+            "[('12',)]",
+            "[(3,)]",
+        ]
+        assert db.table_hash() == mysql_table_hash([tuple(r) for r in FULL_ROWS])  # unchanged
+    finally:
+        db.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Iterable
 
 _ESCAPES = {
     "0": "\x00",
@@ -263,6 +264,70 @@ def to_sqlite(sql: str) -> str:
         else:
             out.append(tok.text)
     return "".join(out).strip()
+
+
+# Words after which a name is a table (``FROM t``, ``JOIN t``, ``INTO t``, ``UPDATE t``, ``TABLE
+# t``, ``DESCRIBE t``); a comma continues a FROM / UPDATE list until a clause keyword.
+_TABLE_BEFORE = frozenset(
+    {"FROM", "JOIN", "INTO", "UPDATE", "TABLE", "DESCRIBE", "DESC", "EXPLAIN"}
+)
+_TABLE_LIST_END = frozenset(
+    {
+        "WHERE", "GROUP", "ORDER", "LIMIT", "HAVING", "ON", "USING", "SET", "UNION", "VALUES",
+        "SELECT", "WINDOW", "INTERSECT", "EXCEPT", "FOR", "LOCK", "INTO", "NATURAL", "INNER",
+        "LEFT", "RIGHT", "CROSS", "STRAIGHT_JOIN", "JOIN", "PARTITION", "OUTER",
+    }
+)  # fmt: skip
+
+
+def miscased_table(sql: str, tables: Iterable[str]) -> str | None:
+    """The first table name in ``sql`` that equals one of ``tables`` only up to letter case, or
+    None. MySQL on Linux (AgentBench's server, ``lower_case_table_names=0``) compares table
+    names exactly, so such a statement fails there (``Table ... doesn't exist``); SQLite would
+    run it. Checked: names after FROM/JOIN/INTO/UPDATE/TABLE/DESCRIBE, names in a FROM or
+    UPDATE list, and qualifiers (``t.col``) that are not aliases. ``CREATE`` is left alone
+    (MySQL may create a table whose name differs from another only in case)."""
+    exact = set(tables)
+    folded = {t.lower() for t in exact}
+    toks = _significant(tokenize(sql))
+    if not toks or (toks[0].kind == "word" and toks[0].text.upper() == "CREATE"):
+        return None
+    aliases: set[str] = set()
+    candidates: list[str] = []
+    in_list, depth, last_was_table = False, 0, False
+    for i, tok in enumerate(toks):
+        upper = tok.text.upper() if tok.kind == "word" else ""
+        is_name = tok.kind == "ident" or (tok.kind == "word" and upper not in _TABLE_BEFORE)
+        prev = toks[i - 1] if i else None
+        prev_upper = prev.text.upper() if prev is not None and prev.kind == "word" else ""
+        nxt = toks[i + 1] if i + 1 < len(toks) else None
+        if tok.kind == "op" and tok.text in "()":
+            depth += 1 if tok.text == "(" else -1
+            in_list = False
+        if upper in _TABLE_LIST_END:
+            in_list = False
+        if (
+            is_name
+            and prev is not None
+            and (
+                prev_upper in _TABLE_BEFORE or (in_list and prev.kind == "op" and prev.text == ",")
+            )
+        ):
+            if nxt is not None and nxt.kind == "op" and nxt.text == ".":
+                continue  # db.table: the database part
+            candidates.append(tok.value)
+            in_list = prev_upper in ("FROM", "UPDATE") or in_list
+            last_was_table = True
+            continue
+        if is_name and last_was_table and upper not in _TABLE_LIST_END:
+            aliases.add(tok.value)  # FROM t alias / FROM t AS alias
+        elif is_name and nxt is not None and nxt.kind == "op" and nxt.text == ".":
+            candidates.append(tok.value)  # qualifier of t.col
+        last_was_table = last_was_table and upper == "AS"
+    for name in candidates:
+        if name not in exact and name.lower() in folded and name not in aliases:
+            return name
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
