@@ -247,7 +247,7 @@ def test_malformed_records_name_the_line(tmp_path):
         json.dumps(bad_rows): "rows[1]' must be a list",
         json.dumps({**json.loads(good), "label": "7"}): "'label' must be a list",
         json.dumps({**json.loads(good), "type": ["INSERT"]}): "need a string 'answer_md5'",
-        json.dumps({**json.loads(good), "type": ["JOIN"]}): "unknown task 'type'",
+        json.dumps({**json.loads(good), "type": [7]}): "'type' must be a string",
     }
     for line, message in cases.items():
         path = tmp_path / "tasks.jsonl"

@@ -376,6 +376,8 @@ def test_observations_and_hash_agree_across_backends(backend):
             "SELECT Player FROM Scorers WHERE Goals > 5 ORDER BY Goals + 0": "[('Bo',), ('Ann',)]",
             "SELECT Player FROM Scorers WHERE Goals = 12.0": "[('Ann',)]",  # numeric compare
             "SELECT Player FROM Scorers WHERE Goals = '12.0'": "[]",  # string compare
+            "SELECT Player FROM Scorers WHERE Club = 'herons '": "[]",  # NO PAD, as MySQL 8
+            "SELECT Player FROM Scorers WHERE Club = 'ÓTTERS'": "[('Bo',)]",  # ai, ci
             "UPDATE Scorers SET Club = NULL WHERE Player = 'Ann'": "[]",
         }
         assert {sql: db.execute(sql).text for sql in expected} == expected
@@ -419,3 +421,19 @@ def test_table_names_are_case_sensitive_as_on_agentbench_mysql(backend):
         assert db.table_hash() == mysql_table_hash([tuple(r) for r in FULL_ROWS])  # unchanged
     finally:
         db.close()
+
+
+def test_unknown_type_is_a_query_counted_in_select(tmp_path):
+    """AgentBench runs any ``type``: not INSERT/DELETE/UPDATE -> compared with ``label`` and
+    counted in SELECT_accuracy only."""
+    path = write_items(tmp_path / "types.jsonl", [
+        record("JOIN", "Scorers", COLUMNS, FULL_ROWS, label=["Ann"], item_id="j"),
+        record("DELETE", "Scorers", COLUMNS, FULL_ROWS, label=["DELETE FROM Scorers"],
+               answer_md5="[(None,)]", item_id="d"),
+    ])  # fmt: skip
+    with pytest.warns(DBBenchDataWarning, match="unknown task 'type' 'JOIN'"):
+        tasks = load_tasks(path)
+    trs = episodes(tasks, oracle_agent(tasks), SQLiteBackend())
+    m = dbbench_metrics(tr["output"] for tr in trs.values())
+    assert trs["j"]["reward"] == trs["d"]["reward"] == 1.0 and m["SELECT_accuracy"] == 1.0
+    assert m["overall_cat_accuracy"] == pytest.approx(1 / 3)  # no INSERT / UPDATE items

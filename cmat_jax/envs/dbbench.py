@@ -162,8 +162,15 @@ def parse_task(rec: Any, where: str, default_id: str) -> DBTask:
         raise DBBenchDataError(f"{where}: 'table.table_name' must be a string")
     if isinstance(typ, list) and len(typ) >= 1:
         typ = typ[0]
-    if not isinstance(typ, str) or typ not in (*QUERY_TYPES, *MUTATION_TYPES):
-        raise DBBenchDataError(f"{where}: unknown task 'type' {typ!r}")
+    if not isinstance(typ, str):
+        raise DBBenchDataError(f"{where}: 'type' must be a string or a list of strings")
+    if typ not in (*QUERY_TYPES, *MUTATION_TYPES):
+        warnings.warn(
+            f"{where}: unknown task 'type' {typ!r}: scored as a query item by its 'label' and "
+            "counted only in SELECT_accuracy, as AgentBench does",
+            DBBenchDataWarning,
+            stacklevel=2,
+        )
     # AgentBench reads 'label' only for query types (mutations are scored by 'answer_md5').
     label = rec.get("label", []) if typ in MUTATION_TYPES else _field(rec, "label", where)
     if not isinstance(cols, list):

@@ -28,7 +28,8 @@ from cmat_jax.envs.sql_backend import (
 )
 
 PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, CREATE VIEW, SHOW VIEW"
-COLLATION = "utf8mb4_unicode_520_ci"  # case- and accent-insensitive, like MySQL 8's default
+# Case- and accent-insensitive and NO PAD ('a' <> 'a '), like MySQL 8's default utf8mb4_0900_ai_ci
+COLLATION = "utf8mb4_unicode_520_nopad_ci"
 _SQLSTATE = {
     1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1062: "23000", 1064: "42000",
     1136: "21S01", 1142: "42000", 1143: "42000", 1146: "42S02", 1227: "42000", 1969: "70100",
