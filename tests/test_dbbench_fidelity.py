@@ -425,15 +425,27 @@ def test_table_names_are_case_sensitive_as_on_agentbench_mysql(backend):
 
 def test_unknown_type_is_a_query_counted_in_select(tmp_path):
     """AgentBench runs any ``type``: not INSERT/DELETE/UPDATE -> compared with ``label`` and
-    counted in SELECT_accuracy only."""
+    counted in SELECT_accuracy only; a mutation item needs no ``label`` (only ``answer_md5``)."""
+    no_label = record(
+        "DELETE",
+        "Scorers",
+        COLUMNS,
+        FULL_ROWS,
+        item_id="n",
+        answer_md5=mysql_table_hash([tuple(r) for r in FULL_ROWS]),
+    )
+    del no_label["label"]
     path = write_items(tmp_path / "types.jsonl", [
         record("JOIN", "Scorers", COLUMNS, FULL_ROWS, label=["Ann"], item_id="j"),
         record("DELETE", "Scorers", COLUMNS, FULL_ROWS, label=["DELETE FROM Scorers"],
                answer_md5="[(None,)]", item_id="d"),
+        no_label,
     ])  # fmt: skip
     with pytest.warns(DBBenchDataWarning, match="unknown task 'type' 'JOIN'"):
         tasks = load_tasks(path)
+    assert tasks[2].label == ()
     trs = episodes(tasks, oracle_agent(tasks), SQLiteBackend())
     m = dbbench_metrics(tr["output"] for tr in trs.values())
-    assert trs["j"]["reward"] == trs["d"]["reward"] == 1.0 and m["SELECT_accuracy"] == 1.0
+    assert {k: tr["reward"] for k, tr in trs.items()} == {"j": 1.0, "d": 1.0, "n": 1.0}
+    assert m["SELECT_accuracy"] == 1.0
     assert m["overall_cat_accuracy"] == pytest.approx(1 / 3)  # no INSERT / UPDATE items
