@@ -129,7 +129,7 @@ def test_protocol_failures_end_the_episode():
     assert r.done and r.info["status"] == "agent_validation_failed" and r.reward == 0.0
     env.reset(small_task())
     r = env.step("I think the answer is 7.")  # no action, no answer
-    assert r.done and r.info["status"] == "agent_invalid_action" and r.info["error"]
+    assert r.done and r.info["status"] == "agent_validation_failed" and r.info["error"]
     env.reset(small_task())
     r = env.step("Final Answer: ['7']")  # AgentBench needs a newline before Final Answer
     assert r.done and r.reward == 0.0
@@ -170,7 +170,7 @@ def test_mutation_scored_by_table_hash_even_without_answer(dev_tasks):
     env.reset(task)
     env.step(op(task.label[0]))
     r = env.step("no action here")
-    assert r.done and r.info["status"] == "agent_invalid_action" and r.reward == 1.0
+    assert r.done and r.info["status"] == "agent_validation_failed" and r.reward == 1.0
 
 
 def test_snapshot_restore_counterfactual():

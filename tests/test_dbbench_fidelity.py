@@ -116,7 +116,7 @@ def test_dev_split_loads_oracle_passes_null_fails(backend):
     m = dbbench_metrics(tr["output"] for tr in trs.values())
     print(f"{backend.name} null: {json.dumps(m)}")
     assert m["overall_cat_accuracy"] == 0.0 and len(trs) == 60
-    assert {tr["status"] for tr in trs.values()} == {"agent_invalid_action"}
+    assert {tr["status"] for tr in trs.values()} == {"agent_validation_failed"}
 
 
 # -- ragged rows: the one INSERT fails, the item runs on an empty table ----------------------

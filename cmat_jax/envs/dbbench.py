@@ -7,8 +7,9 @@ Protocol (CMAT.md section 7, kept identical to AgentBench's ``dbbench`` task):
   ``Action: Answer`` and a line ``Final Answer: [...]`` (a Python-literal list).
 - Parsing uses AgentBench's patterns: the action is ``Action: (.*?)\\n``; an Operation without a
   ```` ```sql\\n...\\n``` ```` block ends the episode (validation failure); anything that is not an
-  Operation ends it and ``\\nFinal Answer:(.*)`` is looked for (missing -> invalid action, or
-  "task limit reached" after the last round).
+  Operation ends it and ``\\nFinal Answer:(.*)`` is looked for (missing ->
+  ``agent_validation_failed``, AgentBench's status, or ``task_limit_reached`` after the last
+  round).
 - Observations are ``str(list_of_row_tuples)`` or the error text, cut at 800 characters with
   ``[TRUNCATED]`` appended. At most 15 operations; the reply after the 15th may still answer.
 - Scoring: INSERT/UPDATE/DELETE by the table hash (see :func:`mysql_table_hash`) against
@@ -394,7 +395,7 @@ class DBBenchEnv:
         elif s.rounds >= self.max_rounds:
             status = "task_limit_reached"
         else:
-            status = "agent_invalid_action"
+            status = "agent_validation_failed"  # AgentBench's status for a missing answer
         return self._finish(status, answer, error=not found, action="Answer" if found else None)
 
     def finish(self, status: str = "agent_context_limit") -> StepResult:
