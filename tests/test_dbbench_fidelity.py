@@ -49,8 +49,8 @@ def backend(request) -> SQLBackend:
 
 def record(
     typ: str,
-    table: str,
-    columns: list[str],
+    table: Any,
+    columns: list[Any],
     rows: list[list[Any]],
     *,
     label: list[Any] | None = None,
@@ -61,7 +61,7 @@ def record(
     rec: dict[str, Any] = {
         "description": f"Task {item_id} on the table {table}.",
         "add_description": f"The name of this table is {table}, and the headers of this "
-        f"table are {','.join(columns)}.",
+        f"table are {','.join(map(str, columns))}.",
         "label": label if label is not None else [],
         "type": [typ],
         "table": {
@@ -233,6 +233,11 @@ def test_names_mysql_accepts_are_kept_as_given(backend, tmp_path):
     assert task.table_outcome == "ok"
     sql = f"SELECT `{'c' * 64}`, `é`, `e`, `a.b/c\\d` FROM `{'x' * 64}`"
     assert sql_rows(backend, task, sql) == "[('1', '1', '1', '1')]"
+    # names that are not JSON strings are written with str(), as AgentBench's f-strings do
+    rec = record("other", 1987, [2019, None, 1.5], [["a", "b", "c"]], label=["a"])
+    (task,) = load_tasks(write_items(tmp_path / "numbers.jsonl", [rec]))
+    assert (task.table_name, task.columns) == ("1987", ("2019", "None", "1.5"))
+    assert sql_rows(backend, task, "SELECT `2019`, `1.5` FROM `1987`") == "[('a', 'c')]"
 
 
 # -- identifiers MySQL accepts unquoted ------------------------------------------------------

@@ -159,8 +159,7 @@ def parse_task(rec: Any, where: str, default_id: str) -> DBTask:
     typ = _field(rec, "type", where)
     if not isinstance(desc, str) or not isinstance(add, str):
         raise DBBenchDataError(f"{where}: 'description' and 'add_description' must be strings")
-    if not isinstance(name, str):
-        raise DBBenchDataError(f"{where}: 'table.table_name' must be a string")
+    name = name if isinstance(name, str) else str(name)  # AgentBench formats names with str()
     if isinstance(typ, list) and len(typ) >= 1:
         typ = typ[0]
     if not isinstance(typ, str):
@@ -178,12 +177,9 @@ def parse_task(rec: Any, where: str, default_id: str) -> DBTask:
         raise DBBenchDataError(f"{where}: 'table.table_info.columns' must be a list")
     names = []
     for k, c in enumerate(cols):
-        col_name = c.get("name") if isinstance(c, dict) else None
-        if not isinstance(col_name, str):
-            raise DBBenchDataError(
-                f"{where}: 'table.table_info.columns[{k}].name' must be a string"
-            )
-        names.append(col_name)
+        if not isinstance(c, dict) or "name" not in c:
+            raise DBBenchDataError(f"{where}: missing field 'table.table_info.columns[{k}].name'")
+        names.append(c["name"] if isinstance(c["name"], str) else str(c["name"]))
     if not isinstance(rows, list):
         raise DBBenchDataError(f"{where}: 'table.table_info.rows' must be a list")
     for k, r in enumerate(rows):
