@@ -11,6 +11,8 @@ changes outcomes and leaves the rest to SQLite:
   backticks, which SQLite reads as identifiers only (a double-quoted name that matches no column
   would silently become a string in SQLite, where MySQL reports an unknown column);
 - ``#`` comments are dropped;
+- table names compare exactly, as on AgentBench's Linux MySQL: :func:`miscased_table` finds a
+  name that matches a table only up to case (the backend then answers MySQL's error 1146);
 - a number compared with a column (``Year > 2000``) is compared as a number, as MySQL does for
   a TEXT column against a numeric literal (SQLite would compare text);
 - ``CAST(x AS SIGNED|UNSIGNED)`` -> ``CAST(x AS INTEGER)``; ``<=>`` -> ``IS``;
