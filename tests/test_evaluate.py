@@ -21,8 +21,9 @@ from cmat_jax.evaluate import (
     run_episodes,
 )
 from cmat_jax.training.checkpoint import CheckpointError
+from tests.dbbench_data import DBBENCH_DEV
 
-DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
+DEV = DBBENCH_DEV
 
 
 def test_cli_oracle_and_null(tmp_path):

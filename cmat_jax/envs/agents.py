@@ -67,13 +67,15 @@ class ReplayAgent:
 
 def oracle_plan(task: DBTask) -> list[str]:
     """Gold replay: query items answer ``label``; INSERT/UPDATE/DELETE run the gold statement
-    from ``label`` then answer."""
-    if task.is_mutation:
+    from ``label`` (when the item has one) then answer."""
+    if task.is_mutation and task.label:
         sql = str(task.label[0]).replace("\n", " ").strip()
         return [
             f"I will run the statement the task asks for.\nAction: Operation\n```sql\n{sql}\n```",
             "The change is made.\nAction: Answer\nFinal Answer: []",
         ]
+    if task.is_mutation:
+        return ["The item gives no statement to run.\nAction: Answer\nFinal Answer: []"]
     answer = repr(list(task.label))  # a Python literal for any label values
     return [f"I know the answer.\nAction: Answer\nFinal Answer: {answer}"]
 

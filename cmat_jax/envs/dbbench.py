@@ -7,8 +7,9 @@ Protocol (CMAT.md section 7, kept identical to AgentBench's ``dbbench`` task):
   ``Action: Answer`` and a line ``Final Answer: [...]`` (a Python-literal list).
 - Parsing uses AgentBench's patterns: the action is ``Action: (.*?)\\n``; an Operation without a
   ```` ```sql\\n...\\n``` ```` block ends the episode (validation failure); anything that is not an
-  Operation ends it and ``\\nFinal Answer:(.*)`` is looked for (missing -> invalid action, or
-  "task limit reached" after the last round).
+  Operation ends it and ``\\nFinal Answer:(.*)`` is looked for (missing ->
+  ``agent_validation_failed``, AgentBench's status, or ``task_limit_reached`` after the last
+  round).
 - Observations are ``str(list_of_row_tuples)`` or the error text, cut at 800 characters with
   ``[TRUNCATED]`` appended. At most 15 operations; the reply after the 15th may still answer.
 - Scoring: INSERT/UPDATE/DELETE by the table hash (see :func:`mysql_table_hash`) against
@@ -21,12 +22,14 @@ import ast
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cmat_jax.envs.base import EnvError, Message, StepResult, register_family
-from cmat_jax.envs.sql_backend import SQLBackend, TableSpec, safe_identifiers
+from cmat_jax.envs.dbbench_setup import TableOutcome, plan_table
+from cmat_jax.envs.sql_backend import SQLBackend, TableSpec
 
 MAX_ROUNDS = 15
 OBSERVATION_LIMIT = 800
@@ -70,6 +73,10 @@ class DBBenchDataError(ValueError):
     """A task record is malformed; the message names the file and line."""
 
 
+class DBBenchDataWarning(UserWarning):
+    """An item AgentBench runs, but not on the table its file describes (see dbbench_setup)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DBTask:
     """One DBBench item (the JSONL schema of AgentBench's ``data/dbbench``)."""
@@ -83,6 +90,11 @@ class DBTask:
     type: str
     label: tuple[Any, ...]
     answer_md5: str | None = None
+    table_outcome: TableOutcome = "ok"
+    """How AgentBench's MySQL sets the table up: ``ok`` (every row), ``empty`` (the one INSERT
+    failed: a ragged row) or ``missing`` (CREATE TABLE failed: a name MySQL refuses)."""
+    table_error: str | None = None
+    """MySQL's error for the failed setup statement (None when ``ok``)."""
 
     @property
     def is_mutation(self) -> bool:
@@ -98,11 +110,12 @@ class DBTask:
         return self.description + "\n" + self.add_description
 
     def table_spec(self) -> TableSpec:
-        return TableSpec(
-            name=safe_identifiers([self.table_name], prefix="table")[0],
-            columns=safe_identifiers(self.columns),
-            rows=self.rows,
-        )
+        """The table the episode starts from; a backend creates no table for a spec without
+        columns (the ``missing`` outcome)."""
+        if self.table_outcome == "missing":
+            return TableSpec(name=self.table_name, columns=(), rows=())
+        rows = self.rows if self.table_outcome == "ok" else ()
+        return TableSpec(name=self.table_name, columns=self.columns, rows=rows)
 
     def to_record(self) -> dict[str, Any]:
         """Back to the AgentBench JSONL schema (what :func:`parse_task` reads)."""
@@ -144,49 +157,62 @@ def parse_task(rec: Any, where: str, default_id: str) -> DBTask:
     cols = _field(rec, "table.table_info.columns", where)
     rows = _field(rec, "table.table_info.rows", where)
     typ = _field(rec, "type", where)
-    label = _field(rec, "label", where)
     if not isinstance(desc, str) or not isinstance(add, str):
         raise DBBenchDataError(f"{where}: 'description' and 'add_description' must be strings")
-    if not isinstance(name, str):
-        raise DBBenchDataError(f"{where}: 'table.table_name' must be a string")
+    name = name if isinstance(name, str) else str(name)  # AgentBench formats names with str()
     if isinstance(typ, list) and len(typ) >= 1:
         typ = typ[0]
-    if not isinstance(typ, str) or typ not in (*QUERY_TYPES, *MUTATION_TYPES):
-        raise DBBenchDataError(f"{where}: unknown task 'type' {typ!r}")
-    if not isinstance(cols, list) or not cols:
-        raise DBBenchDataError(f"{where}: 'table.table_info.columns' must be a non-empty list")
+    if not isinstance(typ, str):
+        raise DBBenchDataError(f"{where}: 'type' must be a string or a list of strings")
+    if typ not in (*QUERY_TYPES, *MUTATION_TYPES):
+        warnings.warn(
+            f"{where}: unknown task 'type' {typ!r}: scored as a query item by its 'label' and "
+            "counted only in SELECT_accuracy, as AgentBench does",
+            DBBenchDataWarning,
+            stacklevel=2,
+        )
+    # AgentBench reads 'label' only for query types (mutations are scored by 'answer_md5').
+    label = rec.get("label", []) if typ in MUTATION_TYPES else _field(rec, "label", where)
+    if not isinstance(cols, list):
+        raise DBBenchDataError(f"{where}: 'table.table_info.columns' must be a list")
     names = []
     for k, c in enumerate(cols):
-        col_name = c.get("name") if isinstance(c, dict) else None
-        if not isinstance(col_name, str):
-            raise DBBenchDataError(
-                f"{where}: 'table.table_info.columns[{k}].name' must be a string"
-            )
-        names.append(col_name)
+        if not isinstance(c, dict) or "name" not in c:
+            raise DBBenchDataError(f"{where}: missing field 'table.table_info.columns[{k}].name'")
+        names.append(c["name"] if isinstance(c["name"], str) else str(c["name"]))
     if not isinstance(rows, list):
         raise DBBenchDataError(f"{where}: 'table.table_info.rows' must be a list")
-    clean_rows = []
     for k, r in enumerate(rows):
-        if not isinstance(r, list) or len(r) != len(names):
-            raise DBBenchDataError(
-                f"{where}: 'table.table_info.rows[{k}]' must be a list of {len(names)} values"
-            )
-        clean_rows.append(tuple(None if v is None else str(v) for v in r))
+        if not isinstance(r, list):
+            raise DBBenchDataError(f"{where}: 'table.table_info.rows[{k}]' must be a list")
     if not isinstance(label, list):
         raise DBBenchDataError(f"{where}: 'label' must be a list")
     md5 = rec.get("answer_md5")
     if typ in MUTATION_TYPES and not isinstance(md5, str):
         raise DBBenchDataError(f"{where}: {typ} tasks need a string 'answer_md5'")
+    task_id = str(rec.get("id", default_id))
+    plan = plan_table(name, names, rows)
+    if plan.outcome != "ok":
+        state = "an empty table" if plan.outcome == "empty" else "no table"
+        warnings.warn(
+            f"{where}: item {task_id!r} ({typ}, table {name!r}): AgentBench's MySQL fails to "
+            f"set its table up ({plan.error}); the item runs "
+            f"with {state}, as there",
+            DBBenchDataWarning,
+            stacklevel=2,
+        )
     return DBTask(
-        task_id=str(rec.get("id", default_id)),
+        task_id=task_id,
         description=desc,
         add_description=add,
         table_name=name,
         columns=tuple(names),
-        rows=tuple(clean_rows),
+        rows=plan.rows,
         type=typ,
         label=tuple(label),
         answer_md5=md5 if typ in MUTATION_TYPES else None,
+        table_outcome=plan.outcome,
+        table_error=plan.error,
     )
 
 
@@ -365,7 +391,7 @@ class DBBenchEnv:
         elif s.rounds >= self.max_rounds:
             status = "task_limit_reached"
         else:
-            status = "agent_invalid_action"
+            status = "agent_validation_failed"  # AgentBench's status for a missing answer
         return self._finish(status, answer, error=not found, action="Answer" if found else None)
 
     def finish(self, status: str = "agent_context_limit") -> StepResult:
@@ -420,6 +446,7 @@ class DBBenchEnv:
             "family": self.family,
             "task_id": task.task_id if task else None,
             "type": task.type if task else None,
+            "table_outcome": task.table_outcome if task else None,
             "messages": [dict(m) for m in s.messages],
             "steps": [dict(x) for x in s.steps],
             "rounds": s.rounds,

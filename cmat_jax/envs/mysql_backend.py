@@ -28,7 +28,8 @@ from cmat_jax.envs.sql_backend import (
 )
 
 PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, CREATE VIEW, SHOW VIEW"
-COLLATION = "utf8mb4_unicode_520_ci"  # case- and accent-insensitive, like MySQL 8's default
+# Case- and accent-insensitive and NO PAD ('a' <> 'a '), like MySQL 8's default utf8mb4_0900_ai_ci
+COLLATION = "utf8mb4_unicode_520_nopad_ci"
 _SQLSTATE = {
     1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1062: "23000", 1064: "42000",
     1136: "21S01", 1142: "42000", 1143: "42000", 1146: "42S02", 1227: "42000", 1969: "70100",
@@ -103,6 +104,8 @@ class MySQLEpisode:
     def _create_table(self) -> None:
         t = self.table
         cols = ", ".join(f"{_q(c)} TEXT" for c in t.columns)
+        if not cols:  # no columns: the item's table could not be created (DBTask.table_spec)
+            return
         with self.conn.cursor() as cur:
             cur.execute(f"CREATE TABLE {_q(t.name)} ({cols})")
             if t.rows:

@@ -5,7 +5,14 @@ changes outcomes and leaves the rest to SQLite:
 
 - string literals: MySQL backslash escapes (``\\'``, ``\\n``, ...) are decoded, and double-quoted
   strings are strings (not identifiers) as in MySQL's default mode;
-- backtick identifiers become SQLite double-quoted identifiers; ``#`` comments are dropped;
+- identifiers: MySQL's unquoted form (letters, digits, ``_``, ``$`` and U+0080..U+FFFF, possibly
+  starting with a digit, e.g. ``1987_results``, but not all digits) is one token; those SQLite
+  cannot read bare (a leading digit or ``$``) and every backtick-quoted one are written with
+  backticks, which SQLite reads as identifiers only (a double-quoted name that matches no column
+  would silently become a string in SQLite, where MySQL reports an unknown column);
+- ``#`` comments are dropped;
+- table names compare exactly, as on AgentBench's Linux MySQL: :func:`miscased_table` finds a
+  name that matches a table only up to case (the backend then answers MySQL's error 1146);
 - a number compared with a column (``Year > 2000``) is compared as a number, as MySQL does for
   a TEXT column against a numeric literal (SQLite would compare text);
 - ``CAST(x AS SIGNED|UNSIGNED)`` -> ``CAST(x AS INTEGER)``; ``<=>`` -> ``IS``;
@@ -24,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Iterable
 
 _ESCAPES = {
     "0": "\x00",
@@ -52,15 +60,22 @@ class Token:
     value: str = ""  # decoded string / identifier name
 
 
-_WORD = r"[A-Za-z_$\u0080-\uffff][0-9A-Za-z_$\u0080-\uffff]*"
+# MySQL's unquoted identifier characters (ASCII letters, digits, _ and $, and U+0080..U+FFFF).
+_IDENT_CHAR = r"0-9A-Za-z_$\u0080-\uffff"
+# A word: optional leading digits, then at least one non-digit identifier character (an
+# identifier may begin with a digit but may not be all digits; numbers are matched first).
+_WORD = rf"[0-9]*[A-Za-z_$\u0080-\uffff][{_IDENT_CHAR}]*"
+# Only ASCII whitespace separates tokens in MySQL (U+00A0 and friends are identifier characters).
 _TOKEN_RE = re.compile(
-    r"""(?P<ws>\s+)
+    r"""(?P<ws>[ \t\n\r\f\v]+)
     |(?P<comment>\#[^\n]*|--(?=\s|$)[^\n]*|/\*[\s\S]*?\*/)
     |(?P<str>'(?:[^'\\]|\\[\s\S]|'')*'|"(?:[^"\\]|\\[\s\S]|"")*")
     |(?P<ident>`(?:[^`]|``)*`)
     |(?P<semi>;)
-    |(?P<num>(?:0x[0-9A-Fa-f]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(?![0-9A-Za-z_$\u0080-\uffff]))
-    |(?P<word>\d*"""
+    |(?P<num>(?:0x[0-9A-Fa-f]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)(?!["""
+    + _IDENT_CHAR
+    + r"""]))
+    |(?P<word>"""
     + _WORD
     + r""")
     |(?P<op><=>|<>|!=|<=|>=|\|\||&&|:=|<<|>>|[\s\S])""",
@@ -130,7 +145,14 @@ def sqlite_string(value: str) -> str:
 
 
 def sqlite_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+    """Any name as a SQLite identifier. Backticks, not double quotes: SQLite treats an unknown
+    double-quoted name as a string literal, a backtick-quoted one is always an identifier."""
+    return "`" + name.replace("`", "``") + "`"
+
+
+# What SQLite reads as an identifier without quotes (it takes bytes >= 0x80 as letters, and `$`
+# after the first character); MySQL words outside this (a leading digit or `$`) get quoted.
+_SQLITE_BARE_RE = re.compile(r"[A-Za-z_\u0080-\uffff][0-9A-Za-z_$\u0080-\uffff]*")
 
 
 _COMPARISONS = {"=", "<", ">", "<=", ">=", "<>", "!="}
@@ -231,6 +253,8 @@ def to_sqlite(sql: str) -> str:
             prev = _prev_sig(tokens, i)
             is_cast = prev is not None and prev.text.upper() == "AS"
             out.append("INTEGER" if is_cast else tok.text)
+        elif tok.kind == "word" and not _SQLITE_BARE_RE.fullmatch(tok.text):
+            out.append(sqlite_ident(tok.text))  # e.g. 1987_results, $price
         elif tok.kind == "num":
             prev, nxt = _prev_sig(tokens, i), _next_sig(tokens, i)
             prev_op = prev is not None and (
@@ -242,6 +266,70 @@ def to_sqlite(sql: str) -> str:
         else:
             out.append(tok.text)
     return "".join(out).strip()
+
+
+# Words after which a name is a table (``FROM t``, ``JOIN t``, ``INTO t``, ``UPDATE t``, ``TABLE
+# t``, ``DESCRIBE t``); a comma continues a FROM / UPDATE list until a clause keyword.
+_TABLE_BEFORE = frozenset(
+    {"FROM", "JOIN", "INTO", "UPDATE", "TABLE", "DESCRIBE", "DESC", "EXPLAIN"}
+)
+_TABLE_LIST_END = frozenset(
+    {
+        "WHERE", "GROUP", "ORDER", "LIMIT", "HAVING", "ON", "USING", "SET", "UNION", "VALUES",
+        "SELECT", "WINDOW", "INTERSECT", "EXCEPT", "FOR", "LOCK", "INTO", "NATURAL", "INNER",
+        "LEFT", "RIGHT", "CROSS", "STRAIGHT_JOIN", "JOIN", "PARTITION", "OUTER",
+    }
+)  # fmt: skip
+
+
+def miscased_table(sql: str, tables: Iterable[str]) -> str | None:
+    """The first table name in ``sql`` that equals one of ``tables`` only up to letter case, or
+    None. MySQL on Linux (AgentBench's server, ``lower_case_table_names=0``) compares table
+    names exactly, so such a statement fails there (``Table ... doesn't exist``); SQLite would
+    run it. Checked: names after FROM/JOIN/INTO/UPDATE/TABLE/DESCRIBE, names in a FROM or
+    UPDATE list, and qualifiers (``t.col``) that are not aliases. ``CREATE`` is left alone
+    (MySQL may create a table whose name differs from another only in case)."""
+    exact = set(tables)
+    folded = {t.lower() for t in exact}
+    toks = _significant(tokenize(sql))
+    if not toks or (toks[0].kind == "word" and toks[0].text.upper() == "CREATE"):
+        return None
+    aliases: set[str] = set()
+    candidates: list[str] = []
+    in_list, depth, last_was_table = False, 0, False
+    for i, tok in enumerate(toks):
+        upper = tok.text.upper() if tok.kind == "word" else ""
+        is_name = tok.kind == "ident" or (tok.kind == "word" and upper not in _TABLE_BEFORE)
+        prev = toks[i - 1] if i else None
+        prev_upper = prev.text.upper() if prev is not None and prev.kind == "word" else ""
+        nxt = toks[i + 1] if i + 1 < len(toks) else None
+        if tok.kind == "op" and tok.text in "()":
+            depth += 1 if tok.text == "(" else -1
+            in_list = False
+        if upper in _TABLE_LIST_END:
+            in_list = False
+        if (
+            is_name
+            and prev is not None
+            and (
+                prev_upper in _TABLE_BEFORE or (in_list and prev.kind == "op" and prev.text == ",")
+            )
+        ):
+            if nxt is not None and nxt.kind == "op" and nxt.text == ".":
+                continue  # db.table: the database part
+            candidates.append(tok.value)
+            in_list = prev_upper in ("FROM", "UPDATE") or in_list
+            last_was_table = True
+            continue
+        if is_name and last_was_table and upper not in _TABLE_LIST_END:
+            aliases.add(tok.value)  # FROM t alias / FROM t AS alias
+        elif is_name and nxt is not None and nxt.kind == "op" and nxt.text == ".":
+            candidates.append(tok.value)  # qualifier of t.col
+        last_was_table = last_was_table and upper == "AS"
+    for name in candidates:
+        if name not in exact and name.lower() in folded and name not in aliases:
+            return name
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

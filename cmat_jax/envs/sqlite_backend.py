@@ -28,6 +28,7 @@ from typing import Any
 from cmat_jax.envs.mysql_dialect import (
     ShowCommand,
     SQLSyntaxError,
+    miscased_table,
     parse_show,
     sqlite_ident,
     to_sqlite,
@@ -190,7 +191,8 @@ class SQLiteEpisode:
         _register_mysql_functions(conn)
         conn.execute("PRAGMA temp_store = MEMORY")
         cols = ", ".join(f"{sqlite_ident(c)} TEXT COLLATE {COLLATION}" for c in table.columns)
-        conn.execute(f"CREATE TABLE {sqlite_ident(table.name)} ({cols})")
+        if cols:  # no columns: the item's table could not be created (DBTask.table_spec)
+            conn.execute(f"CREATE TABLE {sqlite_ident(table.name)} ({cols})")
         if table.rows:
             marks = ", ".join("?" for _ in table.columns)
             conn.executemany(f"INSERT INTO {sqlite_ident(table.name)} VALUES ({marks})", table.rows)
@@ -222,6 +224,9 @@ class SQLiteEpisode:
         refusal = check_statement(sql)
         if refusal is not None:
             return ExecResult.failure(refusal)
+        tables = [t for (t,) in self.conn.execute("SELECT name FROM sqlite_master")]
+        if (miscased := miscased_table(sql, tables)) is not None:  # MySQL: case-sensitive
+            return ExecResult.failure(f"1146 (42S02): Table '{DB_NAME}.{miscased}' doesn't exist")
         show = parse_show(sql)
         if show is not None:
             return self._show(show)
