@@ -26,7 +26,7 @@ def test_oracle_on_mariadb_via_evaluator(mariadb_params, tmp_path):  # noqa: F81
         out=tmp_path / "eval",
         agent="oracle",
         backend="mysql",
-        mysql_socket=mariadb_params.unix_socket,
+        mysql_option_file=mariadb_params.option_file,
         progress=False,
     )
     res = evaluate(cfg)

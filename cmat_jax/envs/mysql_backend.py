@@ -1,11 +1,18 @@
 """Faithful DBBench backend: a real MySQL-compatible server (MariaDB) via ``pymysql``.
 
 Each episode gets its own database and its own user that holds privileges on that database
-only (no FILE, no GRANT, no routines or triggers), a per-statement time limit
-(``max_statement_time``, set for the user and the session), a cap on rows returned
-(``sql_select_limit``) and on recursion; the shared statement policy (one statement, no
-``SET``/``LOAD``/``USE``/...) runs before anything reaches the server. Database and user are
-dropped when the episode closes.
+only (no FILE, PROCESS, SUPER or GRANT, no routines, triggers or events, no other schema), a
+per-statement time limit (``max_statement_time``, set for the user and the session), a cap on
+rows (``sql_select_limit``, and the client reads rows one at a time up to a row and a byte
+cap), on recursion and on connections; ``LOCAL INFILE`` is off on the client. The shared
+statement policy (one statement, no ``SET``/``LOAD``/``USE``/..., no executable comments) runs
+before anything reaches the server. Database and user are dropped when the episode closes.
+
+Administrator credentials never travel on a command line: they come from a MySQL option file
+(``[client]`` group: ``user``, ``password``, ``socket`` or ``host``/``port``) or the
+``CMAT_MYSQL_PASSWORD`` environment variable. The administrator needs only
+``CREATE USER ON *.*`` and ``ALL PRIVILEGES ON `cmat_ep_%`.* WITH GRANT OPTION``
+(:data:`ADMIN_GRANTS`); the default account name is ``cmat_admin``, never ``root``.
 
 Observations mirror AgentBench (MySQL connector): ``str(list_of_row_tuples)``; errors as
 ``"<code> (<sqlstate>): <message>"``.
@@ -15,20 +22,47 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import secrets
+import time
+from pathlib import Path
 from typing import Any
 
 import pymysql
+import pymysql.cursors
 
 from cmat_jax.envs.sql_backend import (
     GROUP_CONCAT_MAX_LEN,
     ExecResult,
+    LimitKind,
     TableSpec,
     check_statement,
+    fetch_capped,
 )
 
 PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, CREATE VIEW, SHOW VIEW"
 COLLATION = "utf8mb4_unicode_520_ci"  # case- and accent-insensitive, like MySQL 8's default
+EPISODE_PREFIX = "cmat_ep_"
+PASSWORD_ENV = "CMAT_MYSQL_PASSWORD"
+DEFAULT_ADMIN = "cmat_admin"
+ADMIN_GRANTS = (
+    "GRANT CREATE USER ON *.* TO {user}",
+    # unescaped: MariaDB 10.11 refuses GRANTs made through an escaped pattern (`cmat\\_ep\\_%`)
+    "GRANT ALL PRIVILEGES ON `cmat_ep_%`.* TO {user} WITH GRANT OPTION",
+)
+"""What the administrator account needs (``{user}``: e.g. ``'cmat_admin'@'localhost'``)."""
+MAX_RECURSIVE_ITERATIONS = 100_000
+# Server error codes -> the sandbox limit they come from.
+_LIMIT_OF_CODE: dict[int, LimitKind] = {
+    1969: "time", 3024: "time", 1317: "time", 1028: "time",
+    1044: "permission", 1045: "permission", 1142: "permission", 1143: "permission",
+    1227: "permission", 1370: "permission", 1290: "permission", 1148: "permission",
+    1410: "permission", 1211: "permission", 1132: "permission", 1095: "permission",
+    1114: "db_size", 1021: "db_size", 1030: "db_size",
+    1038: "memory", 1041: "memory", 5: "memory", 1037: "memory",
+    1153: "length", 1301: "length", 1162: "length", 1118: "length", 1117: "length",
+}  # fmt: skip
+_WARNING_LIMITS: dict[int, LimitKind] = {1301: "length", 1969: "time", 3024: "time", 1317: "time"}
 _SQLSTATE = {
     1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1062: "23000", 1064: "42000",
     1136: "21S01", 1142: "42000", 1143: "42000", 1146: "42S02", 1227: "42000", 1969: "70100",
@@ -47,26 +81,62 @@ def mysql_error_text(err: pymysql.MySQLError) -> str:
     return str(err)
 
 
+def limit_of(err: pymysql.MySQLError) -> LimitKind | None:
+    code = err.args[0] if err.args and isinstance(err.args[0], int) else None
+    return _LIMIT_OF_CODE.get(code) if code is not None else None
+
+
 @dataclasses.dataclass(frozen=True)
 class MySQLParams:
-    """How to reach the server as an administrator (creates episode databases and users)."""
+    """How to reach the server as the administrator (creates episode databases and users).
 
+    ``option_file``: a MySQL option file whose ``[client]`` group gives any of ``user``,
+    ``password``, ``socket``, ``host``, ``port`` (they override the fields here). Without a
+    password there, ``password`` (for programs; never a command-line flag) or else the
+    ``CMAT_MYSQL_PASSWORD`` environment variable is used."""
+
+    option_file: str | None = None
     unix_socket: str | None = None
     host: str = "localhost"
     port: int = 3306
-    user: str = "root"
-    password: str = ""
+    user: str = DEFAULT_ADMIN
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    def connect_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "unix_socket": self.unix_socket,
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password
+            if self.password is not None
+            else os.environ.get(PASSWORD_ENV, ""),
+        }
+        if self.option_file is not None:
+            if not Path(self.option_file).expanduser().is_file():
+                raise FileNotFoundError(f"{self.option_file}: no such MySQL option file")
+            args.update(read_default_file=str(Path(self.option_file).expanduser()))
+            args.update(read_default_group="client")
+        return args
 
 
 class MySQLEpisode:
     def __init__(
-        self, backend: MySQLBackend, table: TableSpec, *, time_limit_s: float, max_rows: int
+        self,
+        backend: MySQLBackend,
+        table: TableSpec,
+        *,
+        time_limit_s: float,
+        max_rows: int,
+        max_result_bytes: int,
     ) -> None:
         self.backend = backend
         self.table = table
         self.max_rows = max_rows
+        self.max_result_bytes = max_result_bytes
+        self.time_limit_s = time_limit_s
         tag = secrets.token_hex(6)
-        self.db_name, self.user = f"cmat_ep_{tag}", f"cmat_ep_{tag}"
+        self.db_name, self.user = f"{EPISODE_PREFIX}{tag}", f"{EPISODE_PREFIX}{tag}"
         password = secrets.token_hex(16)
         admin = backend.admin()
         with admin.cursor() as cur:
@@ -74,31 +144,36 @@ class MySQLEpisode:
                 f"CREATE DATABASE {_q(self.db_name)} CHARACTER SET utf8mb4 COLLATE {COLLATION}"
             )
             cur.execute(
-                f"CREATE USER %s@'localhost' IDENTIFIED BY %s WITH MAX_STATEMENT_TIME {time_limit_s}",
+                "CREATE USER %s@'localhost' IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 3 "
+                f"MAX_STATEMENT_TIME {time_limit_s}",
                 (self.user, password),
             )
             cur.execute(
                 f"GRANT {PRIVILEGES} ON {_q(self.db_name)}.* TO %s@'localhost'", (self.user,)
             )
-        p = backend.params
         session = (
             f"SET SESSION max_statement_time = {time_limit_s}, sql_select_limit = {max_rows + 1}, "
-            f"max_recursive_iterations = 100000, group_concat_max_len = {GROUP_CONCAT_MAX_LEN}"
+            f"max_recursive_iterations = {MAX_RECURSIVE_ITERATIONS}, "
+            f"group_concat_max_len = {GROUP_CONCAT_MAX_LEN}"
         )
-        self.conn = pymysql.connect(
-            unix_socket=p.unix_socket,
-            host=p.host,
-            port=p.port,
-            user=self.user,
-            password=password,
-            database=self.db_name,
-            charset="utf8mb4",
-            autocommit=True,
-            local_infile=False,
-            read_timeout=int(time_limit_s) + 30,
-            init_command=session,
-        )
+        self._connect_args = {  # where the administrator's connection went
+            "unix_socket": admin.unix_socket,
+            "host": admin.host,
+            "port": admin.port,
+            "user": self.user,
+            "password": password,
+            "database": self.db_name,
+            "charset": "utf8mb4",
+            "autocommit": True,
+            "local_infile": False,
+            "read_timeout": int(time_limit_s) + 30,
+        }
+        self._session = session
+        self.conn = self._connect()
         self._create_table()
+
+    def _connect(self) -> pymysql.connections.Connection:
+        return pymysql.connect(**self._connect_args, init_command=self._session)
 
     def _create_table(self) -> None:
         t = self.table
@@ -112,16 +187,61 @@ class MySQLEpisode:
     def execute(self, sql: str) -> ExecResult:
         refusal = check_statement(sql)
         if refusal is not None:
-            return ExecResult.failure(refusal)
+            return ExecResult.failure(refusal, limit="policy")
+        # unbuffered: rows are read one at a time, never more than the caps
+        cur = self.conn.cursor(pymysql.cursors.SSCursor)
+        rows, capped, warned = [], False, False
+        started = time.monotonic()
         try:
-            with self.conn.cursor() as cur:
-                cur.execute(sql)  # no args: "%" is not a placeholder
-                rows = list(cur.fetchmany(self.max_rows + 1)) if cur.description else []
+            cur.execute(sql)  # no args: "%" is not a placeholder
+            if cur.description:
+                rows, capped = fetch_capped(cur.fetchone, self.max_rows, self.max_result_bytes)
+            warned = cur.warning_count > 0  # set once every row was read
         except pymysql.MySQLError as e:
-            return ExecResult.failure(mysql_error_text(e))
-        capped = len(rows) > self.max_rows
-        rows = [tuple(r) for r in rows[: self.max_rows]]
-        return ExecResult(text=str(rows), error=False, rows=rows, rows_capped=capped)
+            return ExecResult.failure(mysql_error_text(e), limit=limit_of(e))
+        finally:
+            if capped and len(rows) < self.max_rows:  # cut by bytes: the rest may be large
+                self._abandon_result(cur)
+            with contextlib.suppress(pymysql.MySQLError):
+                cur.close()  # reads and drops what is left of the result
+        res = ExecResult.of_rows(rows, capped)
+        kind = self._warning_limit() if warned and not capped else None
+        if kind is None and time.monotonic() - started >= self.time_limit_s:
+            kind = "time"  # the server cut it short without an error (BENCHMARK returns 0)
+        if kind is not None and not capped:
+            res = ExecResult(text=res.text, error=False, rows=rows, limit=kind)
+        return res
+
+    def _abandon_result(self, cur: pymysql.cursors.SSCursor) -> None:
+        """Stop a statement still sending rows without reading them: ``KILL QUERY`` from a
+        second connection of the same user, then a fresh connection (the old one is closed
+        unread, so the server's pending writes fail at once)."""
+        result = getattr(cur, "_result", None)  # pymysql would drain it on close / collection
+        if result is not None:
+            result.unbuffered_active = False
+        cur.connection = None
+        thread_id = self.conn.thread_id()
+        with contextlib.suppress(pymysql.MySQLError):
+            killer = pymysql.connect(**self._connect_args)
+            try:
+                with killer.cursor() as kc:
+                    kc.execute(f"KILL QUERY {int(thread_id)}")
+            finally:
+                killer.close()
+        with contextlib.suppress(pymysql.MySQLError, OSError):
+            self.conn.close()
+        self.conn = self._connect()
+
+    def _warning_limit(self) -> LimitKind | None:
+        """The limit behind the last statement's warnings, if any: the server returns NULL for
+        a value over ``max_allowed_packet`` and 0 for a ``BENCHMARK`` cut by the time limit,
+        with a warning instead of an error."""
+        with self.conn.cursor() as cur:
+            cur.execute("SHOW WARNINGS")
+            for _level, code, _msg in cur.fetchall():
+                if code in _WARNING_LIMITS:
+                    return _WARNING_LIMITS[code]
+        return None
 
     def table_hash(self) -> str:
         """AgentBench's hash query, run on the server itself."""
@@ -180,29 +300,35 @@ class MySQLBackend:
     name = "mysql"
 
     def __init__(
-        self, params: MySQLParams, *, time_limit_s: float = 3.0, max_rows: int = 1000
+        self,
+        params: MySQLParams,
+        *,
+        time_limit_s: float = 3.0,
+        max_rows: int = 1000,
+        max_result_bytes: int = 1 << 20,
     ) -> None:
         self.params = params
+        params.connect_args()  # a missing option file fails here, before any episode
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
+        self.max_result_bytes = max_result_bytes
         self._admin: pymysql.connections.Connection | None = None
 
     def admin(self) -> pymysql.connections.Connection:
         if self._admin is None or not self._admin.open:
-            p = self.params
             self._admin = pymysql.connect(
-                unix_socket=p.unix_socket,
-                host=p.host,
-                port=p.port,
-                user=p.user,
-                password=p.password,
-                charset="utf8mb4",
-                autocommit=True,
+                **self.params.connect_args(), charset="utf8mb4", autocommit=True
             )
         return self._admin
 
     def open(self, table: TableSpec) -> MySQLEpisode:
-        return MySQLEpisode(self, table, time_limit_s=self.time_limit_s, max_rows=self.max_rows)
+        return MySQLEpisode(
+            self,
+            table,
+            time_limit_s=self.time_limit_s,
+            max_rows=self.max_rows,
+            max_result_bytes=self.max_result_bytes,
+        )
 
     def close(self) -> None:
         if self._admin is not None and self._admin.open:

@@ -1,29 +1,48 @@
 """Embedded DBBench backend: one in-memory SQLite database per episode, sandboxed, speaking
 enough MySQL that scoring comes out as on MySQL.
 
-Sandbox (model SQL touches only its own in-memory database):
+Sandbox (model SQL touches only its own in-memory database, within fixed limits):
 - the shared statement policy (:func:`check_statement`: one statement, allowed keywords);
-- an authorizer that denies ATTACH/DETACH, every PRAGMA outside a read-only allow-list and
-  the ``load_extension`` / ``fts3_tokenizer`` functions; attached-database limit 0; extension
-  loading off; temp storage in memory (no spill files);
-- a wall-clock limit per statement (progress handler), a cap on fetched rows and on the size
-  of any string/blob value (``SQLITE_LIMIT_LENGTH``).
+- an authorizer that denies ATTACH/DETACH, every PRAGMA outside a read-only allow-list,
+  virtual tables, triggers and the functions in :data:`DENIED_FUNCTIONS` (file access,
+  extensions, and the SQLite-only ``printf`` / ``glob`` whose C loops run unbounded inside one
+  call); attached-database limit 0; extension loading off; temp storage in memory (no files);
+- time: a wall-clock limit per statement, checked by the progress handler between VM steps and
+  by every Python SQL function and the collation; ``REGEXP`` runs on the ``regex`` engine with
+  the remaining time as its timeout, ``LIKE`` on a backtracking-free matcher; ``INSTR``,
+  ``REPLACE`` and two-argument ``TRIM`` are linear-time Python versions (SQLite's are
+  quadratic in their arguments' length);
+- size: ``SQLITE_LIMIT_LENGTH`` caps any value, Python functions check their result's size
+  before building it, ``max_page_count`` caps each database (main and temp; reapplied after a
+  restore), results are fetched one row at a time up to a row and a byte cap;
+- memory: SQLite's hard heap limit (process-wide, :func:`limit_sqlite_heap`) caps what sorts,
+  temp b-trees and recursive CTEs can hold at once.
+A statement over a limit ends with an error observation naming it (``ExecResult.limit``).
 
 MySQL emulation: text columns use a case- and accent-insensitive collation, ``LIKE`` follows
 it (with ``\\`` as the default escape), ``LOWER``/``UPPER`` are Unicode-aware, and common MySQL
 functions exist (``CONCAT``, ``CONCAT_WS``, ``MD5``, ``LEFT``, ``RIGHT``, ``IF``, ``LOCATE``,
-``REGEXP``, ``DATABASE()``, ...). Syntax is rewritten by :mod:`cmat_jax.envs.mysql_dialect`.
+``INSTR``, ``REPEAT``, ``FORMAT``, ``REGEXP``, ``DATABASE()``, ...). Syntax is rewritten by
+:mod:`cmat_jax.envs.mysql_dialect`.
 """
 
 from __future__ import annotations
 
+import _sqlite3
+import concurrent.futures
+import ctypes
+import decimal
 import functools
 import hashlib
+import math
 import re
 import sqlite3
 import time
 import unicodedata
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import regex
 
 from cmat_jax.envs.mysql_dialect import (
     ShowCommand,
@@ -32,68 +51,151 @@ from cmat_jax.envs.mysql_dialect import (
     sqlite_ident,
     to_sqlite,
 )
-from cmat_jax.envs.sql_backend import ExecResult, TableSpec, check_statement, mysql_table_hash
+from cmat_jax.envs.sql_backend import (
+    MAX_STATEMENT_CHARS,
+    ExecResult,
+    LimitKind,
+    TableSpec,
+    check_statement,
+    fetch_capped,
+    mysql_table_hash,
+)
 
 COLLATION = "MYSQL_CI"
 DB_NAME = "dbbench"  # what DATABASE() reports
 READ_ONLY_PRAGMAS = frozenset(
     {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
 )
-DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit"})
+DENIED_FUNCTIONS = frozenset(
+    {"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit", "load_file",
+     "printf", "glob"}
+)  # fmt: skip
+DENIED_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_VTABLE, sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+    }
+)  # fmt: skip
+# SQLITE_LIMIT_SQL_LENGTH: one agent statement after translation (NUL bytes become hex)
+MAX_SQL_BYTES = 4 * MAX_STATEMENT_CHARS
+MAX_COLUMNS = 128  # SQLITE_LIMIT_COLUMN: bounds one row at MAX_COLUMNS values
+_FOLD_CACHE_CHARS = 256  # only short strings are cached (a cache of 1 MB values is a bomb)
+# A match that needs more CPU than this reruns on a worker thread whose wall time is bounded
+# (the regex engine's own timeout counts CPU time, which a loaded machine stretches).
+INLINE_MATCH_S = 0.02
+_MATCH_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="cmat-match")
+_T = TypeVar("_T")
 
 
-@functools.lru_cache(maxsize=65536)
-def fold(text: str) -> str:
-    """Case- and accent-insensitive comparison key (like MySQL's ``*_ai_ci`` collations)."""
+class LimitExceeded(Exception):
+    """Raised inside a Python SQL function; the statement fails with ``kind``."""
+
+    def __init__(self, kind: LimitKind) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+class StatementGuard:
+    """The running statement's deadline and value-size cap, shared by the episode and its
+    Python SQL functions (SQLite's progress handler never runs inside one function call)."""
+
+    def __init__(self, max_value_bytes: int) -> None:
+        self.max_value_bytes = max_value_bytes
+        self.deadline = math.inf
+        self.hit: LimitKind | None = None
+
+    def start(self, time_limit_s: float) -> None:
+        self.deadline = time.monotonic() + time_limit_s
+        self.hit = None
+
+    def stop(self) -> None:
+        self.deadline = math.inf
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def remaining(self) -> float:
+        """Seconds left; raises when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.fail("time")
+        return min(left, 3600.0)
+
+    def check_length(self, n_chars: int) -> None:
+        if n_chars > self.max_value_bytes:
+            self.fail("length")
+
+    def fail(self, kind: LimitKind) -> None:
+        self.hit = kind
+        raise LimitExceeded(kind)
+
+
+def _fold(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
-def _collate(a: str, b: str) -> int:
-    fa, fb = fold(a), fold(b)
-    return (fa > fb) - (fa < fb)
+_fold_cached = functools.lru_cache(maxsize=65536)(_fold)
 
 
-@functools.lru_cache(maxsize=4096)
-def _like_regex(pattern: str, escape: str) -> re.Pattern[str]:
-    out, i = [], 0
+def fold(text: str) -> str:
+    """Case- and accent-insensitive comparison key (like MySQL's ``*_ai_ci`` collations)."""
+    return _fold_cached(text) if len(text) <= _FOLD_CACHE_CHARS else _fold(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _like_segments(pattern: str, escape: str) -> tuple[tuple[regex.Pattern[str], int], ...]:
+    """The pattern split at its unescaped ``%``: each piece a regex of literals and ``.``
+    (``_``) with the number of characters it matches."""
+    segments: list[list[str]] = [[]]
+    i = 0
     while i < len(pattern):
         c = pattern[i]
         if c == escape and i + 1 < len(pattern):
-            out.append(re.escape(pattern[i + 1]))
+            segments[-1].append(regex.escape(pattern[i + 1]))
             i += 2
             continue
-        out.append(".*" if c == "%" else "." if c == "_" else re.escape(c))
+        if c == "%":
+            segments.append([])
+        else:
+            segments[-1].append("." if c == "_" else regex.escape(c))
         i += 1
-    return re.compile("".join(out), re.DOTALL)
+    return tuple((regex.compile("".join(s), regex.DOTALL), len(s)) for s in segments)
+
+
+def like_match(pattern: str, value: str, escape: str = "\\", timeout: float = 3600.0) -> bool:
+    """SQL ``LIKE`` without backtracking: the pieces between ``%`` have fixed lengths, so the
+    first must match at the start, the last at the end, and each middle one at its leftmost
+    place after the previous (any later place leaves less room, never more). Time is
+    O(len(value) x len(pattern)) at worst, and ``timeout`` bounds it."""
+    segments = _like_segments(pattern, escape)
+    if len(segments) == 1:
+        seg, n = segments[0]
+        return (
+            len(value) == n and seg.fullmatch(value, concurrent=True, timeout=timeout) is not None
+        )
+    (first, n_first), *middle, (last, n_last) = segments
+    end = len(value) - n_last
+    if end < n_first or first.match(value, 0, n_first, concurrent=True, timeout=timeout) is None:
+        return False
+    if last.fullmatch(value, end, concurrent=True, timeout=timeout) is None:
+        return False
+    pos = n_first
+    for seg, _n in middle:
+        m = seg.search(value, pos, end, concurrent=True, timeout=timeout)
+        if m is None:
+            return False
+        pos = m.end()
+    return True
 
 
 def _like(pattern: Any, value: Any, escape: Any = "\\") -> int | None:
+    """MySQL ``LIKE`` under the case- and accent-insensitive collation (no time limit: for
+    the backend's own SHOW ... LIKE; the agent's statements use :class:`_Functions`)."""
     if pattern is None or value is None or escape is None:
         return None
-    rx = _like_regex(fold(str(pattern)), str(escape)[:1] or "\\")
-    return int(rx.fullmatch(fold(str(value))) is not None)
-
-
-def _regexp(pattern: Any, value: Any) -> int | None:
-    if pattern is None or value is None:
-        return None
-    try:
-        return int(re.search(str(pattern), str(value), re.IGNORECASE) is not None)
-    except re.error as e:
-        raise ValueError(f"invalid regular expression: {e}") from e
-
-
-def _concat(*args: Any) -> str | None:
-    if any(a is None for a in args):
-        return None
-    return "".join(_text(a) for a in args)
-
-
-def _concat_ws(sep: Any, *args: Any) -> str | None:
-    if sep is None:
-        return None
-    return _text(sep).join(_text(a) for a in args if a is not None)
+    return int(like_match(fold(str(pattern)), fold(str(value)), str(escape)[:1] or "\\"))
 
 
 def _text(v: Any) -> str:
@@ -120,6 +222,21 @@ def mysql_number(value: Any) -> int | float:
     return float(m.group()) if m else 0.0
 
 
+def _format(x: Any, d: Any, _locale: Any = None) -> str | None:
+    """MySQL ``FORMAT(X, D)``: X rounded half away from zero to D decimals (0..30), with
+    thousands separators."""
+    if x is None or d is None:
+        return None
+    places = min(max(int(mysql_number(d)), 0), 30)
+    try:
+        q = decimal.Decimal(str(mysql_number(x))).quantize(
+            decimal.Decimal(1).scaleb(-places), rounding=decimal.ROUND_HALF_UP
+        )
+    except decimal.InvalidOperation:
+        return None
+    return f"{q:,.{places}f}"
+
+
 class _MySQLSum:
     """``SUM`` as MySQL computes it over TEXT columns: strings become doubles (so the sum of
     '7', '12', '3' is 22.0, not SQLite's integer 22)."""
@@ -141,53 +258,191 @@ class _MySQLSum:
         return float(self.total) if self.as_float else self.total
 
 
-def _register_mysql_functions(conn: sqlite3.Connection) -> None:
-    det = {"deterministic": True}
-    conn.create_collation(COLLATION, _collate)
-    conn.create_function("like", 2, _like, **det)
-    conn.create_function("like", 3, _like, **det)
-    conn.create_function("regexp", 2, _regexp, **det)
-    conn.create_aggregate("sum", 1, _MySQLSum)
-    conn.create_function("lower", 1, lambda s: None if s is None else _text(s).lower(), **det)
-    conn.create_function("upper", 1, lambda s: None if s is None else _text(s).upper(), **det)
-    conn.create_function("lcase", 1, lambda s: None if s is None else _text(s).lower(), **det)
-    conn.create_function("ucase", 1, lambda s: None if s is None else _text(s).upper(), **det)
-    conn.create_function("concat", -1, _concat, **det)
-    conn.create_function("concat_ws", -1, _concat_ws, **det)
-    conn.create_function(
-        "md5", 1, lambda s: None if s is None else hashlib.md5(_text(s).encode()).hexdigest(), **det
-    )
-    conn.create_function(
-        "left", 2, lambda s, n: None if s is None or n is None else _text(s)[: max(int(n), 0)]
-    )
-    conn.create_function(
-        "right",
-        2,
-        lambda s, n: (
-            None if s is None or n is None else (_text(s)[-int(n) :] if int(n) > 0 else "")
-        ),
-    )
-    conn.create_function("if", 3, lambda c, a, b: a if c else b, **det)
-    conn.create_function("locate", 2, _locate, **det)
-    conn.create_function("locate", 3, _locate, **det)
-    conn.create_function("char_length", 1, lambda s: None if s is None else len(_text(s)), **det)
-    conn.create_function("database", 0, lambda: DB_NAME, **det)
+class _Functions:
+    """The episode's Python SQL functions, bound to its :class:`StatementGuard`: each checks
+    the time left and the size of what it would build before building it."""
+
+    def __init__(self, guard: StatementGuard) -> None:
+        self.guard = guard
+
+    def collate(self, a: str, b: str) -> int:
+        if self.guard.expired():  # a collation cannot fail: stop comparing, the VM stops next
+            return 0
+        fa, fb = fold(a), fold(b)
+        return (fa > fb) - (fa < fb)
+
+    def bounded(self, match: Callable[[float], _T]) -> _T:
+        """``match(timeout)`` inline with a short timeout; when it needs longer, again on a
+        worker thread, waited for at most the statement's remaining wall time (a thread left
+        behind stops at its own timeout, the same remaining time in CPU seconds)."""
+        try:
+            return match(min(self.guard.remaining(), INLINE_MATCH_S))
+        except TimeoutError:
+            pass
+        left = self.guard.remaining()
+        job = _MATCH_POOL.submit(match, left)
+        try:
+            return job.result(timeout=left)
+        except TimeoutError:
+            job.cancel()
+            self.guard.fail("time")
+            raise  # unreachable: fail() raises
+
+    def like(self, pattern: Any, value: Any, escape: Any = "\\") -> int | None:
+        if pattern is None or value is None or escape is None:
+            return None
+        p, v, e = fold(str(pattern)), fold(str(value)), str(escape)[:1] or "\\"
+        return int(self.bounded(lambda timeout: like_match(p, v, e, timeout)))
+
+    def regexp(self, pattern: Any, value: Any) -> int | None:
+        if pattern is None or value is None:
+            return None
+        try:
+            compiled = regex.compile(str(pattern), regex.IGNORECASE)
+        except regex.error as e:
+            raise ValueError(f"invalid regular expression: {e}") from e
+        text = str(value)
+        found = self.bounded(
+            lambda timeout: compiled.search(text, concurrent=True, timeout=timeout)
+        )
+        return int(found is not None)
+
+    def concat(self, *args: Any) -> str | None:
+        if any(a is None for a in args):
+            return None
+        parts = [_text(a) for a in args]
+        self.guard.check_length(sum(map(len, parts)))
+        return "".join(parts)
+
+    def concat_ws(self, sep: Any, *args: Any) -> str | None:
+        if sep is None:
+            return None
+        parts = [_text(a) for a in args if a is not None]
+        sep = _text(sep)
+        self.guard.check_length(sum(map(len, parts)) + len(sep) * max(len(parts) - 1, 0))
+        return sep.join(parts)
+
+    def repeat(self, s: Any, n: Any) -> str | None:
+        """MySQL ``REPEAT``: NULL when the result would be over the value cap (as MySQL's is
+        over ``max_allowed_packet``)."""
+        if s is None or n is None:
+            return None
+        s, count = _text(s), int(mysql_number(n))
+        if count <= 0 or not s:
+            return ""
+        if len(s) * count > self.guard.max_value_bytes:
+            self.guard.hit = "length"
+            return None
+        return s * count
+
+    def replace(self, s: Any, old: Any, new: Any) -> str | None:
+        if s is None or old is None or new is None:
+            return None
+        s, old, new = _text(s), _text(old), _text(new)
+        if not old:
+            return s
+        self.guard.check_length(len(s) + s.count(old) * (len(new) - len(old)))
+        return s.replace(old, new)
+
+    def instr(self, s: Any, sub: Any) -> int | None:
+        return _locate(sub, s)
+
+    def trim(self, s: Any, chars: Any, left: bool = True, right: bool = True) -> str | None:
+        if s is None or chars is None:
+            return None
+        s, drop = _text(s), set(_text(chars))
+        i, j = 0, len(s)
+        while left and i < j and s[i] in drop:
+            i += 1
+        while right and j > i and s[j - 1] in drop:
+            j -= 1
+        return s[i:j]
+
+    def register(self, conn: sqlite3.Connection) -> None:
+        det = {"deterministic": True}
+        conn.create_collation(COLLATION, self.collate)
+        conn.create_function("like", 2, self.like, **det)
+        conn.create_function("like", 3, self.like, **det)
+        conn.create_function("regexp", 2, self.regexp, **det)
+        conn.create_aggregate("sum", 1, _MySQLSum)
+        conn.create_function("lower", 1, lambda s: None if s is None else _text(s).lower(), **det)
+        conn.create_function("upper", 1, lambda s: None if s is None else _text(s).upper(), **det)
+        conn.create_function("lcase", 1, lambda s: None if s is None else _text(s).lower(), **det)
+        conn.create_function("ucase", 1, lambda s: None if s is None else _text(s).upper(), **det)
+        conn.create_function("concat", -1, self.concat, **det)
+        conn.create_function("concat_ws", -1, self.concat_ws, **det)
+        conn.create_function("repeat", 2, self.repeat, **det)
+        conn.create_function("replace", 3, self.replace, **det)
+        conn.create_function("instr", 2, self.instr, **det)
+        conn.create_function("trim", 2, self.trim, **det)
+        conn.create_function("ltrim", 2, lambda s, c: self.trim(s, c, right=False), **det)
+        conn.create_function("rtrim", 2, lambda s, c: self.trim(s, c, left=False), **det)
+        conn.create_function("format", 2, _format, **det)
+        conn.create_function("format", 3, _format, **det)
+        conn.create_function(
+            "md5",
+            1,
+            lambda s: None if s is None else hashlib.md5(_text(s).encode()).hexdigest(),
+            **det,
+        )
+        conn.create_function(
+            "left", 2, lambda s, n: None if s is None or n is None else _text(s)[: max(int(n), 0)]
+        )
+        conn.create_function(
+            "right",
+            2,
+            lambda s, n: (
+                None if s is None or n is None else (_text(s)[-int(n) :] if int(n) > 0 else "")
+            ),
+        )
+        conn.create_function("if", 3, lambda c, a, b: a if c else b, **det)
+        conn.create_function("locate", 2, _locate, **det)
+        conn.create_function("locate", 3, _locate, **det)
+        conn.create_function(
+            "char_length", 1, lambda s: None if s is None else len(_text(s)), **det
+        )
+        conn.create_function("database", 0, lambda: DB_NAME, **det)
+
+
+def limit_sqlite_heap(max_bytes: int) -> bool:
+    """Cap all SQLite memory of this process at ``max_bytes`` (``sqlite3_hard_heap_limit64``;
+    an allocation past it fails with SQLITE_NOMEM, which ends only the statement that made it).
+    Process-wide: a lower cap already set is kept. Returns False when the SQLite library does
+    not export the call (the statement caps still hold; only this backstop is missing)."""
+    try:
+        setter = ctypes.CDLL(_sqlite3.__file__).sqlite3_hard_heap_limit64
+    except (OSError, AttributeError):
+        return False
+    setter.argtypes, setter.restype = [ctypes.c_int64], ctypes.c_int64
+    current = setter(-1)
+    if current <= 0 or current > max_bytes:
+        setter(max_bytes)
+    return True
 
 
 class SQLiteEpisode:
     """One episode's in-memory database."""
 
     def __init__(
-        self, table: TableSpec, *, time_limit_s: float, max_rows: int, max_value_bytes: int
+        self,
+        table: TableSpec,
+        *,
+        time_limit_s: float,
+        max_rows: int,
+        max_value_bytes: int,
+        max_result_bytes: int,
+        max_db_bytes: int,
     ) -> None:
         self.table = table
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
-        self._deadline = float("inf")
+        self.max_result_bytes = max_result_bytes
+        self.max_db_bytes = max_db_bytes
+        self._guard = StatementGuard(max_value_bytes)
         self._trusted = False
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self.conn = conn
-        _register_mysql_functions(conn)
+        _Functions(self._guard).register(conn)
         conn.execute("PRAGMA temp_store = MEMORY")
         cols = ", ".join(f"{sqlite_ident(c)} TEXT COLLATE {COLLATION}" for c in table.columns)
         conn.execute(f"CREATE TABLE {sqlite_ident(table.name)} ({cols})")
@@ -195,18 +450,29 @@ class SQLiteEpisode:
             marks = ", ".join("?" for _ in table.columns)
             conn.executemany(f"INSERT INTO {sqlite_ident(table.name)} VALUES ({marks})", table.rows)
         # Lock down only after our own setup statements ran.
+        self._cap_db_size()
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_BYTES)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_TRIGGER_DEPTH, 10)
         if hasattr(conn, "enable_load_extension"):
             conn.enable_load_extension(False)
         conn.set_authorizer(self._authorize)
-        conn.set_progress_handler(self._progress, 2000)
+        conn.set_progress_handler(self._progress, 1000)
+
+    def _cap_db_size(self) -> None:
+        """``max_page_count`` on main and temp (a deserialized database starts without it)."""
+        page = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = max(self.max_db_bytes // page, 1)
+        self.conn.execute(f"PRAGMA main.max_page_count = {pages}")
+        self.conn.execute(f"PRAGMA temp.max_page_count = {pages}")
 
     # -- sandbox hooks -------------------------------------------------------------------------
     def _authorize(self, action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> int:
         if self._trusted:  # our own snapshot/restore (serialize runs PRAGMA page_count)
             return sqlite3.SQLITE_OK
-        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        if action in DENIED_ACTIONS:
             return sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() not in READ_ONLY_PRAGMAS:
             return sqlite3.SQLITE_DENY
@@ -215,13 +481,13 @@ class SQLiteEpisode:
         return sqlite3.SQLITE_OK
 
     def _progress(self) -> int:
-        return int(time.monotonic() > self._deadline)
+        return int(self._guard.expired())
 
     # -- execution -----------------------------------------------------------------------------
     def execute(self, sql: str) -> ExecResult:
         refusal = check_statement(sql)
         if refusal is not None:
-            return ExecResult.failure(refusal)
+            return ExecResult.failure(refusal, limit="policy")
         show = parse_show(sql)
         if show is not None:
             return self._show(show)
@@ -232,19 +498,31 @@ class SQLiteEpisode:
         return self._run(translated, original=sql)
 
     def _run(self, sql: str, original: str, params: tuple[Any, ...] = ()) -> ExecResult:
-        self._deadline = time.monotonic() + self.time_limit_s
+        self._guard.start(self.time_limit_s)
         cur = self.conn.cursor()
         try:
             cur.execute(sql, params)
-            rows = cur.fetchmany(self.max_rows + 1) if cur.description is not None else []
+            rows, capped = [], False
+            if cur.description is not None:
+                rows, capped = fetch_capped(cur.fetchone, self.max_rows, self.max_result_bytes)
         except (sqlite3.Error, ValueError, OverflowError, MemoryError) as e:
-            return ExecResult.failure(mysql_error_text(e, original))
+            return self._failure(e, original)
         finally:
-            self._deadline = float("inf")
+            self._guard.stop()
             cur.close()
-        capped = len(rows) > self.max_rows
-        rows = [tuple(r) for r in rows[: self.max_rows]]
-        return ExecResult(text=str(rows), error=False, rows=rows, rows_capped=capped)
+        res = ExecResult.of_rows(rows, capped)
+        if self._guard.hit is not None and not capped:  # e.g. REPEAT over the value cap
+            res = ExecResult(text=res.text, error=False, rows=rows, limit=self._guard.hit)
+        return res
+
+    def _failure(self, err: BaseException, sql: str) -> ExecResult:
+        if self._guard.hit is not None:  # raised inside one of our functions
+            kind = self._guard.hit
+            text = LIMIT_MESSAGES[kind]
+        else:
+            text = mysql_error_text(err, sql)
+            kind = limit_of(err)
+        return ExecResult.failure(text, limit=kind)
 
     def _show(self, cmd: ShowCommand) -> ExecResult:
         if cmd.kind in ("tables", "full_tables"):
@@ -298,13 +576,13 @@ class SQLiteEpisode:
     def table_hash(self) -> str:
         cols = ", ".join(sqlite_ident(c) for c in self.table.columns)
         sql = f"SELECT {cols} FROM {sqlite_ident(self.table.name)}"
-        self._deadline = time.monotonic() + self.time_limit_s
+        self._guard.start(self.time_limit_s)
         try:
-            rows = self.conn.execute(sql).fetchall()
-        except sqlite3.Error as e:  # the agent dropped or altered the table
+            rows = self.conn.execute(sql).fetchall()  # within max_db_bytes
+        except (sqlite3.Error, MemoryError) as e:  # the agent dropped or altered the table
             return mysql_error_text(e, sql)
         finally:
-            self._deadline = float("inf")
+            self._guard.stop()
         return mysql_table_hash(rows)
 
     def snapshot(self) -> bytes:
@@ -318,11 +596,40 @@ class SQLiteEpisode:
         self._trusted = True
         try:
             self.conn.deserialize(snap)
+            self._cap_db_size()
         finally:
             self._trusted = False
 
     def close(self) -> None:
         self.conn.close()
+
+
+LIMIT_MESSAGES: dict[LimitKind, str] = {
+    "time": "3024 (HY000): Query execution was interrupted, maximum statement execution time "
+    "exceeded",
+    "memory": "1041 (HY000): Out of memory; the statement needed more than the sandbox's "
+    "memory limit",
+    "db_size": "1114 (HY000): The table is full (the database is at its size limit)",
+    "length": "1301 (HY000): Result was larger than max_allowed_packet",
+}
+
+
+def limit_of(err: BaseException) -> LimitKind | None:
+    """Which sandbox limit a SQLite error comes from, if any."""
+    if isinstance(err, MemoryError):
+        return "memory"
+    msg = str(err)
+    if msg == "interrupted":
+        return "time"
+    if msg.startswith("not authorized") or "prohibited" in msg:
+        return "permission"
+    if msg in ("string or blob too big", "out of memory"):
+        return "length" if msg.startswith("string") else "memory"
+    if msg == "database or disk is full":
+        return "db_size"
+    if msg.startswith(("too many columns", "LIKE or GLOB pattern too complex")):
+        return "length"
+    return None
 
 
 _NO_COLUMN = re.compile(r"no such column: (.+)")
@@ -335,11 +642,9 @@ def mysql_error_text(err: BaseException, sql: str) -> str:
     """Phrase the common SQLite errors the way MySQL reports them (the agent is told it talks
     to MySQL); anything else keeps SQLite's own message."""
     msg = str(err)
-    if msg == "interrupted":
-        return (
-            "3024 (HY000): Query execution was interrupted, maximum statement execution time "
-            "exceeded"
-        )
+    kind = limit_of(err)
+    if kind in LIMIT_MESSAGES:
+        return LIMIT_MESSAGES[kind]
     if m := (_NO_COLUMN.fullmatch(msg) or _NO_COLUMN_NAMED.fullmatch(msg)):
         return f"1054 (42S22): Unknown column '{m.group(1)}' in 'field list'"
     if m := _NO_TABLE.fullmatch(msg):
@@ -367,11 +672,21 @@ class SQLiteBackend:
     name = "sqlite"
 
     def __init__(
-        self, *, time_limit_s: float = 3.0, max_rows: int = 1000, max_value_bytes: int = 1 << 20
+        self,
+        *,
+        time_limit_s: float = 3.0,
+        max_rows: int = 1000,
+        max_value_bytes: int = 1 << 20,
+        max_result_bytes: int = 1 << 20,
+        max_db_bytes: int = 16 << 20,
+        max_memory_bytes: int = 512 << 20,
     ) -> None:
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
         self.max_value_bytes = max_value_bytes
+        self.max_result_bytes = max_result_bytes
+        self.max_db_bytes = max_db_bytes
+        self.heap_limited = limit_sqlite_heap(max_memory_bytes)
 
     def open(self, table: TableSpec) -> SQLiteEpisode:
         return SQLiteEpisode(
@@ -379,6 +694,8 @@ class SQLiteBackend:
             time_limit_s=self.time_limit_s,
             max_rows=self.max_rows,
             max_value_bytes=self.max_value_bytes,
+            max_result_bytes=self.max_result_bytes,
+            max_db_bytes=self.max_db_bytes,
         )
 
     def close(self) -> None:
