@@ -4,8 +4,8 @@
 (``apt-get install -y mariadb-server``; we run as root in CI), initialises a data directory in a
 private (0700) temp dir, starts ``mariadbd`` there listening only on a unix socket (networking
 off; bound to loopback should it be turned on), FILE operations confined to that dir, symbolic
-links and LOCAL INFILE off, and the InnoDB tablespaces and temporary files capped
-(:data:`TABLESPACE_CAP`). It creates the least-privileged administrator the backend needs
+links and LOCAL INFILE off, values capped at ``RECOMMENDED_MAX_ALLOWED_PACKET`` and the InnoDB
+tablespaces and temporary files capped (:data:`TABLESPACE_CAP`). It creates the least-privileged administrator the backend needs
 (``cmat_admin``, :data:`ADMIN_GRANTS`, random password) and yields parameters that read its
 credentials from an option file (mode 0600), never from argv; it stops the server at the end
 of the session. The server is a module-level singleton so that importing the fixture into
@@ -26,7 +26,12 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from cmat_jax.envs.mysql_backend import ADMIN_GRANTS, DEFAULT_ADMIN, MySQLParams
+from cmat_jax.envs.mysql_backend import (
+    ADMIN_GRANTS,
+    DEFAULT_ADMIN,
+    RECOMMENDED_MAX_ALLOWED_PACKET,
+    MySQLParams,
+)
 
 # Every episode database lives in the system tablespace (file-per-table off): this caps them
 # all together; a statement that would grow past it fails with 1114 "table is full".
@@ -112,6 +117,7 @@ def start_server() -> MySQLParams:
             f"--pid-file={root / 'mysqld.pid'}",
             f"--secure-file-priv={files}",
             "--local-infile=0",
+            f"--max-allowed-packet={RECOMMENDED_MAX_ALLOWED_PACKET}",
             "--skip-symbolic-links",
             "--innodb-buffer-pool-size=32M",
             "--skip-log-bin",
@@ -160,6 +166,12 @@ def _create_admin(root_conn: pymysql.connections.Connection, root: Path, sock: P
     with os.fdopen(fd, "w") as f:
         f.write(f"[client]\nuser={DEFAULT_ADMIN}\npassword={password}\nsocket={sock}\n")
     return MySQLParams(option_file=str(option_file))
+
+
+def server_pid() -> int | None:
+    """Process id of the running test server (to measure its memory), None before it starts."""
+    proc = _SERVER.get("proc")
+    return proc.pid if isinstance(proc, subprocess.Popen) else None
 
 
 @pytest.fixture(scope="session")

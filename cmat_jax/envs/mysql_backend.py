@@ -4,7 +4,7 @@ Each episode gets its own database and its own user that holds privileges on tha
 only (no FILE, PROCESS, SUPER or GRANT, no routines, triggers or events, no other schema), a
 per-statement time limit (``max_statement_time``, set for the user and the session), a cap on
 rows (``sql_select_limit``, and the client reads rows one at a time up to a row and a byte
-cap), on recursion and on connections; ``LOCAL INFILE`` is off on the client. The shared
+cap) and on connections; recursive CTEs stop at the server's ``max_recursive_iterations``; ``LOCAL INFILE`` is off on the client. The shared
 statement policy (one statement, no ``SET``/``LOAD``/``USE``/..., no executable comments) runs
 before anything reaches the server. Database and user are dropped when the episode closes.
 
@@ -25,6 +25,7 @@ import dataclasses
 import os
 import secrets
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,6 @@ ADMIN_GRANTS = (
     "GRANT ALL PRIVILEGES ON `cmat_ep_%`.* TO {user} WITH GRANT OPTION",
 )
 """What the administrator account needs (``{user}``: e.g. ``'cmat_admin'@'localhost'``)."""
-MAX_RECURSIVE_ITERATIONS = 100_000
 # Server error codes -> the sandbox limit they come from.
 _LIMIT_OF_CODE: dict[int, LimitKind] = {
     1969: "time", 3024: "time", 1317: "time", 1028: "time",
@@ -60,9 +60,16 @@ _LIMIT_OF_CODE: dict[int, LimitKind] = {
     1410: "permission", 1211: "permission", 1132: "permission", 1095: "permission",
     1114: "db_size", 1021: "db_size", 1030: "db_size",
     1038: "memory", 1041: "memory", 5: "memory", 1037: "memory",
+    1931: "recursion",
     1153: "length", 1301: "length", 1162: "length", 1118: "length", 1117: "length",
 }  # fmt: skip
-_WARNING_LIMITS: dict[int, LimitKind] = {1301: "length", 1969: "time", 3024: "time", 1317: "time"}
+RECOMMENDED_MAX_ALLOWED_PACKET = 8 << 10
+"""Server setting for agent SQL: MariaDB checks ``max_statement_time`` between rows, not inside
+one call of a string function, and ``LIKE``/``INSTR``/``REPLACE`` are quadratic in their
+arguments; values (and statements) capped at 8 KiB keep one row's work near 0.3 s."""
+_WARNING_LIMITS: dict[int, LimitKind] = {
+    1301: "length", 1969: "time", 3024: "time", 1317: "time", 1931: "recursion",
+}  # fmt: skip
 _SQLSTATE = {
     1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1062: "23000", 1064: "42000",
     1136: "21S01", 1142: "42000", 1143: "42000", 1146: "42S02", 1227: "42000", 1969: "70100",
@@ -153,7 +160,6 @@ class MySQLEpisode:
             )
         session = (
             f"SET SESSION max_statement_time = {time_limit_s}, sql_select_limit = {max_rows + 1}, "
-            f"max_recursive_iterations = {MAX_RECURSIVE_ITERATIONS}, "
             f"group_concat_max_len = {GROUP_CONCAT_MAX_LEN}"
         )
         self._connect_args = {  # where the administrator's connection went
@@ -166,7 +172,10 @@ class MySQLEpisode:
             "charset": "utf8mb4",
             "autocommit": True,
             "local_infile": False,
-            "read_timeout": int(time_limit_s) + 30,
+            # a last resort: the server checks its time limit between rows, not inside one
+            # function call (see RECOMMENDED_MAX_ALLOWED_PACKET)
+            "read_timeout": int(time_limit_s) + 10,
+            "cursorclass": backend.cursor_class(),
         }
         self._session = session
         self.conn = self._connect()
@@ -198,7 +207,12 @@ class MySQLEpisode:
                 rows, capped = fetch_capped(cur.fetchone, self.max_rows, self.max_result_bytes)
             warned = cur.warning_count > 0  # set once every row was read
         except pymysql.MySQLError as e:
-            return ExecResult.failure(mysql_error_text(e), limit=limit_of(e))
+            kind = limit_of(e)
+            if not self.conn.open:  # lost, e.g. past read_timeout: the episode goes on
+                cur.connection = None
+                self._reconnect()
+                kind = "time" if e.args and e.args[0] == 2013 else kind
+            return ExecResult.failure(mysql_error_text(e), limit=kind)
         finally:
             if capped and len(rows) < self.max_rows:  # cut by bytes: the rest may be large
                 self._abandon_result(cur)
@@ -213,13 +227,18 @@ class MySQLEpisode:
         return res
 
     def _abandon_result(self, cur: pymysql.cursors.SSCursor) -> None:
-        """Stop a statement still sending rows without reading them: ``KILL QUERY`` from a
-        second connection of the same user, then a fresh connection (the old one is closed
-        unread, so the server's pending writes fail at once)."""
-        result = getattr(cur, "_result", None)  # pymysql would drain it on close / collection
+        """Stop a statement still sending rows without reading them (pymysql would read the
+        rest on close), then go on with a fresh connection."""
+        result = getattr(cur, "_result", None)
         if result is not None:
             result.unbuffered_active = False
         cur.connection = None
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """``KILL QUERY`` the statement of the current connection from a second connection of
+        the same user, close it unread (the server's pending writes fail at once) and open a
+        fresh one with the same session limits."""
         thread_id = self.conn.thread_id()
         with contextlib.suppress(pymysql.MySQLError):
             killer = pymysql.connect(**self._connect_args)
@@ -313,13 +332,31 @@ class MySQLBackend:
         self.max_rows = max_rows
         self.max_result_bytes = max_result_bytes
         self._admin: pymysql.connections.Connection | None = None
+        self.max_allowed_packet: int | None = None
 
     def admin(self) -> pymysql.connections.Connection:
         if self._admin is None or not self._admin.open:
             self._admin = pymysql.connect(
                 **self.params.connect_args(), charset="utf8mb4", autocommit=True
             )
+            with self._admin.cursor() as cur:
+                cur.execute("SELECT @@GLOBAL.max_allowed_packet")
+                self.max_allowed_packet = int(cur.fetchone()[0])
+            if self.max_allowed_packet > RECOMMENDED_MAX_ALLOWED_PACKET:
+                warnings.warn(
+                    f"MariaDB max_allowed_packet is {self.max_allowed_packet} bytes: string "
+                    "functions (LIKE, INSTR, REPLACE) run unbounded inside one row past the "
+                    "statement time limit; set it to "
+                    f"{RECOMMENDED_MAX_ALLOWED_PACKET} for agent SQL",
+                    stacklevel=2,
+                )
+            self._admin.cursorclass = self.cursor_class()
         return self._admin
+
+    def cursor_class(self) -> type[pymysql.cursors.Cursor]:
+        """Cursors whose ``executemany`` batches fit the server's packet size."""
+        packet = self.max_allowed_packet or (1 << 20)
+        return type("PacketCursor", (pymysql.cursors.Cursor,), {"max_stmt_length": packet // 2})
 
     def open(self, table: TableSpec) -> MySQLEpisode:
         return MySQLEpisode(

@@ -53,12 +53,16 @@ REFUSED_OBJECTS = frozenset(
 )  # fmt: skip
 _OBJECT_MODIFIERS = frozenset({"OR", "REPLACE", "TEMPORARY", "TEMP", "IF", "NOT", "EXISTS"})
 
-LimitKind = Literal["policy", "permission", "time", "memory", "db_size", "length", "result"]
+LimitKind = Literal[
+    "policy", "permission", "time", "memory", "db_size", "length", "result", "recursion"
+]
 """Which limit stopped a statement: ``policy`` refused before it ran; ``permission`` denied by
 the engine (authorizer, privileges); ``time`` the statement time limit; ``memory`` the engine's
 memory cap; ``db_size`` the database size cap; ``length`` a value or statement over the
 length cap (MySQL-style NULL result on MariaDB); ``result`` rows or bytes of the result over
-the cap (the first rows are returned)."""
+the cap (the first rows are returned); ``recursion`` a recursive CTE past the server's
+iteration limit (MariaDB's ``max_recursive_iterations``, 1000 by default as MySQL 8's
+``cte_max_recursion_depth`` under which AgentBench ran)."""
 
 MAX_STATEMENT_CHARS = 100_000
 """Longest statement accepted (a model reply is far shorter; this bounds parsing work)."""

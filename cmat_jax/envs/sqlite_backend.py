@@ -15,8 +15,10 @@ Sandbox (model SQL touches only its own in-memory database, within fixed limits)
 - size: ``SQLITE_LIMIT_LENGTH`` caps any value, Python functions check their result's size
   before building it, ``max_page_count`` caps each database (main and temp; reapplied after a
   restore), results are fetched one row at a time up to a row and a byte cap;
-- memory: SQLite's hard heap limit (process-wide, :func:`limit_sqlite_heap`) caps what sorts,
-  temp b-trees and recursive CTEs can hold at once.
+- memory: a per-statement budget of SQLite memory (checked by the progress handler; it also
+  bounds how much one in-memory sort has to sort, which SQLite does without progress checks)
+  and SQLite's hard heap limit (process-wide, :func:`limit_sqlite_heap`) as the backstop;
+  past the deadline the collation raises, so a sort under way finishes on C-level returns.
 A statement over a limit ends with an error observation naming it (``ExecResult.limit``).
 
 MySQL emulation: text columns use a case- and accent-insensitive collation, ``LIKE`` follows
@@ -96,18 +98,53 @@ class LimitExceeded(Exception):
         self.kind = kind
 
 
-class StatementGuard:
-    """The running statement's deadline and value-size cap, shared by the episode and its
-    Python SQL functions (SQLite's progress handler never runs inside one function call)."""
+def _sqlite_call(name: str, restype: Any, argtypes: list[Any]) -> Any:
+    """A function of the SQLite library this Python uses (None when it does not export it)."""
+    try:
+        fn = getattr(ctypes.CDLL(_sqlite3.__file__), name)
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
 
-    def __init__(self, max_value_bytes: int) -> None:
+
+_MEMORY_USED = _sqlite_call("sqlite3_memory_used", ctypes.c_int64, [])
+_HARD_HEAP_LIMIT = _sqlite_call("sqlite3_hard_heap_limit64", ctypes.c_int64, [ctypes.c_int64])
+
+
+def sqlite_memory_used() -> int:
+    """Bytes SQLite holds now, process-wide (0 when the library does not say)."""
+    return _MEMORY_USED() if _MEMORY_USED is not None else 0
+
+
+class StatementGuard:
+    """The running statement's deadline, value-size cap and memory budget, shared by the
+    episode and its Python SQL functions (SQLite's progress handler never runs inside one
+    function call or one in-memory sort)."""
+
+    def __init__(self, max_value_bytes: int, max_statement_memory: int) -> None:
         self.max_value_bytes = max_value_bytes
+        self.max_statement_memory = max_statement_memory
         self.deadline = math.inf
+        self.memory_at_start = 0
         self.hit: LimitKind | None = None
 
     def start(self, time_limit_s: float) -> None:
         self.deadline = time.monotonic() + time_limit_s
+        self.memory_at_start = sqlite_memory_used()
         self.hit = None
+
+    def over(self) -> bool:
+        """Checked by the progress handler: past the deadline, or SQLite holding more than the
+        statement's memory budget above where it started (this bounds what one in-memory
+        sort, which runs without progress checks, has to sort)."""
+        if self.expired():
+            self.hit = "time"
+            return True
+        if sqlite_memory_used() - self.memory_at_start > self.max_statement_memory:
+            self.hit = "memory"
+            return True
+        return False
 
     def stop(self) -> None:
         self.deadline = math.inf
@@ -266,8 +303,10 @@ class _Functions:
         self.guard = guard
 
     def collate(self, a: str, b: str) -> int:
-        if self.guard.expired():  # a collation cannot fail: stop comparing, the VM stops next
-            return 0
+        if self.guard.expired():
+            # the sort goes on, but the sqlite3 module then skips this callback (a C-level
+            # return per comparison) and raises this once the step returns
+            self.guard.fail("time")
         fa, fb = fold(a), fold(b)
         return (fa > fb) - (fa < fb)
 
@@ -409,14 +448,11 @@ def limit_sqlite_heap(max_bytes: int) -> bool:
     an allocation past it fails with SQLITE_NOMEM, which ends only the statement that made it).
     Process-wide: a lower cap already set is kept. Returns False when the SQLite library does
     not export the call (the statement caps still hold; only this backstop is missing)."""
-    try:
-        setter = ctypes.CDLL(_sqlite3.__file__).sqlite3_hard_heap_limit64
-    except (OSError, AttributeError):
+    if _HARD_HEAP_LIMIT is None:
         return False
-    setter.argtypes, setter.restype = [ctypes.c_int64], ctypes.c_int64
-    current = setter(-1)
+    current = _HARD_HEAP_LIMIT(-1)
     if current <= 0 or current > max_bytes:
-        setter(max_bytes)
+        _HARD_HEAP_LIMIT(max_bytes)
     return True
 
 
@@ -432,13 +468,14 @@ class SQLiteEpisode:
         max_value_bytes: int,
         max_result_bytes: int,
         max_db_bytes: int,
+        max_statement_memory: int,
     ) -> None:
         self.table = table
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
         self.max_result_bytes = max_result_bytes
         self.max_db_bytes = max_db_bytes
-        self._guard = StatementGuard(max_value_bytes)
+        self._guard = StatementGuard(max_value_bytes, max_statement_memory)
         self._trusted = False
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self.conn = conn
@@ -481,7 +518,7 @@ class SQLiteEpisode:
         return sqlite3.SQLITE_OK
 
     def _progress(self) -> int:
-        return int(self._guard.expired())
+        return int(self._guard.over())
 
     # -- execution -----------------------------------------------------------------------------
     def execute(self, sql: str) -> ExecResult:
@@ -505,7 +542,7 @@ class SQLiteEpisode:
             rows, capped = [], False
             if cur.description is not None:
                 rows, capped = fetch_capped(cur.fetchone, self.max_rows, self.max_result_bytes)
-        except (sqlite3.Error, ValueError, OverflowError, MemoryError) as e:
+        except (sqlite3.Error, ValueError, OverflowError, MemoryError, LimitExceeded) as e:
             return self._failure(e, original)
         finally:
             self._guard.stop()
@@ -579,7 +616,7 @@ class SQLiteEpisode:
         self._guard.start(self.time_limit_s)
         try:
             rows = self.conn.execute(sql).fetchall()  # within max_db_bytes
-        except (sqlite3.Error, MemoryError) as e:  # the agent dropped or altered the table
+        except (sqlite3.Error, MemoryError, LimitExceeded) as e:  # e.g. the agent dropped it
             return mysql_error_text(e, sql)
         finally:
             self._guard.stop()
@@ -679,6 +716,7 @@ class SQLiteBackend:
         max_value_bytes: int = 1 << 20,
         max_result_bytes: int = 1 << 20,
         max_db_bytes: int = 16 << 20,
+        max_statement_memory: int = 64 << 20,
         max_memory_bytes: int = 512 << 20,
     ) -> None:
         self.time_limit_s = time_limit_s
@@ -686,6 +724,7 @@ class SQLiteBackend:
         self.max_value_bytes = max_value_bytes
         self.max_result_bytes = max_result_bytes
         self.max_db_bytes = max_db_bytes
+        self.max_statement_memory = max_statement_memory
         self.heap_limited = limit_sqlite_heap(max_memory_bytes)
 
     def open(self, table: TableSpec) -> SQLiteEpisode:
@@ -696,6 +735,7 @@ class SQLiteBackend:
             max_value_bytes=self.max_value_bytes,
             max_result_bytes=self.max_result_bytes,
             max_db_bytes=self.max_db_bytes,
+            max_statement_memory=self.max_statement_memory,
         )
 
     def close(self) -> None:
