@@ -142,6 +142,7 @@ class MySQLEpisode:
         self.max_rows = max_rows
         self.max_result_bytes = max_result_bytes
         self.time_limit_s = time_limit_s
+        self._shadows: set[str] = set()  # snapshot databases not yet restored
         tag = secrets.token_hex(6)
         self.db_name, self.user = f"{EPISODE_PREFIX}{tag}", f"{EPISODE_PREFIX}{tag}"
         password = secrets.token_hex(16)
@@ -277,40 +278,44 @@ class MySQLEpisode:
         except pymysql.MySQLError as e:
             return mysql_error_text(e)
 
-    def snapshot(self) -> list[tuple[str, str, list[tuple[Any, ...]]]]:
-        """Every table's CREATE statement and rows (read through the admin connection)."""
-        admin = self.backend.admin()
-        out = []
-        with admin.cursor() as cur:
-            cur.execute(f"SHOW FULL TABLES FROM {_q(self.db_name)} WHERE Table_type = 'BASE TABLE'")
-            for name, _kind in cur.fetchall():
-                cur.execute(f"SHOW CREATE TABLE {_q(self.db_name)}.{_q(name)}")
-                create = cur.fetchall()[0][1]
-                cur.execute(f"SELECT * FROM {_q(self.db_name)}.{_q(name)}")
-                out.append((name, create, list(cur.fetchall())))
-        return out
+    def snapshot(self) -> str:
+        """Copy every base table into a shadow database on the server (the rows never pass
+        through this process, whatever their size); :meth:`restore` brings them back once
+        and drops the copy, :meth:`close` drops copies never restored."""
+        shadow = f"{self.db_name}_s{secrets.token_hex(4)}"
+        with self.backend.admin().cursor() as cur:
+            cur.execute(f"CREATE DATABASE {_q(shadow)} CHARACTER SET utf8mb4 COLLATE {COLLATION}")
+            self._shadows.add(shadow)
+            _copy_tables(cur, self.db_name, shadow)
+        return shadow
 
-    def restore(self, snap: list[tuple[str, str, list[tuple[Any, ...]]]]) -> None:
-        admin = self.backend.admin()
-        with admin.cursor() as cur:
-            cur.execute(f"USE {_q(self.db_name)}")
+    def restore(self, shadow: str) -> None:
+        with self.backend.admin().cursor() as cur:
             cur.execute(f"SHOW FULL TABLES FROM {_q(self.db_name)}")
             for name, kind in cur.fetchall():
                 what = "VIEW" if kind == "VIEW" else "TABLE"
-                cur.execute(f"DROP {what} IF EXISTS {_q(name)}")
-            for name, create, rows in snap:
-                cur.execute(create)
-                if rows:
-                    marks = ", ".join(["%s"] * len(rows[0]))
-                    cur.executemany(f"INSERT INTO {_q(name)} VALUES ({marks})", rows)
+                cur.execute(f"DROP {what} IF EXISTS {_q(self.db_name)}.{_q(name)}")
+            _copy_tables(cur, shadow, self.db_name)
+            cur.execute(f"DROP DATABASE IF EXISTS {_q(shadow)}")
+        self._shadows.discard(shadow)
 
     def close(self) -> None:
         with contextlib.suppress(pymysql.MySQLError):
             self.conn.close()
         admin = self.backend.admin()
         with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {_q(self.db_name)}")
+            for name in (self.db_name, *self._shadows):
+                cur.execute(f"DROP DATABASE IF EXISTS {_q(name)}")
             cur.execute("DROP USER IF EXISTS %s@'localhost'", (self.user,))
+        self._shadows.clear()
+
+
+def _copy_tables(cur: pymysql.cursors.Cursor, src: str, dst: str) -> None:
+    """Server-side copy of the base tables of database ``src`` into ``dst``."""
+    cur.execute(f"SHOW FULL TABLES FROM {_q(src)} WHERE Table_type = 'BASE TABLE'")
+    for name, _kind in cur.fetchall():
+        cur.execute(f"CREATE TABLE {_q(dst)}.{_q(name)} LIKE {_q(src)}.{_q(name)}")
+        cur.execute(f"INSERT INTO {_q(dst)}.{_q(name)} SELECT * FROM {_q(src)}.{_q(name)}")
 
 
 class MySQLBackend:
