@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import pymysql
 import pytest
 
 from cmat_jax.envs.base import counterfactual_step
@@ -126,6 +127,8 @@ def test_mariadb_lockdown(mariadb_params):  # noqa: F811
         local_infile, skip_networking, statement_s, packet = cur.fetchone()
         cur.execute("SHOW DATABASES")
         visible = {d for (d,) in cur.fetchall()}
+        with pytest.raises(pymysql.err.ProgrammingError, match="1064"):
+            cur.execute("SELECT 1; SELECT 2")  # the protocol's multi-statements are off
     assert local_infile == 0 and skip_networking == 1 and statement_s == backend.time_limit_s
     assert packet == RECOMMENDED_MAX_ALLOWED_PACKET
     assert visible == {"information_schema", db.db_name}

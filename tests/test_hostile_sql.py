@@ -247,6 +247,13 @@ CASES = [
         "result",
     ),
     Case(
+        "sort_8k_keys",  # within MariaDB's value cap: its sort buffer and temp files, not ours
+        f"SELECT a.Player, b.Player FROM {T} a, {T} b, {T} c, {T} d "
+        "ORDER BY CONCAT(REPEAT(a.Player, 1000), b.Goals, c.Goals, d.Goals)",
+        "memory",
+        "time",
+    ),
+    Case(
         "ctas_1mb_rows",
         "CREATE TABLE big AS WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r "
         "WHERE n < 3000) SELECT REPEAT('x', 1000000) AS b FROM r",
@@ -328,9 +335,18 @@ CASES = [
         f"SELECT 1；DROP TABLE {T}",
         "none",
         "none",
-        sqlite_text="",
+        sqlite_text='unrecognized token: "1；DROP"',
         mysql_text=SYNTAX,
     ),
+    Case(
+        "dash_dash_nbsp",  # MySQL needs ASCII space after --; multi-statements are off anyway
+        f"SELECT 1 --\u00a0; DROP TABLE {T}",
+        "none",
+        "none",
+        sqlite_text="[(1,)]",
+        mysql_text=SYNTAX,
+    ),
+    Case("dash_dash_control", f"SELECT 1 --\x01; DROP TABLE {T}", "policy", "policy"),
     Case("nbsp_after_semicolon", "SELECT 1;\u00a0ATTACH '{out}/n.db' AS n", "policy", "policy"),
     Case("binary_introducer", f"SELECT _binary 'x' ; DROP TABLE {T}", "policy", "policy"),
     Case("overlong", "SELECT '" + "x" * 200_000 + "'", "policy", "policy"),
