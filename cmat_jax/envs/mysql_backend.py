@@ -4,9 +4,12 @@ Each episode gets its own database and its own user that holds privileges on tha
 only (no FILE, PROCESS, SUPER or GRANT, no routines, triggers or events, no other schema), a
 per-statement time limit (``max_statement_time``, set for the user and the session), a cap on
 rows (``sql_select_limit``, and the client reads rows one at a time up to a row and a byte
-cap) and on connections; recursive CTEs stop at the server's ``max_recursive_iterations``; ``LOCAL INFILE`` is off on the client. The shared
+cap) and on connections; recursive CTEs stop at the server's ``max_recursive_iterations``;
+``LOCAL INFILE`` is off on the client and multi-statements in the protocol. The shared
 statement policy (one statement, no ``SET``/``LOAD``/``USE``/..., no executable comments) runs
 before anything reaches the server. Database and user are dropped when the episode closes.
+The server's own settings matter too (see ``docs/sandbox.md``): ``max_allowed_packet`` at
+:data:`RECOMMENDED_MAX_ALLOWED_PACKET`, no networking beyond loopback, ``local_infile`` off.
 
 Administrator credentials never travel on a command line: they come from a MySQL option file
 (``[client]`` group: ``user``, ``password``, ``socket`` or ``host``/``port``) or the
@@ -74,6 +77,7 @@ _SQLSTATE = {
     1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1062: "23000", 1064: "42000",
     1136: "21S01", 1142: "42000", 1143: "42000", 1146: "42S02", 1227: "42000", 1969: "70100",
     1050: "42S01", 1051: "42S02", 1060: "42S21", 1065: "42000", 1109: "42S02", 1166: "42000",
+    1370: "42000", 1153: "08S01",
 }  # fmt: skip
 
 
