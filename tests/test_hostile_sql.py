@@ -193,6 +193,14 @@ CASES = [
         "time",
         sqlite_text="[(0,)]",
     ),
+    Case(
+        "regexp_compile_bomb",  # compiling it would take 17 s and 2 GB
+        "SELECT 'a' REGEXP '(?:(?:(?:a{50}){50}){50}){50}'",
+        "length",
+        "length",
+    ),
+    Case("regexp_long_pattern", "SELECT 'a' REGEXP REPEAT('x', 100000)", "length", "length"),
+    Case("like_long_pattern", "SELECT 'a' LIKE REPEAT('a', 60000)", "length", "length"),
     Case("sleep", "SELECT SLEEP(30)", "none", "time", sqlite_text=NO_SQLITE_FN),
     Case(
         "benchmark",

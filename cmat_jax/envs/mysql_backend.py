@@ -64,7 +64,7 @@ _LIMIT_OF_CODE: dict[int, LimitKind] = {
     1114: "db_size", 1021: "db_size", 1030: "db_size",
     1038: "memory", 1041: "memory", 5: "memory", 1037: "memory",
     1931: "recursion",
-    1153: "length", 1301: "length", 1162: "length", 1118: "length", 1117: "length",
+    1153: "length", 1301: "length", 1139: "length", 1162: "length", 1118: "length", 1117: "length",
 }  # fmt: skip
 RECOMMENDED_MAX_ALLOWED_PACKET = 8 << 10
 """Server setting for agent SQL: MariaDB checks ``max_statement_time`` between rows, not inside

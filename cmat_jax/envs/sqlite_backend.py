@@ -128,11 +128,12 @@ class StatementGuard:
         self.deadline = math.inf
         self.memory_at_start = 0
         self.hit: LimitKind | None = None
+        self.message: str | None = None  # the error text when it is not the limit's default
 
     def start(self, time_limit_s: float) -> None:
         self.deadline = time.monotonic() + time_limit_s
         self.memory_at_start = sqlite_memory_used()
-        self.hit = None
+        self.hit = self.message = None
 
     def over(self) -> bool:
         """Checked by the progress handler: past the deadline, or SQLite holding more than the
@@ -163,8 +164,8 @@ class StatementGuard:
         if n_chars > self.max_value_bytes:
             self.fail("length")
 
-    def fail(self, kind: LimitKind) -> None:
-        self.hit = kind
+    def fail(self, kind: LimitKind, message: str | None = None) -> None:
+        self.hit, self.message = kind, message
         raise LimitExceeded(kind)
 
 
@@ -181,49 +182,115 @@ def fold(text: str) -> str:
     return _fold_cached(text) if len(text) <= _FOLD_CACHE_CHARS else _fold(text)
 
 
+LIKE_PATTERN_CHARS = 50_000  # SQLite's own SQLITE_LIMIT_LIKE_PATTERN_LENGTH default
+REGEX_PATTERN_CHARS = 8 << 10  # as the MariaDB setup caps values (max_allowed_packet)
+REGEX_EXPANDED_SIZE = 100_000  # the regex engine expands counted repeats when it compiles
+_REPEAT_RE = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def regex_expanded_size(pattern: str) -> int:
+    """Upper estimate of a regular expression's size once counted repeats are expanded
+    (``((a{100}){100}){100}`` is 10^6: it compiles for seconds into hundreds of MB)."""
+    stack, total, i = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "(":
+            stack.append(total)
+            total, i = 0, i + 1
+            continue
+        if c == ")" and stack:
+            item, total, i = max(total, 1), stack.pop(), i + 1
+        elif c == "\\":
+            item, i = 1, i + 2
+        elif c == "[":
+            item, i = 1, _class_end(pattern, i)
+        else:
+            item, i = 1, i + 1
+        if m := _REPEAT_RE.match(pattern, i):
+            low, high = int(m.group(1)), m.group(2)
+            item *= max(low, int(high)) if high else low
+            i = m.end()
+        total += item
+    while stack:
+        total += stack.pop()
+    return total
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Index after the character class opening at ``start`` (a ``]`` first in it, or escaped,
+    is a member)."""
+    j = start + 1
+    if pattern.startswith("^", j):
+        j += 1
+    j += 2 if pattern.startswith("\\", j) else 1  # the first member, even "]"
+    while j < len(pattern) and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+    return j + 1
+
+
 @functools.lru_cache(maxsize=1024)
-def _like_segments(pattern: str, escape: str) -> tuple[tuple[regex.Pattern[str], int], ...]:
-    """The pattern split at its unescaped ``%``: each piece a regex of literals and ``.``
-    (``_``) with the number of characters it matches."""
+def _like_segments(pattern: str, escape: str) -> tuple[tuple[str | regex.Pattern[str], int], ...]:
+    """The pattern split at its unescaped ``%``: each piece a literal string, or a regex of
+    literals and ``.`` where it has ``_``, with the number of characters it matches."""
     segments: list[list[str]] = [[]]
+    wild: list[bool] = [False]
     i = 0
     while i < len(pattern):
         c = pattern[i]
         if c == escape and i + 1 < len(pattern):
-            segments[-1].append(regex.escape(pattern[i + 1]))
+            segments[-1].append(pattern[i + 1])
             i += 2
             continue
         if c == "%":
             segments.append([])
+            wild.append(False)
+        elif c == "_":
+            segments[-1].append("")  # one wildcard character
+            wild[-1] = True
         else:
-            segments[-1].append("." if c == "_" else regex.escape(c))
+            segments[-1].append(c)
         i += 1
-    return tuple((regex.compile("".join(s), regex.DOTALL), len(s)) for s in segments)
+    out: list[tuple[str | regex.Pattern[str], int]] = []
+    for seg, has_wild in zip(segments, wild, strict=True):
+        if has_wild:
+            rx = "".join(regex.escape(ch) if ch else "." for ch in seg)
+            out.append((regex.compile(rx, regex.DOTALL), len(seg)))
+        else:
+            out.append(("".join(seg), len(seg)))
+    return tuple(out)
 
 
 def like_match(pattern: str, value: str, escape: str = "\\", timeout: float = 3600.0) -> bool:
     """SQL ``LIKE`` without backtracking: the pieces between ``%`` have fixed lengths, so the
     first must match at the start, the last at the end, and each middle one at its leftmost
-    place after the previous (any later place leaves less room, never more). Time is
-    O(len(value) x len(pattern)) at worst, and ``timeout`` bounds it."""
+    place after the previous (any later place leaves less room, never more). Literal pieces
+    use ``str.find`` (linear); pieces with ``_`` a regex search bounded by ``timeout``."""
     segments = _like_segments(pattern, escape)
+
+    def at(seg: str | regex.Pattern[str], pos: int, end: int) -> bool:  # seg fills [pos, end)
+        if isinstance(seg, str):
+            return value.startswith(seg, pos, end) and end - pos == len(seg)
+        return seg.fullmatch(value, pos, end, concurrent=True, timeout=timeout) is not None
+
     if len(segments) == 1:
         seg, n = segments[0]
-        return (
-            len(value) == n and seg.fullmatch(value, concurrent=True, timeout=timeout) is not None
-        )
+        return len(value) == n and at(seg, 0, n)
     (first, n_first), *middle, (last, n_last) = segments
     end = len(value) - n_last
-    if end < n_first or first.match(value, 0, n_first, concurrent=True, timeout=timeout) is None:
-        return False
-    if last.fullmatch(value, end, concurrent=True, timeout=timeout) is None:
+    if end < n_first or not at(first, 0, n_first) or not at(last, end, len(value)):
         return False
     pos = n_first
-    for seg, _n in middle:
-        m = seg.search(value, pos, end, concurrent=True, timeout=timeout)
-        if m is None:
-            return False
-        pos = m.end()
+    for seg, n in middle:
+        if isinstance(seg, str):
+            found = value.find(seg, pos, end)
+            if found < 0:
+                return False
+            pos = found + n
+        else:
+            m = seg.search(value, pos, end, concurrent=True, timeout=timeout)
+            if m is None:
+                return False
+            pos = m.end()
     return True
 
 
@@ -330,14 +397,19 @@ class _Functions:
     def like(self, pattern: Any, value: Any, escape: Any = "\\") -> int | None:
         if pattern is None or value is None or escape is None:
             return None
+        if len(str(pattern)) > LIKE_PATTERN_CHARS:
+            self.guard.fail("length", "LIKE or GLOB pattern too complex")
         p, v, e = fold(str(pattern)), fold(str(value)), str(escape)[:1] or "\\"
         return int(self.bounded(lambda timeout: like_match(p, v, e, timeout)))
 
     def regexp(self, pattern: Any, value: Any) -> int | None:
         if pattern is None or value is None:
             return None
+        pattern = str(pattern)
+        if len(pattern) > REGEX_PATTERN_CHARS or regex_expanded_size(pattern) > REGEX_EXPANDED_SIZE:
+            self.guard.fail("length", "1139 (42000): Got error 'regular expression is too large'")
         try:
-            compiled = regex.compile(str(pattern), regex.IGNORECASE)
+            compiled = regex.compile(pattern, regex.IGNORECASE)
         except regex.error as e:
             raise ValueError(f"invalid regular expression: {e}") from e
         text = str(value)
@@ -555,7 +627,7 @@ class SQLiteEpisode:
     def _failure(self, err: BaseException, sql: str) -> ExecResult:
         if self._guard.hit is not None:  # raised inside one of our functions
             kind = self._guard.hit
-            text = LIMIT_MESSAGES[kind]
+            text = self._guard.message or LIMIT_MESSAGES[kind]
         else:
             text = mysql_error_text(err, sql)
             kind = limit_of(err)
