@@ -64,7 +64,7 @@ the cap (the first rows are returned); ``recursion`` a recursive CTE past the se
 iteration limit (MariaDB's ``max_recursive_iterations``, 1000 by default as MySQL 8's
 ``cte_max_recursion_depth`` under which AgentBench ran)."""
 
-MAX_STATEMENT_CHARS = 100_000
+MAX_STATEMENT_CHARS = 16_384
 """Longest statement accepted (a model reply is far shorter; this bounds parsing work)."""
 TEXT_LIMIT = 1 << 16
 """Characters of ``str(rows)`` built for an observation (the agent sees the first 800)."""
