@@ -16,7 +16,8 @@ import pytest
 
 from cmat_jax.envs.dbbench import DBBenchEnv, DBTask
 from cmat_jax.envs.sql_backend import check_statement
-from cmat_jax.envs.sqlite_backend import SQLiteBackend, like_match
+from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from cmat_jax.envs.sqlite_functions import like_match
 
 LIMIT_S = 0.3
 
