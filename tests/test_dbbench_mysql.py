@@ -113,6 +113,11 @@ def test_mariadb_sandbox(mariadb_params, tmp_path):  # noqa: F811
     assert list(outside.iterdir()) == [] and not Path("/tmp/cmat_dump.txt").exists()
 
 
+def _option(params: MySQLParams, key: str) -> str:
+    """A value of the test server's option file."""
+    return Path(params.option_file).read_text().split(f"{key}=")[1].split()[0]
+
+
 def test_mariadb_lockdown(mariadb_params):  # noqa: F811
     """What the agent's account can do, where the server listens, and where credentials live."""
     backend = MySQLBackend(mariadb_params)
@@ -144,7 +149,7 @@ def test_mariadb_lockdown(mariadb_params):  # noqa: F811
     assert len(admin_grants) == 2 and "GRANT CREATE USER ON *.*" in admin_grants[0]
     assert "ON `cmat_ep_%`.*" in admin_grants[1]
     assert Path(mariadb_params.option_file).stat().st_mode & 0o777 == 0o600
-    password = Path(mariadb_params.option_file).read_text().split("password=")[1].split()[0]
+    password = _option(mariadb_params, "password")
     for pid in filter(str.isdigit, os.listdir("/proc")):  # no process shows it in its argv
         with contextlib.suppress(OSError):
             assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -152,6 +157,9 @@ def test_mariadb_lockdown(mariadb_params):  # noqa: F811
     backend.close()
     with pytest.raises(FileNotFoundError, match=r"no-such\.cnf"):
         MySQLBackend(MySQLParams(option_file="/nonexistent/no-such.cnf"))
+    sock = _option(mariadb_params, "socket")
+    with pytest.raises(ValueError, match="1045"):  # wrong password: a user error, not a crash
+        MySQLBackend(MySQLParams(unix_socket=sock, password="wrong"))
 
 
 def test_mariadb_counterfactual_restores_on_the_server(mariadb_params):  # noqa: F811

@@ -337,12 +337,17 @@ class MySQLBackend:
         max_result_bytes: int = 1 << 20,
     ) -> None:
         self.params = params
-        params.connect_args()  # a missing option file fails here, before any episode
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
         self.max_result_bytes = max_result_bytes
         self._admin: pymysql.connections.Connection | None = None
         self.max_allowed_packet: int | None = None
+        try:  # bad credentials or a missing option file fail here, before any episode
+            self.admin()
+        except pymysql.err.OperationalError as e:
+            raise ValueError(
+                f"cannot reach the MariaDB server as its administrator: {mysql_error_text(e)}"
+            ) from e
 
     def admin(self) -> pymysql.connections.Connection:
         if self._admin is None or not self._admin.open:
