@@ -78,11 +78,16 @@ class EvalConfig:
     batch_size: int = 16
     """Episodes stepped together (and the generation batch)."""
     backend: Literal["sqlite", "mysql"] = "sqlite"
+    mysql_option_file: str | None = None
+    """MariaDB administrator credentials: a MySQL option file (its [client] group: user,
+    password, socket or host/port). Without one the password comes from the
+    CMAT_MYSQL_PASSWORD environment variable; it is never a flag (argv is public)."""
     mysql_socket: str | None = None
     mysql_host: str = "localhost"
     mysql_port: int = 3306
-    mysql_user: str = "root"
-    mysql_password: str = ""
+    mysql_user: str = "cmat_admin"
+    """MariaDB administrator account (needs only CREATE USER and ALL ON `cmat_ep_%`.* WITH
+    GRANT OPTION; see cmat_jax.envs.mysql_backend.ADMIN_GRANTS)."""
     statement_time_limit_s: float = 3.0
     max_rounds: int = 15
     max_new_tokens: int = 512
@@ -383,11 +388,11 @@ def _make_backend(cfg: EvalConfig) -> SQLBackend:
         from cmat_jax.envs.mysql_backend import MySQLBackend, MySQLParams
 
         params = MySQLParams(
+            option_file=cfg.mysql_option_file,
             unix_socket=cfg.mysql_socket,
             host=cfg.mysql_host,
             port=cfg.mysql_port,
             user=cfg.mysql_user,
-            password=cfg.mysql_password,
         )
         return MySQLBackend(params, time_limit_s=cfg.statement_time_limit_s)
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
@@ -523,7 +528,6 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         results["model_info"] = em.info
         results["engine"] = engine_stats
     settings = dataclasses.asdict(cfg)
-    settings.pop("mysql_password")
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
     if cfg.reflexion_trials > 1:
         best = {tr["task_id"]: tr for trs in trials for tr in trs if tr["reward"] == 1.0}

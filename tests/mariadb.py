@@ -2,16 +2,21 @@
 
 ``mariadb_params`` (session fixture) installs MariaDB from Debian if no server binary is found
 (``apt-get install -y mariadb-server``; we run as root in CI), initialises a data directory in a
-temp dir, starts ``mariadbd`` on a unix socket there with networking off, FILE operations
-confined to that dir and symbolic links off, yields admin connection parameters, and stops the
-server at the end of the session. The server is a module-level singleton so that importing the
-fixture into several test modules still starts one server.
+private (0700) temp dir, starts ``mariadbd`` there listening only on a unix socket (networking
+off; bound to loopback should it be turned on), FILE operations confined to that dir, symbolic
+links and LOCAL INFILE off, values capped at ``RECOMMENDED_MAX_ALLOWED_PACKET`` and the InnoDB
+tablespaces and temporary files capped (:data:`TABLESPACE_CAP`). It creates the least-privileged administrator the backend needs
+(``cmat_admin``, :data:`ADMIN_GRANTS`, random password) and yields parameters that read its
+credentials from an option file (mode 0600), never from argv; it stops the server at the end
+of the session. The server is a module-level singleton so that importing the fixture into
+several test modules still starts one server.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +26,17 @@ from pathlib import Path
 import pymysql
 import pytest
 
-from cmat_jax.envs.mysql_backend import MySQLParams
+from cmat_jax.envs.mysql_backend import (
+    ADMIN_GRANTS,
+    DEFAULT_ADMIN,
+    RECOMMENDED_MAX_ALLOWED_PACKET,
+    MySQLParams,
+)
+
+# Every episode database lives in the system tablespace (file-per-table off): this caps them
+# all together; a statement that would grow past it fails with 1114 "table is full".
+TABLESPACE_CAP = "ibdata1:12M:autoextend:max:512M"
+TEMP_TABLESPACE_CAP = "ibtmp1:12M:autoextend:max:256M"
 
 _SERVER: dict[str, object] = {}
 
@@ -71,9 +86,10 @@ def start_server() -> MySQLParams:
     if "params" in _SERVER:
         return _SERVER["params"]  # type: ignore[return-value]
     server, installer = _ensure_installed()
-    root = Path(tempfile.mkdtemp(prefix="cmat_mariadb_"))
-    data, files, sock = root / "data", root / "files", root / "mysqld.sock"
+    root = Path(tempfile.mkdtemp(prefix="cmat_mariadb_"))  # mode 0700: only we reach the socket
+    data, files, sock, tmp = root / "data", root / "files", root / "mysqld.sock", root / "tmp"
     files.mkdir()
+    tmp.mkdir()
     _SERVER["root"] = str(root)
     subprocess.run(
         [
@@ -95,10 +111,13 @@ def start_server() -> MySQLParams:
             f"--datadir={data}",
             f"--socket={sock}",
             "--skip-networking",
+            "--bind-address=127.0.0.1",
             "--user=root",
+            f"--tmpdir={tmp}",
             f"--pid-file={root / 'mysqld.pid'}",
             f"--secure-file-priv={files}",
             "--local-infile=0",
+            f"--max-allowed-packet={RECOMMENDED_MAX_ALLOWED_PACKET}",
             "--skip-symbolic-links",
             "--innodb-buffer-pool-size=32M",
             "--skip-log-bin",
@@ -108,6 +127,8 @@ def start_server() -> MySQLParams:
             "--innodb-flush-method=nosync",
             "--sync-frm=0",
             "--innodb-file-per-table=0",
+            f"--innodb-data-file-path={TABLESPACE_CAP}",
+            f"--innodb-temp-data-file-path={TEMP_TABLESPACE_CAP}",
             "--skip-name-resolve",
         ],
         stdout=log,
@@ -116,19 +137,41 @@ def start_server() -> MySQLParams:
     )
     _SERVER["proc"] = proc
     atexit.register(_stop)
-    params = MySQLParams(unix_socket=str(sock))
     deadline = time.monotonic() + 60
     while True:
         try:
-            pymysql.connect(unix_socket=str(sock), user="root", password="").close()
+            root_conn = pymysql.connect(unix_socket=str(sock), user="root", password="")
             break
         except pymysql.MySQLError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 _stop()
                 raise RuntimeError(f"mariadbd did not start; see {root / 'server.log'}") from None
             time.sleep(0.2)
-    _SERVER["params"] = params
+    _SERVER["params"] = params = _create_admin(root_conn, root, sock)
+    root_conn.close()
     return params
+
+
+def _create_admin(root_conn: pymysql.connections.Connection, root: Path, sock: Path) -> MySQLParams:
+    """The backend's administrator with only :data:`ADMIN_GRANTS`; its credentials go to an
+    option file only the owner can read."""
+    password = secrets.token_hex(16)
+    account = f"'{DEFAULT_ADMIN}'@'localhost'"
+    with root_conn.cursor() as cur:
+        cur.execute(f"CREATE USER {account} IDENTIFIED BY %s", (password,))
+        for grant in ADMIN_GRANTS:
+            cur.execute(grant.format(user=account))
+    option_file = root / "admin.cnf"
+    fd = os.open(option_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[client]\nuser={DEFAULT_ADMIN}\npassword={password}\nsocket={sock}\n")
+    return MySQLParams(option_file=str(option_file))
+
+
+def server_pid() -> int | None:
+    """Process id of the running test server (to measure its memory), None before it starts."""
+    proc = _SERVER.get("proc")
+    return proc.pid if isinstance(proc, subprocess.Popen) else None
 
 
 @pytest.fixture(scope="session")

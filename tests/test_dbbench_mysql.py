@@ -1,17 +1,23 @@
 """DBBench on a real MariaDB server: the oracle scores 1.0 on the dev split, both backends
 agree on every dev item's table hash, the synthetic expert's trajectories hold on MariaDB,
-and the per-episode sandbox (own user and database, time limit, no FILE) holds."""
+the per-episode sandbox (own user and database, time limit, no FILE) holds, the accounts and
+the server are locked down (privileges, socket only, credentials never in argv), and a
+counterfactual step copies the database on the server."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
+import pymysql
 import pytest
 
+from cmat_jax.envs.base import counterfactual_step
 from cmat_jax.envs.dbbench import DBBenchEnv, dbbench_metrics, load_tasks
 from cmat_jax.envs.dbbench_synth import expert_episode, generate_tasks
-from cmat_jax.envs.mysql_backend import MySQLBackend
+from cmat_jax.envs.mysql_backend import RECOMMENDED_MAX_ALLOWED_PACKET, MySQLBackend, MySQLParams
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
 from cmat_jax.evaluate import EvalConfig, evaluate
 from tests.dbbench_data import DBBENCH_DEV
@@ -27,7 +33,7 @@ def test_oracle_on_mariadb_via_evaluator(mariadb_params, tmp_path):  # noqa: F81
         out=tmp_path / "eval",
         agent="oracle",
         backend="mysql",
-        mysql_socket=mariadb_params.unix_socket,
+        mysql_option_file=mariadb_params.option_file,
         progress=False,
     )
     res = evaluate(cfg)
@@ -109,3 +115,73 @@ def test_mariadb_sandbox(mariadb_params, tmp_path):  # noqa: F811
     env.close()
     backend.close()
     assert list(outside.iterdir()) == [] and not Path("/tmp/cmat_dump.txt").exists()
+
+
+def _option(params: MySQLParams, key: str) -> str:
+    """A value of the test server's option file."""
+    return Path(params.option_file).read_text().split(f"{key}=")[1].split()[0]
+
+
+def test_mariadb_lockdown(mariadb_params):  # noqa: F811
+    """What the agent's account can do, where the server listens, and where credentials live."""
+    backend = MySQLBackend(mariadb_params)
+    task = load_tasks(DEV)[0]
+    db = backend.open(task.table_spec())
+    with db.conn.cursor() as cur:  # the agent's own connection, below the statement policy
+        cur.execute("SHOW GRANTS")
+        grants = [g for (g,) in cur.fetchall()]
+        cur.execute(
+            "SELECT @@local_infile, @@skip_networking, @@max_statement_time, @@max_allowed_packet"
+        )
+        local_infile, skip_networking, statement_s, packet = cur.fetchone()
+        cur.execute("SHOW DATABASES")
+        visible = {d for (d,) in cur.fetchall()}
+        with pytest.raises(pymysql.err.ProgrammingError, match="1064"):
+            cur.execute("SELECT 1; SELECT 2")  # the protocol's multi-statements are off
+    assert local_infile == 0 and skip_networking == 1 and statement_s == backend.time_limit_s
+    assert packet == RECOMMENDED_MAX_ALLOWED_PACKET
+    assert visible == {"information_schema", db.db_name}
+    on_own_db = [g for g in grants if f"`{db.db_name}`.*" in g]
+    assert len(on_own_db) == 1 and len(grants) == 2, grants
+    assert grants[0].startswith("GRANT USAGE ON *.*")
+    for power in ("FILE", "PROCESS", "SUPER", "GRANT OPTION", "ALL PRIVILEGES", "EXECUTE"):
+        assert power not in " ".join(grants), (power, grants)
+    # the administrator holds only what it needs, and its password is in a 0600 file
+    with backend.admin().cursor() as cur:
+        cur.execute("SHOW GRANTS")
+        admin_grants = [g for (g,) in cur.fetchall()]
+    assert len(admin_grants) == 2 and "GRANT CREATE USER ON *.*" in admin_grants[0]
+    assert "ON `cmat_ep_%`.*" in admin_grants[1]
+    assert Path(mariadb_params.option_file).stat().st_mode & 0o777 == 0o600
+    password = _option(mariadb_params, "password")
+    for pid in filter(str.isdigit, os.listdir("/proc")):  # no process shows it in its argv
+        with contextlib.suppress(OSError):
+            assert password.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    db.close()
+    backend.close()
+    with pytest.raises(FileNotFoundError, match=r"no-such\.cnf"):
+        MySQLBackend(MySQLParams(option_file="/nonexistent/no-such.cnf"))
+    sock = _option(mariadb_params, "socket")
+    with pytest.raises(ValueError, match="1045"):  # wrong password: a user error, not a crash
+        MySQLBackend(MySQLParams(unix_socket=sock, password="wrong"))
+
+
+def test_mariadb_counterfactual_restores_on_the_server(mariadb_params):  # noqa: F811
+    """The Checker's counterfactual step copies the database on the server (no rows in this
+    process) and leaves the episode exactly as it was, without leftover copies."""
+    backend = MySQLBackend(mariadb_params)
+    task = next(t for t in load_tasks(DEV) if t.is_mutation)
+    env = DBBenchEnv(backend)
+    env.reset(task)
+    before = env._db.table_hash()
+    t = env._db.table.name
+    res = counterfactual_step(env, f"Try.\nAction: Operation\n```sql\nDELETE FROM `{t}`\n```")
+    assert not res.info["error"]
+    assert env._db.table_hash() == before
+    with backend.admin().cursor() as cur:
+        cur.execute("SHOW DATABASES LIKE 'cmat\\_ep\\_%\\_s%'")
+        assert cur.fetchall() == ()
+    ok = env.step(f"Next.\nAction: Operation\n```sql\nSELECT COUNT(*) FROM `{t}`\n```")
+    assert ok.observation == f"[({len(task.rows)},)]"
+    env.close()
+    backend.close()

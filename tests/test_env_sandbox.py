@@ -1,9 +1,14 @@
 """Sandbox of the SQLite backend: hostile statements are refused or cut off within the time
-limit, the episode goes on, the task table survives, and no file appears anywhere."""
+limit, the episode goes on, the task table survives, and no file appears anywhere; the
+bounded-time LIKE and the MySQL functions that replace SQLite's quadratic ones give the right
+answers; a counterfactual restore keeps the size cap. (tests/test_hostile_sql.py runs the
+hostile statements on both backends with the default limits.)"""
 
 from __future__ import annotations
 
 import os
+import random
+import re
 import time
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import pytest
 from cmat_jax.envs.dbbench import DBBenchEnv, DBTask
 from cmat_jax.envs.sql_backend import check_statement
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from cmat_jax.envs.sqlite_functions import like_match
 
 LIMIT_S = 0.3
 
@@ -129,4 +135,53 @@ def test_time_limit_and_row_cap_are_configurable():
         "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n+1 FROM r) SELECT MAX(n) FROM r"
     )
     assert res.error and "interrupted" in res.text and time.monotonic() - t0 < 1.0
+    db.close()
+
+
+def _like_reference(pattern: str, value: str) -> bool:
+    rx = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+    return re.fullmatch(rx, value, re.DOTALL) is not None
+
+
+def test_like_matcher_agrees_with_a_regex_reference():
+    """The backtracking-free LIKE gives the same answers as a regex translation."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        pattern = "".join(rng.choice("ab%_") for _ in range(rng.randrange(0, 8)))
+        value = "".join(rng.choice("ab") for _ in range(rng.randrange(0, 10)))
+        assert like_match(pattern, value) == _like_reference(pattern, value), (pattern, value)
+    assert like_match("50\\%%", "50%off") and not like_match("50\\%%", "50 off")
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT INSTR('Foobar', 'BAR')", "[(4,)]"),  # MySQL: the collation's case rules
+        ("SELECT REPLACE('a-b-c', '-', '+')", "[('a+b+c',)]"),
+        ("SELECT TRIM('xxhixx', 'x'), LTRIM('xxhi', 'x'), RTRIM('hixx', 'x')", "[('hi', 'hi', 'hi')]"),
+        ("SELECT FORMAT(12332.1235, 2), FORMAT(2.5, 0), FORMAT(-1234.5, 1)", "[('12,332.12', '3', '-1,234.5')]"),
+        ("SELECT REPEAT('ab', 3), REPEAT('ab', 0)", "[('ababab', '')]"),
+    ],
+)  # fmt: skip
+def test_mysql_functions_without_blowups(sql, expected):
+    db = SQLiteBackend().open(scorers_task(2).table_spec())
+    assert db.execute(sql).text == expected
+    db.close()
+
+
+def test_snapshot_restore_keeps_the_size_cap():
+    """A counterfactual restore (deserialize) does not lift the database size cap."""
+    db = SQLiteBackend(max_db_bytes=1 << 20).open(scorers_task().table_spec())
+    grow = "INSERT INTO Scorers SELECT REPEAT('x', 2000), Goals, Club FROM Scorers"
+    res = None
+    for _ in range(20):
+        res = db.execute(grow)
+        if res.error:
+            break
+    assert res is not None and res.limit == "db_size", res
+    snap = db.snapshot()
+    assert len(snap) <= 1 << 20
+    db.execute("DELETE FROM Scorers")
+    db.restore(snap)
+    assert db.execute(grow).limit == "db_size"
     db.close()

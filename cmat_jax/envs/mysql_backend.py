@@ -1,11 +1,21 @@
 """Faithful DBBench backend: a real MySQL-compatible server (MariaDB) via ``pymysql``.
 
 Each episode gets its own database and its own user that holds privileges on that database
-only (no FILE, no GRANT, no routines or triggers), a per-statement time limit
-(``max_statement_time``, set for the user and the session), a cap on rows returned
-(``sql_select_limit``) and on recursion; the shared statement policy (one statement, no
-``SET``/``LOAD``/``USE``/...) runs before anything reaches the server. Database and user are
-dropped when the episode closes.
+only (no FILE, PROCESS, SUPER or GRANT, no routines, triggers or events, no other schema), a
+per-statement time limit (``max_statement_time``, set for the user and the session), a cap on
+rows (``sql_select_limit``, and the client reads rows one at a time up to a row and a byte
+cap) and on connections; recursive CTEs stop at the server's ``max_recursive_iterations``;
+``LOCAL INFILE`` is off on the client and multi-statements in the protocol. The shared
+statement policy (one statement, no ``SET``/``LOAD``/``USE``/..., no executable comments) runs
+before anything reaches the server. Database and user are dropped when the episode closes.
+The server's own settings matter too (see ``docs/sandbox.md``): ``max_allowed_packet`` at
+:data:`RECOMMENDED_MAX_ALLOWED_PACKET`, no networking beyond loopback, ``local_infile`` off.
+
+Administrator credentials never travel on a command line: they come from a MySQL option file
+(``[client]`` group: ``user``, ``password``, ``socket`` or ``host``/``port``) or the
+``CMAT_MYSQL_PASSWORD`` environment variable. The administrator needs only
+``CREATE USER ON *.*`` and ``ALL PRIVILEGES ON `cmat_ep_%`.* WITH GRANT OPTION``
+(:data:`ADMIN_GRANTS`); the default account name is ``cmat_admin``, never ``root``.
 
 Observations mirror AgentBench (MySQL connector): ``str(list_of_row_tuples)``; errors as
 ``"<code> (<sqlstate>): <message>"``.
@@ -15,25 +25,61 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import secrets
+import time
+import warnings
+from pathlib import Path
 from typing import Any
 
 import pymysql
+import pymysql.cursors
 
 from cmat_jax.envs.sql_backend import (
     GROUP_CONCAT_MAX_LEN,
     ExecResult,
+    LimitKind,
     TableSpec,
     check_statement,
+    fetch_capped,
 )
 
 PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, CREATE VIEW, SHOW VIEW"
 # Case- and accent-insensitive and NO PAD ('a' <> 'a '), like MySQL 8's default utf8mb4_0900_ai_ci
 COLLATION = "utf8mb4_unicode_520_nopad_ci"
+EPISODE_PREFIX = "cmat_ep_"
+PASSWORD_ENV = "CMAT_MYSQL_PASSWORD"
+DEFAULT_ADMIN = "cmat_admin"
+ADMIN_GRANTS = (
+    "GRANT CREATE USER ON *.* TO {user}",
+    # unescaped: MariaDB 10.11 refuses GRANTs made through an escaped pattern (`cmat\\_ep\\_%`)
+    "GRANT ALL PRIVILEGES ON `cmat_ep_%`.* TO {user} WITH GRANT OPTION",
+)
+"""What the administrator account needs (``{user}``: e.g. ``'cmat_admin'@'localhost'``)."""
+# Server error codes -> the sandbox limit they come from.
+_LIMIT_OF_CODE: dict[int, LimitKind] = {
+    1969: "time", 3024: "time", 1317: "time", 1028: "time",
+    1044: "permission", 1045: "permission", 1142: "permission", 1143: "permission",
+    1227: "permission", 1370: "permission", 1290: "permission", 1148: "permission",
+    1410: "permission", 1211: "permission", 1132: "permission", 1095: "permission",
+    1114: "db_size", 1021: "db_size", 1030: "db_size",
+    1038: "memory", 1041: "memory", 5: "memory", 1037: "memory",
+    1931: "recursion",
+    1153: "length", 1301: "length", 1139: "length", 1162: "length", 1118: "length", 1117: "length",
+}  # fmt: skip
+RECOMMENDED_MAX_ALLOWED_PACKET = 8 << 10
+"""Server setting for agent SQL: MariaDB checks ``max_statement_time`` between rows, not inside
+one call of a string function, and ``LIKE``/``INSTR``/``REPLACE`` are quadratic in their
+arguments: values capped at 8 KiB keep one row's work under a second (16 KiB: up to 2 s).
+A task row must fit in it too (the DBBench dev split's longest is 1,614 characters)."""
+_WARNING_LIMITS: dict[int, LimitKind] = {
+    1301: "length", 1969: "time", 3024: "time", 1317: "time", 1931: "recursion",
+}  # fmt: skip
 _SQLSTATE = {
     1044: "42000", 1045: "28000", 1049: "42000", 1054: "42S22", 1062: "23000", 1064: "42000",
     1136: "21S01", 1142: "42000", 1143: "42000", 1146: "42S02", 1227: "42000", 1969: "70100",
     1050: "42S01", 1051: "42S02", 1060: "42S21", 1065: "42000", 1109: "42S02", 1166: "42000",
+    1370: "42000", 1153: "08S01",
 }  # fmt: skip
 
 
@@ -48,26 +94,63 @@ def mysql_error_text(err: pymysql.MySQLError) -> str:
     return str(err)
 
 
+def limit_of(err: pymysql.MySQLError) -> LimitKind | None:
+    code = err.args[0] if err.args and isinstance(err.args[0], int) else None
+    return _LIMIT_OF_CODE.get(code) if code is not None else None
+
+
 @dataclasses.dataclass(frozen=True)
 class MySQLParams:
-    """How to reach the server as an administrator (creates episode databases and users)."""
+    """How to reach the server as the administrator (creates episode databases and users).
 
+    ``option_file``: a MySQL option file whose ``[client]`` group gives any of ``user``,
+    ``password``, ``socket``, ``host``, ``port`` (they override the fields here). Without a
+    password there, ``password`` (for programs; never a command-line flag) or else the
+    ``CMAT_MYSQL_PASSWORD`` environment variable is used."""
+
+    option_file: str | None = None
     unix_socket: str | None = None
     host: str = "localhost"
     port: int = 3306
-    user: str = "root"
-    password: str = ""
+    user: str = DEFAULT_ADMIN
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    def connect_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "unix_socket": self.unix_socket,
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password
+            if self.password is not None
+            else os.environ.get(PASSWORD_ENV, ""),
+        }
+        if self.option_file is not None:
+            if not Path(self.option_file).expanduser().is_file():
+                raise FileNotFoundError(f"{self.option_file}: no such MySQL option file")
+            args.update(read_default_file=str(Path(self.option_file).expanduser()))
+            args.update(read_default_group="client")
+        return args
 
 
 class MySQLEpisode:
     def __init__(
-        self, backend: MySQLBackend, table: TableSpec, *, time_limit_s: float, max_rows: int
+        self,
+        backend: MySQLBackend,
+        table: TableSpec,
+        *,
+        time_limit_s: float,
+        max_rows: int,
+        max_result_bytes: int,
     ) -> None:
         self.backend = backend
         self.table = table
         self.max_rows = max_rows
+        self.max_result_bytes = max_result_bytes
+        self.time_limit_s = time_limit_s
+        self._shadows: set[str] = set()  # snapshot databases not yet restored
         tag = secrets.token_hex(6)
-        self.db_name, self.user = f"cmat_ep_{tag}", f"cmat_ep_{tag}"
+        self.db_name, self.user = f"{EPISODE_PREFIX}{tag}", f"{EPISODE_PREFIX}{tag}"
         password = secrets.token_hex(16)
         admin = backend.admin()
         with admin.cursor() as cur:
@@ -75,31 +158,38 @@ class MySQLEpisode:
                 f"CREATE DATABASE {_q(self.db_name)} CHARACTER SET utf8mb4 COLLATE {COLLATION}"
             )
             cur.execute(
-                f"CREATE USER %s@'localhost' IDENTIFIED BY %s WITH MAX_STATEMENT_TIME {time_limit_s}",
+                "CREATE USER %s@'localhost' IDENTIFIED BY %s WITH MAX_USER_CONNECTIONS 3 "
+                f"MAX_STATEMENT_TIME {time_limit_s}",
                 (self.user, password),
             )
             cur.execute(
                 f"GRANT {PRIVILEGES} ON {_q(self.db_name)}.* TO %s@'localhost'", (self.user,)
             )
-        p = backend.params
         session = (
             f"SET SESSION max_statement_time = {time_limit_s}, sql_select_limit = {max_rows + 1}, "
-            f"max_recursive_iterations = 100000, group_concat_max_len = {GROUP_CONCAT_MAX_LEN}"
+            f"group_concat_max_len = {GROUP_CONCAT_MAX_LEN}"
         )
-        self.conn = pymysql.connect(
-            unix_socket=p.unix_socket,
-            host=p.host,
-            port=p.port,
-            user=self.user,
-            password=password,
-            database=self.db_name,
-            charset="utf8mb4",
-            autocommit=True,
-            local_infile=False,
-            read_timeout=int(time_limit_s) + 30,
-            init_command=session,
-        )
+        self._connect_args = {  # where the administrator's connection went
+            "unix_socket": admin.unix_socket,
+            "host": admin.host,
+            "port": admin.port,
+            "user": self.user,
+            "password": password,
+            "database": self.db_name,
+            "charset": "utf8mb4",
+            "autocommit": True,
+            "local_infile": False,
+            # a last resort: the server checks its time limit between rows, not inside one
+            # function call (see RECOMMENDED_MAX_ALLOWED_PACKET)
+            "read_timeout": int(time_limit_s) + 10,
+            "cursorclass": backend.cursor_class(),
+        }
+        self._session = session
+        self.conn = self._connect()
         self._create_table()
+
+    def _connect(self) -> pymysql.connections.Connection:
+        return pymysql.connect(**self._connect_args, init_command=self._session)
 
     def _create_table(self) -> None:
         t = self.table
@@ -115,16 +205,71 @@ class MySQLEpisode:
     def execute(self, sql: str) -> ExecResult:
         refusal = check_statement(sql)
         if refusal is not None:
-            return ExecResult.failure(refusal)
+            return ExecResult.failure(refusal, limit="policy")
+        # unbuffered: rows are read one at a time, never more than the caps
+        cur = self.conn.cursor(pymysql.cursors.SSCursor)
+        rows, capped, warned = [], False, False
+        started = time.monotonic()
         try:
-            with self.conn.cursor() as cur:
-                cur.execute(sql)  # no args: "%" is not a placeholder
-                rows = list(cur.fetchmany(self.max_rows + 1)) if cur.description else []
+            cur.execute(sql)  # no args: "%" is not a placeholder
+            if cur.description:
+                rows, capped = fetch_capped(cur.fetchone, self.max_rows, self.max_result_bytes)
+            warned = cur.warning_count > 0  # set once every row was read
         except pymysql.MySQLError as e:
-            return ExecResult.failure(mysql_error_text(e))
-        capped = len(rows) > self.max_rows
-        rows = [tuple(r) for r in rows[: self.max_rows]]
-        return ExecResult(text=str(rows), error=False, rows=rows, rows_capped=capped)
+            kind = limit_of(e)
+            if not self.conn.open:  # lost, e.g. past read_timeout: the episode goes on
+                cur.connection = None
+                self._reconnect()
+                kind = "time" if e.args and e.args[0] == 2013 else kind
+            return ExecResult.failure(mysql_error_text(e), limit=kind)
+        finally:
+            if capped and len(rows) < self.max_rows:  # cut by bytes: the rest may be large
+                self._abandon_result(cur)
+            with contextlib.suppress(pymysql.MySQLError):
+                cur.close()  # reads and drops what is left of the result
+        res = ExecResult.of_rows(rows, capped)
+        kind = self._warning_limit() if warned and not capped else None
+        if kind is None and time.monotonic() - started >= self.time_limit_s:
+            kind = "time"  # the server cut it short without an error (BENCHMARK returns 0)
+        if kind is not None and not capped:
+            res = ExecResult(text=res.text, error=False, rows=rows, limit=kind)
+        return res
+
+    def _abandon_result(self, cur: pymysql.cursors.SSCursor) -> None:
+        """Stop a statement still sending rows without reading them (pymysql would read the
+        rest on close), then go on with a fresh connection."""
+        result = getattr(cur, "_result", None)
+        if result is not None:
+            result.unbuffered_active = False
+        cur.connection = None
+        self._reconnect()
+
+    def _reconnect(self) -> None:
+        """``KILL QUERY`` the statement of the current connection from a second connection of
+        the same user, close it unread (the server's pending writes fail at once) and open a
+        fresh one with the same session limits."""
+        thread_id = self.conn.thread_id()
+        with contextlib.suppress(pymysql.MySQLError):
+            killer = pymysql.connect(**self._connect_args)
+            try:
+                with killer.cursor() as kc:
+                    kc.execute(f"KILL QUERY {int(thread_id)}")
+            finally:
+                killer.close()
+        with contextlib.suppress(pymysql.MySQLError, OSError):
+            self.conn.close()
+        self.conn = self._connect()
+
+    def _warning_limit(self) -> LimitKind | None:
+        """The limit behind the last statement's warnings, if any: the server returns NULL for
+        a value over ``max_allowed_packet`` and 0 for a ``BENCHMARK`` cut by the time limit,
+        with a warning instead of an error."""
+        with self.conn.cursor() as cur:
+            cur.execute("SHOW WARNINGS")
+            for _level, code, _msg in cur.fetchall():
+                if code in _WARNING_LIMITS:
+                    return _WARNING_LIMITS[code]
+        return None
 
     def table_hash(self) -> str:
         """AgentBench's hash query, run on the server itself."""
@@ -141,40 +286,44 @@ class MySQLEpisode:
         except pymysql.MySQLError as e:
             return mysql_error_text(e)
 
-    def snapshot(self) -> list[tuple[str, str, list[tuple[Any, ...]]]]:
-        """Every table's CREATE statement and rows (read through the admin connection)."""
-        admin = self.backend.admin()
-        out = []
-        with admin.cursor() as cur:
-            cur.execute(f"SHOW FULL TABLES FROM {_q(self.db_name)} WHERE Table_type = 'BASE TABLE'")
-            for name, _kind in cur.fetchall():
-                cur.execute(f"SHOW CREATE TABLE {_q(self.db_name)}.{_q(name)}")
-                create = cur.fetchall()[0][1]
-                cur.execute(f"SELECT * FROM {_q(self.db_name)}.{_q(name)}")
-                out.append((name, create, list(cur.fetchall())))
-        return out
+    def snapshot(self) -> str:
+        """Copy every base table into a shadow database on the server (the rows never pass
+        through this process, whatever their size); :meth:`restore` brings them back once
+        and drops the copy, :meth:`close` drops copies never restored."""
+        shadow = f"{self.db_name}_s{secrets.token_hex(4)}"
+        with self.backend.admin().cursor() as cur:
+            cur.execute(f"CREATE DATABASE {_q(shadow)} CHARACTER SET utf8mb4 COLLATE {COLLATION}")
+            self._shadows.add(shadow)
+            _copy_tables(cur, self.db_name, shadow)
+        return shadow
 
-    def restore(self, snap: list[tuple[str, str, list[tuple[Any, ...]]]]) -> None:
-        admin = self.backend.admin()
-        with admin.cursor() as cur:
-            cur.execute(f"USE {_q(self.db_name)}")
+    def restore(self, shadow: str) -> None:
+        with self.backend.admin().cursor() as cur:
             cur.execute(f"SHOW FULL TABLES FROM {_q(self.db_name)}")
             for name, kind in cur.fetchall():
                 what = "VIEW" if kind == "VIEW" else "TABLE"
-                cur.execute(f"DROP {what} IF EXISTS {_q(name)}")
-            for name, create, rows in snap:
-                cur.execute(create)
-                if rows:
-                    marks = ", ".join(["%s"] * len(rows[0]))
-                    cur.executemany(f"INSERT INTO {_q(name)} VALUES ({marks})", rows)
+                cur.execute(f"DROP {what} IF EXISTS {_q(self.db_name)}.{_q(name)}")
+            _copy_tables(cur, shadow, self.db_name)
+            cur.execute(f"DROP DATABASE IF EXISTS {_q(shadow)}")
+        self._shadows.discard(shadow)
 
     def close(self) -> None:
         with contextlib.suppress(pymysql.MySQLError):
             self.conn.close()
         admin = self.backend.admin()
         with admin.cursor() as cur:
-            cur.execute(f"DROP DATABASE IF EXISTS {_q(self.db_name)}")
+            for name in (self.db_name, *self._shadows):
+                cur.execute(f"DROP DATABASE IF EXISTS {_q(name)}")
             cur.execute("DROP USER IF EXISTS %s@'localhost'", (self.user,))
+        self._shadows.clear()
+
+
+def _copy_tables(cur: pymysql.cursors.Cursor, src: str, dst: str) -> None:
+    """Server-side copy of the base tables of database ``src`` into ``dst``."""
+    cur.execute(f"SHOW FULL TABLES FROM {_q(src)} WHERE Table_type = 'BASE TABLE'")
+    for name, _kind in cur.fetchall():
+        cur.execute(f"CREATE TABLE {_q(dst)}.{_q(name)} LIKE {_q(src)}.{_q(name)}")
+        cur.execute(f"INSERT INTO {_q(dst)}.{_q(name)} SELECT * FROM {_q(src)}.{_q(name)}")
 
 
 class MySQLBackend:
@@ -183,29 +332,58 @@ class MySQLBackend:
     name = "mysql"
 
     def __init__(
-        self, params: MySQLParams, *, time_limit_s: float = 3.0, max_rows: int = 1000
+        self,
+        params: MySQLParams,
+        *,
+        time_limit_s: float = 3.0,
+        max_rows: int = 1000,
+        max_result_bytes: int = 1 << 20,
     ) -> None:
         self.params = params
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
+        self.max_result_bytes = max_result_bytes
         self._admin: pymysql.connections.Connection | None = None
+        self.max_allowed_packet: int | None = None
+        try:  # bad credentials or a missing option file fail here, before any episode
+            self.admin()
+        except pymysql.err.OperationalError as e:
+            raise ValueError(
+                f"cannot reach the MariaDB server as its administrator: {mysql_error_text(e)}"
+            ) from e
 
     def admin(self) -> pymysql.connections.Connection:
         if self._admin is None or not self._admin.open:
-            p = self.params
             self._admin = pymysql.connect(
-                unix_socket=p.unix_socket,
-                host=p.host,
-                port=p.port,
-                user=p.user,
-                password=p.password,
-                charset="utf8mb4",
-                autocommit=True,
+                **self.params.connect_args(), charset="utf8mb4", autocommit=True
             )
+            with self._admin.cursor() as cur:
+                cur.execute("SELECT @@GLOBAL.max_allowed_packet")
+                self.max_allowed_packet = int(cur.fetchone()[0])
+            if self.max_allowed_packet > RECOMMENDED_MAX_ALLOWED_PACKET:
+                warnings.warn(
+                    f"MariaDB max_allowed_packet is {self.max_allowed_packet} bytes: string "
+                    "functions (LIKE, INSTR, REPLACE) run unbounded inside one row past the "
+                    "statement time limit; set it to "
+                    f"{RECOMMENDED_MAX_ALLOWED_PACKET} for agent SQL",
+                    stacklevel=2,
+                )
+            self._admin.cursorclass = self.cursor_class()
         return self._admin
 
+    def cursor_class(self) -> type[pymysql.cursors.Cursor]:
+        """Cursors whose ``executemany`` batches fit the server's packet size."""
+        packet = self.max_allowed_packet or (1 << 20)
+        return type("PacketCursor", (pymysql.cursors.Cursor,), {"max_stmt_length": packet // 2})
+
     def open(self, table: TableSpec) -> MySQLEpisode:
-        return MySQLEpisode(self, table, time_limit_s=self.time_limit_s, max_rows=self.max_rows)
+        return MySQLEpisode(
+            self,
+            table,
+            time_limit_s=self.time_limit_s,
+            max_rows=self.max_rows,
+            max_result_bytes=self.max_result_bytes,
+        )
 
     def close(self) -> None:
         if self._admin is not None and self._admin.open:

@@ -1,28 +1,38 @@
 """Embedded DBBench backend: one in-memory SQLite database per episode, sandboxed, speaking
 enough MySQL that scoring comes out as on MySQL.
 
-Sandbox (model SQL touches only its own in-memory database):
+Sandbox (model SQL touches only its own in-memory database, within fixed limits):
 - the shared statement policy (:func:`check_statement`: one statement, allowed keywords);
-- an authorizer that denies ATTACH/DETACH, every PRAGMA outside a read-only allow-list and
-  the ``load_extension`` / ``fts3_tokenizer`` functions; attached-database limit 0; extension
-  loading off; temp storage in memory (no spill files);
-- a wall-clock limit per statement (progress handler), a cap on fetched rows and on the size
-  of any string/blob value (``SQLITE_LIMIT_LENGTH``).
+- an authorizer that denies ATTACH/DETACH, every PRAGMA outside a read-only allow-list,
+  virtual tables, triggers and the functions in :data:`DENIED_FUNCTIONS` (file access,
+  extensions, and the SQLite-only ``printf`` / ``glob`` whose C loops run unbounded inside one
+  call); attached-database limit 0; extension loading off; temp storage in memory (no files);
+- time: a wall-clock limit per statement, checked by the progress handler between VM steps and
+  by every Python SQL function and the collation; ``REGEXP`` runs on the ``regex`` engine with
+  the remaining time as its timeout, ``LIKE`` on a backtracking-free matcher; ``INSTR``,
+  ``REPLACE`` and two-argument ``TRIM`` are linear-time Python versions (SQLite's are
+  quadratic in their arguments' length);
+- size: ``SQLITE_LIMIT_LENGTH`` caps any value, Python functions check their result's size
+  before building it, ``max_page_count`` caps each database (main and temp; reapplied after a
+  restore), results are fetched one row at a time up to a row and a byte cap;
+- memory: a per-statement budget of SQLite memory (checked by the progress handler; it also
+  bounds how much one in-memory sort has to sort, which SQLite does without progress checks)
+  and SQLite's hard heap limit (process-wide, :func:`limit_sqlite_heap`) as the backstop;
+  past the deadline the collation raises, so a sort under way finishes on C-level returns.
+A statement over a limit ends with an error observation naming it (``ExecResult.limit``).
 
 MySQL emulation: text columns use a case- and accent-insensitive collation, ``LIKE`` follows
 it (with ``\\`` as the default escape), ``LOWER``/``UPPER`` are Unicode-aware, and common MySQL
 functions exist (``CONCAT``, ``CONCAT_WS``, ``MD5``, ``LEFT``, ``RIGHT``, ``IF``, ``LOCATE``,
-``REGEXP``, ``DATABASE()``, ...). Syntax is rewritten by :mod:`cmat_jax.envs.mysql_dialect`.
+``INSTR``, ``REPEAT``, ``FORMAT``, ``REGEXP``, ``DATABASE()``, ...): see
+:mod:`cmat_jax.envs.sqlite_functions` (the limits outside SQLite's own checks are in
+:mod:`cmat_jax.envs.sqlite_guard`). Syntax is rewritten by :mod:`cmat_jax.envs.mysql_dialect`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import re
 import sqlite3
-import time
-import unicodedata
 from typing import Any
 
 from cmat_jax.envs.mysql_dialect import (
@@ -33,162 +43,61 @@ from cmat_jax.envs.mysql_dialect import (
     sqlite_ident,
     to_sqlite,
 )
-from cmat_jax.envs.sql_backend import ExecResult, TableSpec, check_statement, mysql_table_hash
+from cmat_jax.envs.sql_backend import (
+    MAX_STATEMENT_CHARS,
+    ExecResult,
+    LimitKind,
+    TableSpec,
+    check_statement,
+    fetch_capped,
+    mysql_table_hash,
+)
+from cmat_jax.envs.sqlite_functions import COLLATION, DB_NAME, MySQLFunctions, fold, like_ci
+from cmat_jax.envs.sqlite_guard import LimitExceeded, StatementGuard, limit_sqlite_heap
 
-COLLATION = "MYSQL_CI"
-DB_NAME = "dbbench"  # what DATABASE() reports
 READ_ONLY_PRAGMAS = frozenset(
     {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
 )
-DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit"})
-
-
-@functools.lru_cache(maxsize=65536)
-def fold(text: str) -> str:
-    """Case- and accent-insensitive comparison key (like MySQL's ``*_ai_ci`` collations)."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
-
-
-def _collate(a: str, b: str) -> int:
-    fa, fb = fold(a), fold(b)
-    return (fa > fb) - (fa < fb)
-
-
-@functools.lru_cache(maxsize=4096)
-def _like_regex(pattern: str, escape: str) -> re.Pattern[str]:
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == escape and i + 1 < len(pattern):
-            out.append(re.escape(pattern[i + 1]))
-            i += 2
-            continue
-        out.append(".*" if c == "%" else "." if c == "_" else re.escape(c))
-        i += 1
-    return re.compile("".join(out), re.DOTALL)
-
-
-def _like(pattern: Any, value: Any, escape: Any = "\\") -> int | None:
-    if pattern is None or value is None or escape is None:
-        return None
-    rx = _like_regex(fold(str(pattern)), str(escape)[:1] or "\\")
-    return int(rx.fullmatch(fold(str(value))) is not None)
-
-
-def _regexp(pattern: Any, value: Any) -> int | None:
-    if pattern is None or value is None:
-        return None
-    try:
-        return int(re.search(str(pattern), str(value), re.IGNORECASE) is not None)
-    except re.error as e:
-        raise ValueError(f"invalid regular expression: {e}") from e
-
-
-def _concat(*args: Any) -> str | None:
-    if any(a is None for a in args):
-        return None
-    return "".join(_text(a) for a in args)
-
-
-def _concat_ws(sep: Any, *args: Any) -> str | None:
-    if sep is None:
-        return None
-    return _text(sep).join(_text(a) for a in args if a is not None)
-
-
-def _text(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.decode("utf-8", errors="replace")
-    return str(v)
-
-
-def _locate(sub: Any, s: Any, pos: Any = 1) -> int | None:
-    if sub is None or s is None or pos is None:
-        return None
-    start = max(int(pos), 1) - 1
-    return fold(_text(s)).find(fold(_text(sub)), start) + 1
-
-
-_NUM_PREFIX = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def mysql_number(value: Any) -> int | float:
-    """MySQL's string-to-number conversion: the longest numeric prefix, else 0."""
-    if isinstance(value, int | float):
-        return value
-    m = _NUM_PREFIX.match(_text(value))
-    return float(m.group()) if m else 0.0
-
-
-class _MySQLSum:
-    """``SUM`` as MySQL computes it over TEXT columns: strings become doubles (so the sum of
-    '7', '12', '3' is 22.0, not SQLite's integer 22)."""
-
-    def __init__(self) -> None:
-        self.total: int | float | None = None
-        self.as_float = False
-
-    def step(self, value: Any) -> None:
-        if value is None:
-            return
-        if not isinstance(value, int):
-            self.as_float = True
-        self.total = (self.total or 0) + mysql_number(value)
-
-    def finalize(self) -> int | float | None:
-        if self.total is None:
-            return None
-        return float(self.total) if self.as_float else self.total
-
-
-def _register_mysql_functions(conn: sqlite3.Connection) -> None:
-    det = {"deterministic": True}
-    conn.create_collation(COLLATION, _collate)
-    conn.create_function("like", 2, _like, **det)
-    conn.create_function("like", 3, _like, **det)
-    conn.create_function("regexp", 2, _regexp, **det)
-    conn.create_aggregate("sum", 1, _MySQLSum)
-    conn.create_function("lower", 1, lambda s: None if s is None else _text(s).lower(), **det)
-    conn.create_function("upper", 1, lambda s: None if s is None else _text(s).upper(), **det)
-    conn.create_function("lcase", 1, lambda s: None if s is None else _text(s).lower(), **det)
-    conn.create_function("ucase", 1, lambda s: None if s is None else _text(s).upper(), **det)
-    conn.create_function("concat", -1, _concat, **det)
-    conn.create_function("concat_ws", -1, _concat_ws, **det)
-    conn.create_function(
-        "md5", 1, lambda s: None if s is None else hashlib.md5(_text(s).encode()).hexdigest(), **det
-    )
-    conn.create_function(
-        "left", 2, lambda s, n: None if s is None or n is None else _text(s)[: max(int(n), 0)]
-    )
-    conn.create_function(
-        "right",
-        2,
-        lambda s, n: (
-            None if s is None or n is None else (_text(s)[-int(n) :] if int(n) > 0 else "")
-        ),
-    )
-    conn.create_function("if", 3, lambda c, a, b: a if c else b, **det)
-    conn.create_function("locate", 2, _locate, **det)
-    conn.create_function("locate", 3, _locate, **det)
-    conn.create_function("char_length", 1, lambda s: None if s is None else len(_text(s)), **det)
-    conn.create_function("database", 0, lambda: DB_NAME, **det)
+DENIED_FUNCTIONS = frozenset(
+    {"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit", "load_file",
+     "printf", "glob"}
+)  # fmt: skip
+DENIED_ACTIONS = frozenset(
+    {
+        sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_CREATE_VTABLE,
+        sqlite3.SQLITE_DROP_VTABLE, sqlite3.SQLITE_CREATE_TRIGGER,
+        sqlite3.SQLITE_CREATE_TEMP_TRIGGER,
+    }
+)  # fmt: skip
+# SQLITE_LIMIT_SQL_LENGTH: one agent statement after translation (NUL bytes become hex)
+MAX_SQL_BYTES = 4 * MAX_STATEMENT_CHARS
+MAX_COLUMNS = 128  # SQLITE_LIMIT_COLUMN: bounds one row at MAX_COLUMNS values
 
 
 class SQLiteEpisode:
     """One episode's in-memory database."""
 
     def __init__(
-        self, table: TableSpec, *, time_limit_s: float, max_rows: int, max_value_bytes: int
+        self,
+        table: TableSpec,
+        *,
+        time_limit_s: float,
+        max_rows: int,
+        max_value_bytes: int,
+        max_result_bytes: int,
+        max_db_bytes: int,
+        max_statement_memory: int,
     ) -> None:
         self.table = table
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
-        self._deadline = float("inf")
+        self.max_result_bytes = max_result_bytes
+        self.max_db_bytes = max_db_bytes
+        self._guard = StatementGuard(max_value_bytes, max_statement_memory)
         self._trusted = False
         conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         self.conn = conn
-        _register_mysql_functions(conn)
+        MySQLFunctions(self._guard).register(conn)
         conn.execute("PRAGMA temp_store = MEMORY")
         cols = ", ".join(f"{sqlite_ident(c)} TEXT COLLATE {COLLATION}" for c in table.columns)
         if cols:  # no columns: the item's table could not be created (DBTask.table_spec)
@@ -197,18 +106,29 @@ class SQLiteEpisode:
             marks = ", ".join("?" for _ in table.columns)
             conn.executemany(f"INSERT INTO {sqlite_ident(table.name)} VALUES ({marks})", table.rows)
         # Lock down only after our own setup statements ran.
+        self._cap_db_size()
         conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_value_bytes)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_SQL_BYTES)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_COLUMNS)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_TRIGGER_DEPTH, 10)
         if hasattr(conn, "enable_load_extension"):
             conn.enable_load_extension(False)
         conn.set_authorizer(self._authorize)
-        conn.set_progress_handler(self._progress, 2000)
+        conn.set_progress_handler(self._progress, 1000)
+
+    def _cap_db_size(self) -> None:
+        """``max_page_count`` on main and temp (a deserialized database starts without it)."""
+        page = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = max(self.max_db_bytes // page, 1)
+        self.conn.execute(f"PRAGMA main.max_page_count = {pages}")
+        self.conn.execute(f"PRAGMA temp.max_page_count = {pages}")
 
     # -- sandbox hooks -------------------------------------------------------------------------
     def _authorize(self, action: int, arg1: Any, arg2: Any, _db: Any, _trigger: Any) -> int:
         if self._trusted:  # our own snapshot/restore (serialize runs PRAGMA page_count)
             return sqlite3.SQLITE_OK
-        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        if action in DENIED_ACTIONS:
             return sqlite3.SQLITE_DENY
         if action == sqlite3.SQLITE_PRAGMA and str(arg1).lower() not in READ_ONLY_PRAGMAS:
             return sqlite3.SQLITE_DENY
@@ -217,13 +137,13 @@ class SQLiteEpisode:
         return sqlite3.SQLITE_OK
 
     def _progress(self) -> int:
-        return int(time.monotonic() > self._deadline)
+        return int(self._guard.over())
 
     # -- execution -----------------------------------------------------------------------------
     def execute(self, sql: str) -> ExecResult:
         refusal = check_statement(sql)
         if refusal is not None:
-            return ExecResult.failure(refusal)
+            return ExecResult.failure(refusal, limit="policy")
         tables = [t for (t,) in self.conn.execute("SELECT name FROM sqlite_master")]
         if (miscased := miscased_table(sql, tables)) is not None:  # MySQL: case-sensitive
             return ExecResult.failure(f"1146 (42S02): Table '{DB_NAME}.{miscased}' doesn't exist")
@@ -237,19 +157,31 @@ class SQLiteEpisode:
         return self._run(translated, original=sql)
 
     def _run(self, sql: str, original: str, params: tuple[Any, ...] = ()) -> ExecResult:
-        self._deadline = time.monotonic() + self.time_limit_s
+        self._guard.start(self.time_limit_s)
         cur = self.conn.cursor()
         try:
             cur.execute(sql, params)
-            rows = cur.fetchmany(self.max_rows + 1) if cur.description is not None else []
-        except (sqlite3.Error, ValueError, OverflowError, MemoryError) as e:
-            return ExecResult.failure(mysql_error_text(e, original))
+            rows, capped = [], False
+            if cur.description is not None:
+                rows, capped = fetch_capped(cur.fetchone, self.max_rows, self.max_result_bytes)
+        except (sqlite3.Error, ValueError, OverflowError, MemoryError, LimitExceeded) as e:
+            return self._failure(e, original)
         finally:
-            self._deadline = float("inf")
+            self._guard.stop()
             cur.close()
-        capped = len(rows) > self.max_rows
-        rows = [tuple(r) for r in rows[: self.max_rows]]
-        return ExecResult(text=str(rows), error=False, rows=rows, rows_capped=capped)
+        res = ExecResult.of_rows(rows, capped)
+        if self._guard.hit is not None and not capped:  # e.g. REPEAT over the value cap
+            res = ExecResult(text=res.text, error=False, rows=rows, limit=self._guard.hit)
+        return res
+
+    def _failure(self, err: BaseException, sql: str) -> ExecResult:
+        if self._guard.hit is not None:  # raised inside one of our functions
+            kind = self._guard.hit
+            text = self._guard.message or LIMIT_MESSAGES[kind]
+        else:
+            text = mysql_error_text(err, sql)
+            kind = limit_of(err)
+        return ExecResult.failure(text, limit=kind)
 
     def _show(self, cmd: ShowCommand) -> ExecResult:
         if cmd.kind in ("tables", "full_tables"):
@@ -257,12 +189,12 @@ class SQLiteEpisode:
                 "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%'"
             )
             res = self._run(sql + " ORDER BY name", "SHOW TABLES")
-            rows = [r for r in res.rows or [] if cmd.like is None or _like(cmd.like, r[0])]
+            rows = [r for r in res.rows or [] if cmd.like is None or like_ci(cmd.like, r[0])]
             if cmd.kind == "full_tables":
                 rows = [(r[0], "BASE TABLE") for r in rows]
             return ExecResult(text=str(rows), error=False, rows=rows)
         if cmd.kind == "databases":
-            rows = [(DB_NAME,)] if cmd.like is None or _like(cmd.like, DB_NAME) else []
+            rows = [(DB_NAME,)] if cmd.like is None or like_ci(cmd.like, DB_NAME) else []
             return ExecResult(text=str(rows), error=False, rows=rows)
         name = self._find_table(cmd.table)
         if name is None:
@@ -276,7 +208,7 @@ class SQLiteEpisode:
             return ExecResult(text=str(rows), error=False, rows=rows)
         rows = []
         for _cid, col, ctype, notnull, default, pk in info:
-            if cmd.like is not None and not _like(cmd.like, col):
+            if cmd.like is not None and not like_ci(cmd.like, col):
                 continue
             row = (col, (ctype or "").lower(), "NO" if notnull else "YES")
             row += ("PRI" if pk else "", default, "")
@@ -303,13 +235,13 @@ class SQLiteEpisode:
     def table_hash(self) -> str:
         cols = ", ".join(sqlite_ident(c) for c in self.table.columns)
         sql = f"SELECT {cols} FROM {sqlite_ident(self.table.name)}"
-        self._deadline = time.monotonic() + self.time_limit_s
+        self._guard.start(self.time_limit_s)
         try:
-            rows = self.conn.execute(sql).fetchall()
-        except sqlite3.Error as e:  # the agent dropped or altered the table
+            rows = self.conn.execute(sql).fetchall()  # within max_db_bytes
+        except (sqlite3.Error, MemoryError, LimitExceeded) as e:  # e.g. the agent dropped it
             return mysql_error_text(e, sql)
         finally:
-            self._deadline = float("inf")
+            self._guard.stop()
         return mysql_table_hash(rows)
 
     def snapshot(self) -> bytes:
@@ -323,11 +255,40 @@ class SQLiteEpisode:
         self._trusted = True
         try:
             self.conn.deserialize(snap)
+            self._cap_db_size()
         finally:
             self._trusted = False
 
     def close(self) -> None:
         self.conn.close()
+
+
+LIMIT_MESSAGES: dict[LimitKind, str] = {
+    "time": "3024 (HY000): Query execution was interrupted, maximum statement execution time "
+    "exceeded",
+    "memory": "1041 (HY000): Out of memory; the statement needed more than the sandbox's "
+    "memory limit",
+    "db_size": "1114 (HY000): The table is full (the database is at its size limit)",
+    "length": "1301 (HY000): Result was larger than max_allowed_packet",
+}
+
+
+def limit_of(err: BaseException) -> LimitKind | None:
+    """Which sandbox limit a SQLite error comes from, if any."""
+    if isinstance(err, MemoryError):
+        return "memory"
+    msg = str(err)
+    if msg == "interrupted":
+        return "time"
+    if msg.startswith("not authorized") or "prohibited" in msg:
+        return "permission"
+    if msg in ("string or blob too big", "out of memory"):
+        return "length" if msg.startswith("string") else "memory"
+    if msg == "database or disk is full":
+        return "db_size"
+    if msg.startswith(("too many columns", "LIKE or GLOB pattern too complex")):
+        return "length"
+    return None
 
 
 _NO_COLUMN = re.compile(r"no such column: (.+)")
@@ -340,11 +301,9 @@ def mysql_error_text(err: BaseException, sql: str) -> str:
     """Phrase the common SQLite errors the way MySQL reports them (the agent is told it talks
     to MySQL); anything else keeps SQLite's own message."""
     msg = str(err)
-    if msg == "interrupted":
-        return (
-            "3024 (HY000): Query execution was interrupted, maximum statement execution time "
-            "exceeded"
-        )
+    kind = limit_of(err)
+    if kind in LIMIT_MESSAGES:
+        return LIMIT_MESSAGES[kind]
     if m := (_NO_COLUMN.fullmatch(msg) or _NO_COLUMN_NAMED.fullmatch(msg)):
         return f"1054 (42S22): Unknown column '{m.group(1)}' in 'field list'"
     if m := _NO_TABLE.fullmatch(msg):
@@ -372,11 +331,23 @@ class SQLiteBackend:
     name = "sqlite"
 
     def __init__(
-        self, *, time_limit_s: float = 3.0, max_rows: int = 1000, max_value_bytes: int = 1 << 20
+        self,
+        *,
+        time_limit_s: float = 3.0,
+        max_rows: int = 1000,
+        max_value_bytes: int = 1 << 20,
+        max_result_bytes: int = 1 << 20,
+        max_db_bytes: int = 16 << 20,
+        max_statement_memory: int = 64 << 20,
+        max_memory_bytes: int = 512 << 20,
     ) -> None:
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
         self.max_value_bytes = max_value_bytes
+        self.max_result_bytes = max_result_bytes
+        self.max_db_bytes = max_db_bytes
+        self.max_statement_memory = max_statement_memory
+        self.heap_limited = limit_sqlite_heap(max_memory_bytes)
 
     def open(self, table: TableSpec) -> SQLiteEpisode:
         return SQLiteEpisode(
@@ -384,6 +355,9 @@ class SQLiteBackend:
             time_limit_s=self.time_limit_s,
             max_rows=self.max_rows,
             max_value_bytes=self.max_value_bytes,
+            max_result_bytes=self.max_result_bytes,
+            max_db_bytes=self.max_db_bytes,
+            max_statement_memory=self.max_statement_memory,
         )
 
     def close(self) -> None:
