@@ -337,15 +337,15 @@ def test_json_values_match_the_server(mariadb_params):  # noqa: F811
     literals = ", ".join(
         f"({k}, {int(v) if isinstance(v, bool) else v})" for k, v in enumerate(values)
     )
-    conn = pymysql.connect(unix_socket=mariadb_params.unix_socket, user="root", autocommit=True)
+    conn = pymysql.connect(**mariadb_params.connect_args(), autocommit=True)  # the admin
     try:
         with conn.cursor() as cur:
-            cur.execute("CREATE DATABASE IF NOT EXISTS cmat_values")
-            cur.execute("CREATE TABLE IF NOT EXISTS cmat_values.v (k INT, x TEXT)")
-            cur.execute(f"INSERT INTO cmat_values.v VALUES {literals}")  # one INSERT, as there
-            cur.execute("SELECT x FROM cmat_values.v ORDER BY k")
+            cur.execute("CREATE DATABASE IF NOT EXISTS cmat_ep_values")
+            cur.execute("CREATE TABLE IF NOT EXISTS cmat_ep_values.v (k INT, x TEXT)")
+            cur.execute(f"INSERT INTO cmat_ep_values.v VALUES {literals}")  # one INSERT, as there
+            cur.execute("SELECT x FROM cmat_ep_values.v ORDER BY k")
             stored = [r[0] for r in cur.fetchall()]
-            cur.execute("DROP DATABASE cmat_values")
+            cur.execute("DROP DATABASE cmat_ep_values")
     finally:
         conn.close()
     assert stored == [mysql_text(v) for v in values]
