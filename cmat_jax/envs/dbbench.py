@@ -381,6 +381,7 @@ class DBBenchEnv:
             s.rounds += 1
             info = {"error": res.error, "action": "Operation", "sql": sql, "status": "running"}
             info["rows_capped"] = res.rows_capped
+            info["limit"] = res.limit  # which sandbox limit stopped the statement, if any
             s.steps.append({**info, "observation": obs})
             s.messages.append({"role": "user", "content": obs})
             return StepResult(observation=obs, done=False, reward=0.0, info=info)

@@ -239,19 +239,3 @@ def _mysql_str(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # MySQL prints a double 5.0 as '5'
     return str(value)
-
-
-def safe_identifiers(names: Sequence[str], prefix: str = "column") -> tuple[str, ...]:
-    """Make table/column names valid in both engines: MySQL rejects empty names, names ending
-    in a space and names over 64 characters; duplicates get a numeric suffix."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for i, raw in enumerate(names):
-        name = raw.rstrip()[:64].rstrip() or f"{prefix}_{i + 1}"
-        base, k = name, 2
-        while name.lower() in seen:
-            name = f"{base[:60]}_{k}"
-            k += 1
-        seen.add(name.lower())
-        out.append(name)
-    return tuple(out)
