@@ -85,17 +85,21 @@ def decode_attention_pallas(
     kv_end_B: jax.Array,
     scale: float | None = None,
     target: str = "gpu",
-    block_k: int = 64,
+    block_k: int | None = None,
     num_splits: int | None = None,
     interpret: bool | None = None,
     return_lse: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """-> o [B, H, D] (q's dtype), and with `return_lse` also the f32 logsumexp [B, H] of the
     scaled scores over the valid slots (MASK_VALUE for an empty row), so a caller can merge
-    more keys into the softmax. `interpret` (gpu target): None = per lowering platform."""
+    more keys into the softmax. `interpret` (gpu target): None = per lowering platform.
+    `block_k` None: the largest of 64 / 32 / 16 slots that divides S, so the cache is not
+    padded (a padded cache is a copy of it every step)."""
     B, S, H, K, D = check_decode_inputs(q_BHD, k_cache_BKSD, v_cache_BKSD, kv_start_B, kv_end_B)
     if target not in TARGETS:
         raise AttentionInputError(f"decode_attention: target must be one of {TARGETS}: {target!r}")
+    if block_k is None:
+        block_k = next((b for b in (64, 32, 16) if S % b == 0), 64)
     if block_k < 16 or block_k & (block_k - 1):
         raise AttentionInputError(f"decode_attention: block_k={block_k} must be a power of 2 >= 16")
     G = H // K

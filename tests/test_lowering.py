@@ -134,6 +134,7 @@ def test_gpu_flash_kernel_lowers_for_cuda(B, T_, H, K, D, segments):
 
     text = _lower(f, (*_qkv(B, T_, H, K, D), seg), "cuda", _mesh("cuda", (1, 1, 1)))
     assert _kernel_calls(text, "cuda") == 3  # forward, dq, dk/dv
+    assert text.count("num_stages = 2 : i32, num_warps = 4 : i32") == 3  # launch.TRITON_PARAMS
     assert "platform_index" not in text and "stablehlo.while" not in text  # nothing interpreted
 
 
