@@ -175,6 +175,23 @@ def test_decode_kernel_lowers(platform, H, K, D, S):
     assert _kernel_calls(text, platform) == 1
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu", "cpu"])
+def test_auto_attention_picks_the_platform_kernel(platform):
+    """impl="auto": the flash kernel on TPU; on CUDA cuDNN first, whose checks need a real GPU,
+    so lowered from a CPU host it falls back to the Triton kernel; the chunked path on CPU."""
+    from cmat_jax.model.attention import attention
+
+    f = _fwd_bwd(lambda q, k, v: attention(q, k, v, impl="auto"))
+    device = DEVICES.get(
+        platform, AbstractDevice(device_kind="cpu", num_cores=None, platform="cpu")
+    )
+    text = _lower(f, _qkv(2, 128, 8, 2, 128), platform, _mesh(platform, (1, 1, 1), device))
+    if platform == "cpu":
+        assert "custom_call" not in text and "stablehlo.while" in text  # chunked's loops
+    else:
+        assert _kernel_calls(text, platform) == 3
+
+
 # ----------------------------------------------------------------------------- steps
 
 
