@@ -420,7 +420,9 @@ def decoder_layer(
                 q_BTHD.astype(adt), k_BTKD, v_BTKD, cache.start_B, impl=cfg.attention_impl
             )
         elif kv_l is not None and T == 1 and _decode_kernel_wanted(cfg.attention_impl):
-            o_BTHD = decode_step_attention(q_BTHD, *new_kv, kv_l, cache.start_B, cache.index)
+            o_BTHD = decode_step_attention(
+                q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index
+            )
         else:
             o_BTHD = cached_attention(q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index)
     x_BTD = x_BTD + proj("o", o_BTHD.reshape(B, T, H * Dh), "bo")
