@@ -13,6 +13,7 @@ around it is checked on a compiled 8-device CPU program in test_attention_mesh.p
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -195,14 +196,18 @@ def test_auto_attention_picks_the_platform_kernel(platform):
 # ----------------------------------------------------------------------------- steps
 
 
+def _tools_module(name: str):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def lower_step(kind: str, cfg: ModelConfig, mesh: AbstractMesh, platform: str) -> str:
     """The jitted LoRA train step ("train") or CMAT step ("cmat") on abstract inputs sharded
     over `mesh`, lowered for `platform`. The one place that knows the step-building API."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    try:
-        import aot_memory
-    finally:
-        sys.path.pop(0)
+    aot_memory = _tools_module("aot_memory")
     from cmat_jax.cmat.loss import LossConfig, make_cmat_step
     from cmat_jax.training.step import OptimConfig, make_optimizer, make_train_step
 
@@ -237,6 +242,21 @@ def test_step_lowers_with_sharded_flash_kernel(kind, platform):
     # forward, dq and dk/dv kernels; the layer scan holds one copy of each (plus remat's)
     assert _kernel_calls(text, platform) >= 3
     assert "tensor<2x72x2x64xbf16>" in text  # q of one device: 8/4 rows, 4/2 heads
+
+
+@pytest.mark.parametrize(
+    ("recipe", "platform"), [("llama2-7b-v5e-8", "tpu"), ("llama2-7b-h100x8", "cuda")]
+)
+@pytest.mark.parametrize("kind", ["train", "cmat"])
+def test_7b_recipe_steps_lower_with_kernels_per_shard(kind, recipe, platform):
+    """The 7B recipes' own model (head_dim 128, 32 heads) and mesh (fsdp = 8 devices) with the
+    kernel their hardware runs; 2 of the 32 layers (the layer scan lowers the same either way)."""
+    r = _tools_module("aot_memory").load_recipes().get(recipe)
+    cfg = r.model_config(num_layers=2)
+    assert cfg.attention_impl == "pallas" and cfg.head_dim == 128
+    mesh = _mesh(platform, r.mesh.build().shape(r.hw.devices))
+    text = lower_step(kind, cfg, mesh, platform)
+    _assert_kernels_per_shard(text, platform, '[{"fsdp"}, {}, {}, {}]')  # rows over 8 devices
 
 
 def lower_decode_step(cfg: ModelConfig, mesh: AbstractMesh, platform: str, B=8, S=256, N=16):
