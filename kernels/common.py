@@ -66,26 +66,26 @@ def check_attention_inputs(
 
 def check_decode_inputs(
     q_BHD: jax.Array,
-    k_cache_BSKD: jax.Array,
-    v_cache_BSKD: jax.Array,
+    k_cache_BKSD: jax.Array,
+    v_cache_BKSD: jax.Array,
     kv_start_B: jax.Array,
     kv_end_B: jax.Array,
 ) -> tuple[int, int, int, int, int]:
-    """Validate decode shapes; return (B, S, H, K, D)."""
-    if q_BHD.ndim != 3 or k_cache_BSKD.ndim != 4:
+    """Validate decode shapes (caches in the KV-cache layout [B, K, S, D]); return (B, S, H, K, D)."""
+    if q_BHD.ndim != 3 or k_cache_BKSD.ndim != 4:
         raise AttentionInputError(
-            f"decode_attention: q must be [B, H, D] and caches [B, S, K, D]; got "
-            f"q{q_BHD.shape} k{k_cache_BSKD.shape}"
+            f"decode_attention: q must be [B, H, D] and caches [B, K, S, D]; got "
+            f"q{q_BHD.shape} k{k_cache_BKSD.shape}"
         )
     B, H, D = q_BHD.shape
-    if k_cache_BSKD.shape != v_cache_BSKD.shape:
+    if k_cache_BKSD.shape != v_cache_BKSD.shape:
         raise AttentionInputError(
-            f"decode_attention: k_cache{k_cache_BSKD.shape} != v_cache{v_cache_BSKD.shape}"
+            f"decode_attention: k_cache{k_cache_BKSD.shape} != v_cache{v_cache_BKSD.shape}"
         )
-    Bk, S, K, Dk = k_cache_BSKD.shape
+    Bk, K, S, Dk = k_cache_BKSD.shape
     if Bk != B or Dk != D:
         raise AttentionInputError(
-            f"decode_attention: q{q_BHD.shape} does not match cache{k_cache_BSKD.shape}"
+            f"decode_attention: q{q_BHD.shape} does not match cache{k_cache_BKSD.shape}"
         )
     if K == 0 or H % K:
         raise AttentionInputError(

@@ -9,7 +9,7 @@ or below the diagonal and so sums the GQA group in registers.
 
 Triton wants power-of-two tiles: head_dim 80/96 is zero-padded to 128 (q.k and p.v are
 unchanged by zero columns), the sequence is padded to the block and the tail masked.
-On CPU the same kernels run with interpret=True.
+Launched through `launch.triton_call`: Triton backend, interpreted when lowered for CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from jax.experimental import pallas as pl
 
 from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
 from .errors import AttentionInputError, UnsupportedAttentionError
+from .flash_vjp import flash_with_vjp
+from .launch import triton_call
 from .tiles import F32, dot_nn, dot_nt, dot_tn, masked, tile_mask
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
@@ -42,7 +44,7 @@ class _Cfg:
     causal: bool
     scale: float
     has_seg: bool
-    interpret: bool
+    interpret: bool | None  # None: per lowering platform (launch.triton_call)
 
     @property
     def padded(self) -> bool:
@@ -71,8 +73,6 @@ def flash_attention_gpu(
             raise AttentionInputError(
                 f"pallas GPU attention: {name}={b} must be a power of 2 >= 16"
             )
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     Dp = 1 << (D - 1).bit_length()
     Tp = round_up(T, max(block_q, block_k))
     cfg = _Cfg(
@@ -84,7 +84,7 @@ def flash_attention_gpu(
         causal=bool(causal),
         scale=default_scale(D, scale),
         has_seg=segment_ids_BT is not None,
-        interpret=bool(interpret),
+        interpret=interpret,
     )
     q, k, v = (pad_axis(pad_axis(x, 3, Dp), 1, Tp) for x in (q_BTHD, k_BSKD, v_BSKD))
     seg = None
@@ -166,8 +166,9 @@ def _fwd_call(cfg: _Cfg, q, k, v, seg):
             pl.BlockSpec((pl.squeezed, Tp), lambda b, h, i: (b, 0)),
         ]
         args += [seg, seg]
-    return pl.pallas_call(
+    return triton_call(
         functools.partial(_fwd_kernel, cfg),
+        interpret=cfg.interpret,
         grid=(B, H, Tp // bq),
         in_specs=in_specs,
         out_specs=[
@@ -178,7 +179,6 @@ def _fwd_call(cfg: _Cfg, q, k, v, seg):
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((B, H, Tp), F32),
         ],
-        interpret=cfg.interpret,
         name="flash_fwd_gpu",
     )(*args)
 
@@ -288,13 +288,13 @@ def _bwd_calls(cfg: _Cfg, q, k, v, seg, o, lse, do):
             pl.BlockSpec((pl.squeezed, Tp), lambda b, h, i: (b, 0)),
         ]
         dq_args += [seg, seg]
-    dq = pl.pallas_call(
+    dq = triton_call(
         functools.partial(_dq_kernel, cfg),
+        interpret=cfg.interpret,
         grid=(B, H, Tp // bq),
         in_specs=dq_specs,
         out_specs=_seq_spec(bq, Dp, lambda b, h, i: (b, i, h, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret=cfg.interpret,
         name="flash_bwd_dq_gpu",
     )(*dq_args)
 
@@ -319,8 +319,9 @@ def _bwd_calls(cfg: _Cfg, q, k, v, seg, o, lse, do):
             pl.BlockSpec((pl.squeezed, bk), lambda b, kh, j: (b, j)),
         ]
         kv_args += [seg, seg]
-    dk, dv = pl.pallas_call(
+    dk, dv = triton_call(
         functools.partial(_dkdv_kernel, cfg),
+        interpret=cfg.interpret,
         grid=(B, K, Tp // bk),
         in_specs=kv_specs,
         out_specs=[
@@ -331,29 +332,9 @@ def _bwd_calls(cfg: _Cfg, q, k, v, seg, o, lse, do):
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(v.shape, v.dtype),
         ],
-        interpret=cfg.interpret,
         name="flash_bwd_dkdv_gpu",
     )(*kv_args)
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------------- custom_vjp
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, seg):
-    return _fwd_call(cfg, q, k, v, seg)[0]
-
-
-def _flash_fwd(cfg, q, k, v, seg):
-    o, lse = _fwd_call(cfg, q, k, v, seg)
-    return o, (q, k, v, seg, o, lse)
-
-
-def _flash_bwd(cfg, res, do):
-    q, k, v, seg, o, lse = res
-    dq, dk, dv = _bwd_calls(cfg, q, k, v, seg, o, lse, do)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_with_vjp(_fwd_call, _bwd_calls)

@@ -25,6 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
 from .errors import AttentionInputError, UnsupportedAttentionError
+from .flash_vjp import flash_with_vjp
 
 F32 = jnp.float32
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -374,23 +375,4 @@ def _bwd_calls(cfg: _Cfg, q, k, v, seg, o, lse, do):
     return dq, dk, dv
 
 
-# ----------------------------------------------------------------------------- custom_vjp
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, seg):
-    return _fwd_call(cfg, q, k, v, seg)[0]
-
-
-def _flash_fwd(cfg, q, k, v, seg):
-    o, lse = _fwd_call(cfg, q, k, v, seg)
-    return o, (q, k, v, seg, o, lse)
-
-
-def _flash_bwd(cfg, res, do):
-    q, k, v, seg, o, lse = res
-    dq, dk, dv = _bwd_calls(cfg, q, k, v, seg, o, lse, do)
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_with_vjp(_fwd_call, _bwd_calls)

@@ -47,21 +47,21 @@ def reference_attention(
 
 def reference_decode_attention(
     q_BHD: jax.Array,
-    k_cache_BSKD: jax.Array,
-    v_cache_BSKD: jax.Array,
+    k_cache_BKSD: jax.Array,
+    v_cache_BKSD: jax.Array,
     *,
     kv_start_B: jax.Array,
     kv_end_B: jax.Array,
     scale: float | None = None,
 ) -> jax.Array:
     """One query token per row over cache slots kv_start <= s < kv_end; empty rows give 0."""
-    B, S, H, K, D = check_decode_inputs(q_BHD, k_cache_BSKD, v_cache_BSKD, kv_start_B, kv_end_B)
+    B, S, H, K, D = check_decode_inputs(q_BHD, k_cache_BKSD, v_cache_BKSD, kv_start_B, kv_end_B)
     scale = default_scale(D, scale)
     G = H // K
     q_BKGD = q_BHD.astype(jnp.float32).reshape(B, K, G, D)
     hi = jax.lax.Precision.HIGHEST
     s_BKGS = (
-        jnp.einsum("bkgd,bskd->bkgs", q_BKGD, k_cache_BSKD.astype(jnp.float32), precision=hi)
+        jnp.einsum("bkgd,bksd->bkgs", q_BKGD, k_cache_BKSD.astype(jnp.float32), precision=hi)
         * scale
     )
     pos_S = jnp.arange(S)
@@ -71,6 +71,6 @@ def reference_decode_attention(
     p_BKGS = jnp.exp(s_BKGS - jnp.where(jnp.isfinite(m_BKG1), m_BKG1, 0.0))
     l_BKG1 = jnp.sum(p_BKGS, axis=-1, keepdims=True)
     o_BKGD = jnp.einsum(
-        "bkgs,bskd->bkgd", p_BKGS, v_cache_BSKD.astype(jnp.float32), precision=hi
+        "bkgs,bksd->bkgd", p_BKGS, v_cache_BKSD.astype(jnp.float32), precision=hi
     ) / jnp.where(l_BKG1 == 0, 1.0, l_BKG1)
     return o_BKGD.reshape(B, H, D).astype(q_BHD.dtype)

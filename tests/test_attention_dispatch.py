@@ -48,7 +48,12 @@ def test_unknown_impl_raises():
         attention(q, k, v, impl="flash")
     with pytest.raises(AttentionInputError, match="impl must be one of"):
         decode_attention(
-            q[:, 0], k, v, kv_start_B=jnp.zeros(1, int), kv_end_B=jnp.ones(1, int), impl="chunked"
+            q[:, 0],
+            k.transpose(0, 2, 1, 3),
+            v.transpose(0, 2, 1, 3),
+            kv_start_B=jnp.zeros(1, int),
+            kv_end_B=jnp.ones(1, int),
+            impl="chunked",
         )
 
 
@@ -93,6 +98,7 @@ def test_explicit_impls_do_not_fall_back_but_auto_does():
 def test_decode_dispatch():
     q, k, v, _, _ = make_inputs(2, 40, 4, 2, 64, jnp.float32, segments=False)
     st, en = jnp.array([0, 10]), jnp.array([40, 30])
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))  # the KV-cache layout [B, K, S, D]
     outs = [
         decode_attention(q[:, 0], k, v, kv_start_B=st, kv_end_B=en, impl=impl)
         for impl in ("xla", "pallas", "auto")

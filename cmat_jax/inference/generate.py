@@ -6,10 +6,10 @@ Flow of `Generator.generate`:
   2. `prefill` (jit) runs the whole padded prompt through the model, filling a preallocated KV
      cache of S = T + N slots (N = bucketed max_new_tokens), and samples the first token from the
      last position only (no [B, T, V] logits).
-     With a `PrefixCache` whose cached rows share prefixes with the prompts, `extend` (jit)
-     instead prefills one block of each prompt's last tokens (the bucketed longest uncached
-     part) after keys/values copied from earlier calls' caches (`cmat_jax.inference.prefix_cache`); the
-     cache comes out with the same S.
+     With a `PrefixCache` whose cached rows share prefixes with the prompts, the same program
+     (compiled once more, counted as "extend") instead prefills one block of each prompt's
+     last tokens (the bucketed longest uncached part) after keys/values copied from earlier
+     calls' caches (`cmat_jax.inference.prefix_cache`); the cache comes out with the same S.
   3. `decode_chunk` (jit) runs a `lax.while_loop` that feeds one token per row per step, samples
      the next (sampling fused into the loop), and exits when every row is done or the chunk's
      step budget is used. Without stop strings or streaming, one chunk covers everything; with
@@ -38,6 +38,7 @@ LoRA weights are bit-cast to uint16 once outside jit (`_ParamCache`) so no call 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -325,9 +326,19 @@ def _batch_axes(mesh: Any) -> tuple[str, ...] | None:
     return (axes,) if isinstance(axes, str) else axes
 
 
+def _on_mesh(mesh: Any) -> Any:
+    """The mesh as the ambient (abstract) mesh while tracing: activations take their sharding
+    constraints and the attention kernels run per shard (`cmat_jax.model.attention`)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def _prefill_impl(
     graphdef: nnx.GraphDef,
     params: nnx.State,
+    reused_k_LBKPD: jax.Array | None,
+    reused_v_LBKPD: jax.Array | None,
     ids_BT: jax.Array,
     start_B: jax.Array,
     adapter_ids_B: jax.Array | None,
@@ -342,54 +353,30 @@ def _prefill_impl(
     cache_dtype: str,
     mesh: Any,
 ) -> tuple[DecodeState, jax.Array]:
-    _COMPILES["prefill"] += 1  # runs only while tracing
+    """Run the T-token prompt block of every row into a cache of T + new_bucket slots (more
+    with reused keys/values) and sample the first token.
+
+    Without reused keys/values the cache starts empty and the block is a plain causal prefill
+    (`prefill=True`). With them (`PrefixCache`) they fill slots [0, P), each row's
+    right-aligned to end at P, and the block runs at slots [P, P + T) over them."""
+    _COMPILES["prefill" if reused_k_LBKPD is None else "extend"] += 1  # runs only while tracing
     model: Llama = nnx.merge(graphdef, params)
     B, T = ids_BT.shape
-    cdt = jnp.dtype(cache_dtype)
-    cache = _cache_sharding(KVCache.init(model.config, B, T + new_bucket, cdt, start_B), mesh)
-    h_BTD, cache = model.hidden(ids_BT, adapter_ids_B=adapter_ids_B, cache=cache, prefill=True)
-    return _first_token(
-        model,
-        h_BTD,
-        _cache_sharding(cache, mesh),
-        finish_B,
-        eos_E,
-        max_new,
-        sampling,
-        key,
-        score_ids_K,
-        new_bucket,
-    )
-
-
-def _extend_impl(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    reused_k_LBKPD: jax.Array,
-    reused_v_LBKPD: jax.Array,
-    ids_BT: jax.Array,
-    start_B: jax.Array,
-    adapter_ids_B: jax.Array | None,
-    finish_B: jax.Array,
-    eos_E: jax.Array,
-    max_new: jax.Array,
-    sampling: SamplingArrays,
-    key: jax.Array,
-    score_ids_K: jax.Array,
-    *,
-    new_bucket: int,
-    mesh: Any,
-) -> tuple[DecodeState, jax.Array]:
-    """Prefill after reused keys/values (`PrefixCache`): they fill slots [0, P), each row's
-    right-aligned to end at P, and the T-token block of every row runs at slots [P, P + T)."""
-    _COMPILES["extend"] += 1
-    model: Llama = nnx.merge(graphdef, params)
-    T = ids_BT.shape[1]
-    P = reused_k_LBKPD.shape[3]
-    slots = ((0, 0), (0, 0), (0, 0), (0, T + new_bucket), (0, 0))
-    k, v = (jnp.pad(a, slots) for a in (reused_k_LBKPD, reused_v_LBKPD))
-    cache = _cache_sharding(KVCache(k, v, start_B, jnp.int32(P)), mesh)
-    h_BTD, cache = model.hidden(ids_BT, adapter_ids_B=adapter_ids_B, cache=cache)
+    if reused_k_LBKPD is None:
+        cdt = jnp.dtype(cache_dtype)
+        cache = KVCache.init(model.config, B, T + new_bucket, cdt, start_B)
+    else:
+        P = reused_k_LBKPD.shape[3]
+        slots = ((0, 0), (0, 0), (0, 0), (0, T + new_bucket), (0, 0))
+        k, v = (jnp.pad(a, slots) for a in (reused_k_LBKPD, reused_v_LBKPD))
+        cache = KVCache(k, v, start_B, jnp.int32(P))
+    with _on_mesh(mesh):
+        h_BTD, cache = model.hidden(
+            ids_BT,
+            adapter_ids_B=adapter_ids_B,
+            cache=_cache_sharding(cache, mesh),
+            prefill=reused_k_LBKPD is None,
+        )
     return _first_token(
         model,
         h_BTD,
@@ -456,7 +443,10 @@ def _decode_impl(
         return (s.step < step_limit) & jnp.any(s.finish_B == _RUNNING)
 
     def body(s: DecodeState) -> DecodeState:
-        h_B1D, cache = model.hidden(s.last_B[:, None], adapter_ids_B=adapter_ids_B, cache=s.cache)
+        with _on_mesh(mesh):
+            h_B1D, cache = model.hidden(
+                s.last_B[:, None], adapter_ids_B=adapter_ids_B, cache=s.cache
+            )
         cache = _cache_sharding(cache, mesh)
         logits_BV = model.logits(h_B1D[:, 0])
         tok_B, logp_B = sample_tokens(logits_BV, _step_keys(s.key, s.step, B), sampling)
@@ -466,7 +456,6 @@ def _decode_impl(
 
 
 _prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "new_bucket", "cache_dtype", "mesh"))
-_extend = jax.jit(_extend_impl, static_argnames=("graphdef", "new_bucket", "mesh"))
 _decode = jax.jit(_decode_impl, static_argnames=("graphdef", "mesh"), donate_argnames=("state",))
 
 
@@ -667,19 +656,15 @@ class Generator:
         eos_d = jnp.asarray(eos_E)
         scores_d = jnp.asarray(score_ids, jnp.int32)
         shared = (ids_d, start_d, adapters_d, finish_d, eos_d, max_new, samp, key, scores_d)
-        if reuse is None:
-            state, scores = _prefill(
-                graphdef,
-                params,
-                *shared,
-                new_bucket=N,
-                cache_dtype=self.cache_dtype,
-                mesh=self.mesh,
-            )
-        else:
-            state, scores = _extend(
-                graphdef, params, *reused_kv, *shared, new_bucket=N, mesh=self.mesh
-            )
+        state, scores = _prefill(
+            graphdef,
+            params,
+            *(reused_kv or (None, None)),
+            *shared,
+            new_bucket=N,
+            cache_dtype=self.cache_dtype,
+            mesh=self.mesh,
+        )
 
         if chunk_steps is None:
             chunk_steps = 8 if stream is not None else (32 if stop else max_new_tokens)

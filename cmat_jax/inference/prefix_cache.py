@@ -8,7 +8,8 @@ prefills only one block of T tokens per row (T = the bucketed longest part no ro
 the keys and values of each row's first len - T tokens are copied from the old cache instead.
 
 Host side only: matching tokens and planning the copy. The copy itself is `gather_reused`
-(one small program per source cache shape) and the block prefill is `generate._extend`.
+(one small program per source cache shape) and the block prefill is `generate._prefill`
+given the reused keys/values.
 """
 
 from __future__ import annotations

@@ -3,17 +3,25 @@
 impl:
   "xla"      grouped einsum over the full [T, S] scores (reference speed, O(T^2) memory)
   "cudnn"    jax.nn.dot_product_attention(implementation="cudnn"); GPU only
-  "pallas"   flash attention kernel for the backend: TPU -> Mosaic kernel, GPU -> Triton
+  "pallas"   flash attention kernel for the platform: TPU -> Mosaic kernel, GPU -> Triton
              kernel, CPU -> the GPU kernel in interpret mode (slow; for tests)
   "chunked"  blockwise pure-JAX flash attention (the CPU training path, O(T) memory)
-  "auto"     the best available for the backend; the only mode that falls back when an
+  "auto"     the best available for the platform; the only mode that falls back when an
              impl does not support the inputs (e.g. a head_dim), ending at "xla"
+
+Platform: the devices of the ambient mesh (`jax.set_mesh`), else JAX's default backend, so a
+program lowered for another platform under an `AbstractMesh` of that platform's abstract
+devices gets that platform's kernels. Under a mesh the Pallas kernels run inside `shard_map`
+over the batch and head axes of `LOGICAL_RULES` (each device attends its own rows and heads;
+the sequence is not sharded), so no q/k/v is gathered around the custom call.
 
 Masking (same for every impl): causal keeps key s <= query t; segment ids [B, T] keep keys of
 the same segment (0 = padding; see cmat_jax_kernels.common).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +31,9 @@ from cmat_jax_kernels.decode import decode_attention_pallas, decode_attention_xl
 from cmat_jax_kernels.errors import AttentionInputError, UnsupportedAttentionError
 from cmat_jax_kernels.flash_gpu import flash_attention_gpu
 from cmat_jax_kernels.flash_tpu import flash_attention_tpu
+from jax.sharding import PartitionSpec
+
+from cmat_jax.sharding import logical_to_spec
 
 IMPLS = ("xla", "cudnn", "pallas", "chunked", "auto")
 DECODE_IMPLS = ("xla", "pallas", "auto")
@@ -34,7 +45,53 @@ __all__ = [
     "UnsupportedAttentionError",
     "attention",
     "decode_attention",
+    "target_platform",
 ]
+
+
+def target_platform() -> str:
+    """'tpu', 'gpu' or 'cpu': what the program being traced will run on (see the module doc)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = jax.default_backend() if device is None else device.platform
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+
+
+def _mesh_axes(mesh, logical: str, *sizes: int) -> tuple[str, ...] | None:
+    """Mesh axes the rules give `logical`, if their product divides every size (else None:
+    that dim stays whole on each device, which is correct, only redundant)."""
+    part = logical_to_spec((logical,))[0]
+    names = () if part is None else (part,) if isinstance(part, str) else tuple(part)
+    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+    n_shards = math.prod(mesh.shape[n] for n in names)
+    return names if names and all(s % n_shards == 0 for s in sizes) else None
+
+
+def _per_shard(fn, args: tuple, dims: tuple, out_dims: tuple, B: int, H: int, K: int):
+    """fn(*args) inside `shard_map` over the ambient mesh, split over batch and heads; plain
+    fn(*args) off a mesh. `dims[i]` / `out_dims[i]` name each array's dims: "b" batch, "h"
+    heads (query or kv: split together, so a shard's query heads map onto its kv heads), ""
+    whole. A None arg passes through unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    axes = {"b": _mesh_axes(mesh, "batch", B), "h": _mesh_axes(mesh, "heads", H, K), "": None}
+    spec = lambda d: PartitionSpec(*(axes[c] for c in d.split(",")))
+    present = [i for i, x in enumerate(args) if x is not None]
+
+    def body(*shard_args):
+        full = list(args)
+        for i, x in zip(present, shard_args, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=tuple(spec(dims[i]) for i in present),
+        out_specs=tuple(spec(d) for d in out_dims) if len(out_dims) > 1 else spec(out_dims[0]),
+        check_vma=False,
+    )(*(args[i] for i in present))
 
 
 def attention(
@@ -65,7 +122,7 @@ def attention(
 
 
 def _auto_order() -> tuple[str, ...]:
-    backend = jax.default_backend()
+    backend = target_platform()
     if backend == "tpu":
         return ("pallas", "chunked", "xla")
     if backend == "gpu":
@@ -111,9 +168,9 @@ def _xla(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
 
 
 def _cudnn(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
-    if jax.default_backend() != "gpu":
+    if target_platform() != "gpu":
         raise UnsupportedAttentionError(
-            f"attention impl 'cudnn' needs a GPU backend, running on {jax.default_backend()!r}"
+            f"attention impl 'cudnn' needs a GPU backend, running on {target_platform()!r}"
         )
     _needs_self_attention("cudnn", q_BTHD, k_BSKD)
     mask = None
@@ -135,10 +192,22 @@ def _cudnn(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
 
 def _pallas(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
     _needs_self_attention("pallas", q_BTHD, k_BSKD)
-    kw = dict(segment_ids_BT=segment_ids_BT, causal=causal, scale=scale)
-    if jax.default_backend() == "tpu":
-        return flash_attention_tpu(q_BTHD, k_BSKD, v_BSKD, **kw)
-    return flash_attention_gpu(q_BTHD, k_BSKD, v_BSKD, **kw)  # interpret=True on CPU
+    kernel = flash_attention_tpu if target_platform() == "tpu" else flash_attention_gpu
+    # On CPU the GPU kernel runs interpreted (launch.triton_call decides per lowering platform).
+
+    def per_shard(q, k, v, seg):
+        return kernel(q, k, v, segment_ids_BT=seg, causal=causal, scale=scale)
+
+    B, _, H, _ = q_BTHD.shape
+    return _per_shard(
+        per_shard,
+        (q_BTHD, k_BSKD, v_BSKD, segment_ids_BT),
+        ("b,,h,", "b,,h,", "b,,h,", "b,"),
+        ("b,,h,",),
+        B,
+        H,
+        k_BSKD.shape[2],
+    )
 
 
 def _chunked(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
@@ -156,27 +225,56 @@ _IMPL_FNS = {"xla": _xla, "cudnn": _cudnn, "pallas": _pallas, "chunked": _chunke
 
 def decode_attention(
     q_BHD: jax.Array,
-    k_cache_BSKD: jax.Array,
-    v_cache_BSKD: jax.Array,
+    k_cache_BKSD: jax.Array,
+    v_cache_BKSD: jax.Array,
     *,
     kv_start_B: jax.Array,
     kv_end_B: jax.Array,
     impl: str = "xla",
     scale: float | None = None,
-) -> jax.Array:
-    """One new query token per row over cache slots kv_start <= s < kv_end. -> [B, H, D]."""
+    return_lse: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """One new query token per row over cache slots kv_start <= s < kv_end (caches in the
+    KV-cache layout [B, K, S, D]). -> o [B, H, D], with `return_lse` also the f32 logsumexp
+    [B, H] of the scores (to merge more keys into the softmax). "auto": the Pallas kernel on
+    GPU and TPU, XLA on CPU."""
     if impl not in DECODE_IMPLS:
         raise AttentionInputError(
             f"decode_attention impl must be one of {DECODE_IMPLS}, got {impl!r}"
         )
-    kw = dict(kv_start_B=kv_start_B, kv_end_B=kv_end_B, scale=scale)
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if impl == "pallas":
-        if jax.default_backend() == "tpu":
-            raise UnsupportedAttentionError(
-                "decode_attention impl 'pallas' has a GPU (Triton) kernel only; on TPU use "
-                "impl='xla' or 'auto'"
-            )
-        return decode_attention_pallas(q_BHD, k_cache_BSKD, v_cache_BSKD, **kw)
-    return decode_attention_xla(q_BHD, k_cache_BSKD, v_cache_BSKD, **kw)
+        impl = "pallas" if target_platform() in ("gpu", "tpu") else "xla"
+    if impl == "xla":
+        return decode_attention_xla(
+            q_BHD,
+            k_cache_BKSD,
+            v_cache_BKSD,
+            kv_start_B=kv_start_B,
+            kv_end_B=kv_end_B,
+            scale=scale,
+            return_lse=return_lse,
+        )
+    target = "tpu" if target_platform() == "tpu" else "gpu"  # CPU: the GPU kernel interpreted
+
+    def per_shard(q, k, v, start, end):
+        return decode_attention_pallas(
+            q,
+            k,
+            v,
+            kv_start_B=start,
+            kv_end_B=end,
+            scale=scale,
+            target=target,
+            return_lse=return_lse,
+        )
+
+    B, H, _ = q_BHD.shape
+    return _per_shard(
+        per_shard,
+        (q_BHD, k_cache_BKSD, v_cache_BKSD, kv_start_B, kv_end_B),
+        ("b,h,", "b,h,,", "b,h,,", "b", "b"),
+        ("b,h,", "b,h") if return_lse else ("b,h,",),
+        B,
+        H,
+        k_cache_BKSD.shape[1],
+    )

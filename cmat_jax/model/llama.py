@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cmat_jax.model.attention import attention
+from cmat_jax.model.attention import attention, decode_attention, target_platform
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.lora import TARGETS, LoRA, LoRAConfig, lora_delta
 
@@ -419,6 +419,10 @@ def decoder_layer(
             o_BTHD = prefill_attention(
                 q_BTHD.astype(adt), k_BTKD, v_BTKD, cache.start_B, impl=cfg.attention_impl
             )
+        elif kv_l is not None and T == 1 and _decode_kernel_wanted(cfg.attention_impl):
+            o_BTHD = decode_step_attention(
+                q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index
+            )
         else:
             o_BTHD = cached_attention(q_BTHD.astype(adt), *new_kv, kv_l, cache.start_B, cache.index)
     x_BTD = x_BTD + proj("o", o_BTHD.reshape(B, T, H * Dh), "bo")
@@ -440,6 +444,46 @@ def prefill_attention(
     seg_BT = (jnp.arange(T)[None, :] >= start_B[:, None]).astype(jnp.int32)
     o_BTHD = attention(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT=seg_BT, causal=True, impl=impl)
     return o_BTHD.astype(jnp.float32)
+
+
+def _decode_kernel_wanted(impl: str) -> bool:
+    """One-token decode steps use the Pallas decode kernel for impl "pallas", and for "auto"
+    on GPU / TPU; otherwise `cached_attention` (XLA)."""
+    return impl == "pallas" or (impl == "auto" and target_platform() in ("gpu", "tpu"))
+
+
+def decode_step_attention(
+    q_B1HD: jax.Array,
+    k_new_BK1D: jax.Array,
+    v_new_BK1D: jax.Array,
+    old_kv: tuple[jax.Array, jax.Array],
+    start_B: jax.Array,
+    index: jax.Array,
+) -> jax.Array:
+    """One new token per row: the Pallas decode kernel over cached slots [start_B, index), then
+    the token's own key/value (written to the cache after the layer loop) merged into the same
+    softmax through the kernel's logsumexp. -> [B, 1, H, Dh] float32."""
+    B, _, H, Dh = q_B1HD.shape
+    K = k_new_BK1D.shape[1]
+    q_BHD = q_B1HD[:, 0].astype(jnp.float32)
+    o_old_BHD, lse_old_BH = decode_attention(
+        q_BHD,
+        *old_kv,
+        kv_start_B=start_B,
+        kv_end_B=jnp.broadcast_to(index, (B,)),
+        impl="pallas",
+        return_lse=True,
+    )
+    k_BKD, v_BKD = (x[:, :, 0].astype(jnp.float32) for x in (k_new_BK1D, v_new_BK1D))
+    q_BKGD = q_BHD.astype(k_new_BK1D.dtype).astype(jnp.float32).reshape(B, K, H // K, Dh)
+    s_self_BH = jnp.einsum("bkgd,bkd->bkg", q_BKGD, k_BKD).reshape(B, H) * Dh**-0.5
+    m_BH = jnp.maximum(lse_old_BH, s_self_BH)
+    w_old_BH, w_self_BH = jnp.exp(lse_old_BH - m_BH), jnp.exp(s_self_BH - m_BH)
+    v_self_BHD = jnp.repeat(v_BKD, H // K, axis=1)
+    o_BHD = (w_old_BH[..., None] * o_old_BHD + w_self_BH[..., None] * v_self_BHD) / (
+        w_old_BH + w_self_BH
+    )[..., None]
+    return o_BHD[:, None]
 
 
 def cached_attention(
