@@ -7,7 +7,7 @@ tuning and 0.312 after CMAT (see the README, "The default job"). One round, not 
 round cost ~400 s and its rollouts succeeded less often than the first's in both runs that
 had one."""
 
-from cmat_jax.cmat.loop import CMATJob
+from cmat_jax.cmat.job import CMATJob
 from cmat_jax.train import LoRAArgs
 
 PRESETS = {

@@ -12,7 +12,7 @@ model's row (0.000 everywhere) costs ~10-15 more minutes: add it with ``--eval-b
 --dev-stages base agent_tuning cmat``. Measured numbers: README, "The full recipe" (dev 0.300
 after agent tuning, 0.317 after CMAT, runs/s10full)."""
 
-from cmat_jax.cmat.loop import CMATJob
+from cmat_jax.cmat.job import CMATJob
 from cmat_jax.train import LoRAArgs
 
 PRESETS = {
