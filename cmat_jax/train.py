@@ -6,7 +6,7 @@ Subcommands:
 - `cmat` — agent tuning + CMAT rounds + evaluation (`cmat_jax.cmat.loop`).
 
 With NO subcommand, `python -m cmat_jax.train [--out DIR] [--resume] [...]` runs the default job
-end to end on a CPU: `cmat --preset cmat-default` (configs/cmat_default.py), into a fresh
+end to end on a CPU: `cmat --preset cmat-default` (configs/cmat.py), into a fresh
 `runs/cmat-default-<time>` directory unless `--out` is given.
 
 Every job writes a run directory (see `cmat_jax.run_dir`); an existing one is never
