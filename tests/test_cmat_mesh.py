@@ -57,17 +57,19 @@ def worker(model_dir: str, out: str, mesh: str, coordinator: str, num_processes:
         out=str(Path(out) / "run"),
         param_dtype="float32",
         compute_dtype="float32",
+        remat="none",
         lora=LoRAArgs(rank=4, alpha=8.0, slots=("assistant", "checker")),
         mesh=MeshArgs(**json.loads(mesh)),
         sft_steps=0,
         rounds=1,
-        tasks_per_round=2,
+        tasks_per_round=1,
         group_size=2,
         batch_size=4,
         seq_len=768,  # the tiny tokenizer spends ~500 tokens on the first prompt
         max_new_tokens=8,
         train_max_rounds=1,
         max_revisions=1,
+        use_reflection=False,
         drop_failed_groups=False,  # a random model fails every group; train its rows anyway
         dev_data="",
         progress=False,
@@ -161,7 +163,7 @@ def mesh_8(model_dir, tmp_path_factory) -> dict:
 
 
 def _assert_same_round(got: dict, want: dict) -> None:
-    assert got["rows"] == want["rows"] and got["rows"] >= 4
+    assert got["rows"] == want["rows"] and got["rows"] >= 3
     assert got["roles"] == want["roles"]
     assert got["tokens"] == want["tokens"]  # the same rollouts, token for token
     assert got["rewards"] == want["rewards"]

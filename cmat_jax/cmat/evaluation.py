@@ -10,7 +10,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -18,11 +18,9 @@ from cmat_jax.cmat.config import CMATConfig
 from cmat_jax.cmat.job import CMATJob
 from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
 from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine
+from cmat_jax.cmat.session import CMATRun
 from cmat_jax.envs.dbbench import DBBenchEnv, dbbench_metrics
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
-
-if TYPE_CHECKING:
-    from cmat_jax.cmat.session import CMATRun
 
 
 def _copy_sqlite(src: Path, dst: Path) -> None:
