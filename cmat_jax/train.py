@@ -390,10 +390,17 @@ class Subcommand:
     help: str
 
 
+def run_cmat(job: Any) -> dict:
+    """The CMAT job (`cmat_jax.cmat.loop.run_cmat`), imported when it runs, like run_sft's
+    dependencies, so `--help` and config errors answer without loading JAX."""
+    from cmat_jax.cmat.loop import run_cmat as run
+
+    return run(job)
+
+
 def _subcommands() -> dict[str, Subcommand]:
     # Local: cmat.job imports this module's LoRAArgs / MeshArgs (a real import cycle).
     from cmat_jax.cmat.job import CMATJob
-    from cmat_jax.cmat.loop import run_cmat
 
     return {
         "sft": Subcommand(SFTJob, run_sft, "LoRA SFT on JSONL conversations"),
