@@ -6,7 +6,7 @@ Subcommands:
 - `cmat` — agent tuning + CMAT rounds + evaluation (`cmat_jax.cmat.loop`).
 
 With NO subcommand, `python -m cmat_jax.train [--out DIR] [--resume] [...]` runs the default job
-end to end on a CPU: `cmat --preset cmat-default` (configs/cmat_default.py), into a fresh
+end to end on a CPU: `cmat --preset cmat-default` (configs/cmat.py), into a fresh
 `runs/cmat-default-<time>` directory unless `--out` is given.
 
 Every job writes a run directory (see `cmat_jax.run_dir`); an existing one is never
@@ -276,10 +276,11 @@ def preset_default(kind: type, argv: Sequence[str]) -> Any:
 # ----------------------------------------------------------------------------- the SFT job
 
 
-def _adapter_ids(batch_size: int, slot_id: int):
+def _with_adapter(batch: dict, slot_id: int) -> dict:
     import numpy as np
 
-    return np.full((batch_size,), slot_id, np.int32)
+    batch["adapter_ids"] = np.full((len(batch["inputs"]),), slot_id, np.int32)
+    return batch
 
 
 def run_sft(job: SFTJob) -> dict:
@@ -289,11 +290,12 @@ def run_sft(job: SFTJob) -> dict:
 
     from cmat_jax import sharding as shd
     from cmat_jax.data import build_iterator
-    from cmat_jax.distributed import batch_share, global_batch
+    from cmat_jax.distributed import batch_share
     from cmat_jax.run_dir import MetricsLogger, Progress, RunDir
     from cmat_jax.training.checkpoint import Checkpointer
     from cmat_jax.training.mfu import MFUMeter
-    from cmat_jax.training.step import init_train_state, make_optimizer, make_train_step
+    from cmat_jax.training.step import make_optimizer
+    from cmat_jax.training.trainer import Trainer
     from cmat_jax.weights.load import load_model
 
     config = resolved_config(job)
@@ -328,31 +330,26 @@ def run_sft(job: SFTJob) -> dict:
     share = batch_share(mesh, job.batch_size)
     data = build_iterator(data_cfg, tokenizer, process_index=share.index, process_count=share.count)
     shd.validate(model.config, mesh, job.batch_size, accum_steps=optim_cfg.accum_steps)
-    optimizer = make_optimizer(optim_cfg, job.steps)
-    graphdef, frozen, state = init_train_state(
-        model, optimizer, job.seed, base_dtype=job.param_dtype
+    trainer = Trainer(
+        model,
+        make_optimizer(optim_cfg, job.steps),
+        mesh=mesh,
+        accum_steps=optim_cfg.accum_steps,
+        seed=job.seed,
+        base_dtype=job.param_dtype,
     )
     model_cfg = model.config
     del model
     if primary and run.is_fresh():
         # Everything the user gave has been validated: only now create the run dir.
         resuming = run.open(config, resume=job.resume)
-    step_fn = make_train_step(graphdef, optimizer, mesh, optim_cfg.accum_steps)
 
     ckpt = Checkpointer(run.checkpoint_dir, job.checkpoint)
     start = 0
     if resuming and ckpt.latest_step() is not None:
-        probe = next(data.shard_for_process(share.index, share.count))
-        probe["adapter_ids"] = _adapter_ids(data.local_batch, slot_id)
-        if jax.process_count() > 1:
-            probe = global_batch(probe, mesh)
-        state_sh, _, _ = step_fn.shardings(state, frozen, probe)
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh
-        )
-        state, data_state, _ = ckpt.restore(target)
+        data_state, _ = trainer.restore(ckpt)
         data.restore(data_state)
-        start = int(jax.device_get(state.step))
+        start = trainer.step_count
 
     logger = MetricsLogger(run, resume_step=start if resuming else None, enabled=primary)
     bar = Progress(job.steps, start, enabled=primary and job.progress)
@@ -363,12 +360,9 @@ def run_sft(job: SFTJob) -> dict:
     timer, timed_steps = time.perf_counter(), 0
     try:
         for step in range(start + 1, job.steps + 1):
-            batch = next(data)
-            batch["adapter_ids"] = _adapter_ids(data.local_batch, slot_id)
+            batch = _with_adapter(next(data), slot_id)
             tokens = int((batch["segment_ids"] > 0).sum()) * share.count
-            if jax.process_count() > 1:
-                batch = global_batch(batch, mesh)
-            state, metrics = step_fn(state, frozen, batch)
+            metrics = trainer.step(trainer.put_batch(batch, whole=False))
             loss = None
             timed_steps += 1
             if step % job.log_every == 0 or step == job.steps or step == start + 1:
@@ -383,7 +377,7 @@ def run_sft(job: SFTJob) -> dict:
                     logger.log(step, last)
             bar.update(1, tokens, loss)
             if step % job.checkpoint.every == 0 or step == job.steps:
-                ckpt.save(state, data_state=data.state(), meta=meta, force=True)
+                trainer.save(ckpt, data.state(), meta)
         ckpt.wait()
     finally:
         bar.close()
@@ -402,8 +396,17 @@ class Subcommand:
     help: str
 
 
+def run_cmat(job: Any) -> dict:
+    """The CMAT job (`cmat_jax.cmat.loop.run_cmat`), imported when it runs, like run_sft's
+    dependencies, so `--help` and config errors answer without loading JAX."""
+    from cmat_jax.cmat.loop import run_cmat as run
+
+    return run(job)
+
+
 def _subcommands() -> dict[str, Subcommand]:
-    from cmat_jax.cmat.loop import CMATJob, run_cmat
+    # Local: cmat.job imports this module's LoRAArgs / MeshArgs (a real import cycle).
+    from cmat_jax.cmat.job import CMATJob
 
     return {
         "sft": Subcommand(SFTJob, run_sft, "LoRA SFT on JSONL conversations"),

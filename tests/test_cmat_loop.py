@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from cmat_jax.cmat import loop
-from cmat_jax.cmat.loop import CMATJob, run_cmat
+from cmat_jax.cmat.expert import draw_anchor_rows
+from cmat_jax.cmat.job import CMATJob, resolve_dev_data
+from cmat_jax.cmat.loop import run_cmat
 from cmat_jax.cmat.memory import LongTermMemory
 from cmat_jax.cmat.rollout import RolloutEngine
+from cmat_jax.cmat.rounds import select_rows
 from cmat_jax.train import LoRAArgs
 from cmat_jax.training.checkpoint import completed_steps
 from tests.fixtures_hf import save_tiny_model_dir
@@ -120,7 +122,7 @@ def test_job_validation_names_the_field():
     with pytest.raises(ValueError, match="--reflector-slot"):
         CMATJob(reflector_slot="user")
     with pytest.raises(FileNotFoundError, match="--dev-data"):
-        loop.resolve_dev_data("/nonexistent/dev.jsonl")
+        resolve_dev_data("/nonexistent/dev.jsonl")
 
 
 def test_select_rows_drops_failed_groups_and_balances_checker_rows():
@@ -128,7 +130,7 @@ def test_select_rows_drops_failed_groups_and_balances_checker_rows():
 
     import numpy as np
 
-    from cmat_jax.cmat.rollout import TrainRow
+    from cmat_jax.data.rows import TrainRow
 
     def row(role, episode, label=None):
         z = np.zeros(2, np.float32)
@@ -148,44 +150,42 @@ def test_select_rows_drops_failed_groups_and_balances_checker_rows():
     def summary(kept):
         return [(r.role, r.episode, r.label, float(r.weight[-1])) for r in kept]
 
-    kept = loop.select_rows(res, CMATJob(checker_rows_per_round=6), seed=1)
+    kept = select_rows(res, CMATJob(checker_rows_per_round=6), seed=1)
     assert [r.episode for r in kept if r.role == "assistant"] == [0, 1]  # g1 failed everywhere
     c = [r for r in kept if r.role == "checker"]
     # Capped at 6: both accepts, 4 rejects; each label carries half of the total weight.
     assert len(c) == 6 and sum(r.label for r in c) == 2
     w = {lab: sum(float(r.weight[-1]) for r in c if r.label == lab) for lab in (True, False)}
     assert w[True] == pytest.approx(3.0) and w[False] == pytest.approx(3.0)
-    assert summary(kept) == summary(
-        loop.select_rows(res, CMATJob(checker_rows_per_round=6), seed=1)
-    )
+    assert summary(kept) == summary(select_rows(res, CMATJob(checker_rows_per_round=6), seed=1))
     # No cap: all 10, weights 10/(2*2) for accepts and 10/(2*8) for rejects.
-    c = [r for r in loop.select_rows(res, CMATJob(), seed=1) if r.role == "checker"]
+    c = [r for r in select_rows(res, CMATJob(), seed=1) if r.role == "checker"]
     assert len(c) == 10
     assert {(r.label, float(r.weight[-1])) for r in c} == {(True, 2.5), (False, 0.625)}
     # Only one label present: weights unchanged.
     one = SimpleNamespace(episodes=episodes, rows=[row("checker", 0, label=False)] * 3)
-    assert [float(r.weight[-1]) for r in loop.select_rows(one, CMATJob(), seed=1)] == [1.0] * 3
-    capped = loop.select_rows(one, CMATJob(checker_rows_per_round=2), seed=1)
+    assert [float(r.weight[-1]) for r in select_rows(one, CMATJob(), seed=1)] == [1.0] * 3
+    capped = select_rows(one, CMATJob(checker_rows_per_round=2), seed=1)
     assert [float(r.weight[-1]) for r in capped] == [1.0] * 2
     with pytest.raises(ValueError, match="checker-rows-per-round"):
         CMATJob(checker_rows_per_round=-1)
 
 
 def test_anchor_rows_are_expert_rows_trained_by_the_anchor_term_only():
-    from cmat_jax.cmat.rollout import TrainRow, rows_to_batch
+    from cmat_jax.data.rows import TrainRow, rows_to_batch
 
     def expert(i):
         m = np.array([0, 0, 1, 1], np.float32)
         return TrainRow(np.arange(4, dtype=np.int32) + i, m, m, m, m * 0, 0, "assistant", -1, 1.0)
 
     pool = [expert(i) for i in range(3)]
-    drawn = loop.draw_anchor_rows(pool, 5, seed=0)
+    drawn = draw_anchor_rows(pool, 5, seed=0)
     assert len(drawn) == 5 and all(r.anchor for r in drawn)
     # Every pool row is drawn once before any repeats; the pool itself is left as it was.
     assert sorted(int(r.tokens[0]) for r in drawn[:3]) == [0, 1, 2]
     assert all(not r.weight.any() and not r.advantage.any() for r in drawn)
     assert all(r.loss_mask.tolist() == [0, 0, 1, 1] for r in drawn)
     assert all(not r.anchor and r.weight.any() for r in pool)
-    assert loop.draw_anchor_rows([], 4, seed=0) == []
+    assert draw_anchor_rows([], 4, seed=0) == []
     batch = rows_to_batch([pool[0], drawn[0]], seq_len=4)
-    assert batch["anchor"].tolist() == [0.0, 1.0]
+    assert batch["anchor"][:, 0].tolist() == [0.0, 1.0]

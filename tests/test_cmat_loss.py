@@ -19,19 +19,19 @@ from flax import nnx
 
 from cmat_jax.cmat.loss import (
     LOSSES,
+    CMATLoss,
     LossConfig,
-    batch_from_tokens,
     cmat_loss,
-    make_cmat_step,
     policy_logp,
     reference_logp,
     validate_batch,
 )
+from cmat_jax.data.rows import batch_from_tokens
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import LoRAConfig, LoRAParam
 from cmat_jax.sharding import make_mesh
-from cmat_jax.training.step import init_train_state
+from cmat_jax.training.step import init_train_state, make_train_step
 
 CFG = ModelConfig(
     vocab_size=96,
@@ -342,7 +342,7 @@ def _state():
 def _step():
     """One compiled ppo step shared by the step tests (fresh states each time)."""
     graphdef, _, _ = _state()
-    return make_cmat_step(graphdef, OPT, _cfg("ppo"), chunk_tokens=CHUNK)
+    return make_train_step(graphdef, OPT, loss=CMATLoss(_cfg("ppo"), chunk_tokens=CHUNK))
 
 
 def test_cmat_step_is_an_sgd_step_on_the_reference_grads_and_touches_only_lora():
@@ -390,9 +390,8 @@ def test_cmat_step_on_a_mesh_with_accumulation_equals_the_plain_step():
     _, frozen, state = _state()
     plain, m1 = _step()(state, frozen, batch)
     graphdef, frozen, state = _state()
-    step = make_cmat_step(
-        graphdef, OPT, _cfg("ppo"), make_mesh(), accum_steps=2, chunk_tokens=CHUNK
-    )
+    loss = CMATLoss(_cfg("ppo"), chunk_tokens=CHUNK)
+    step = make_train_step(graphdef, OPT, make_mesh(), accum_steps=2, loss=loss)
     sharded, m2 = step(state, frozen, batch)
     _assert_trees_close(sharded.params, plain.params, rtol=1e-5, atol=1e-7)
     assert set(m1) == set(m2)
@@ -454,7 +453,7 @@ def test_batch_from_tokens_shifts_per_token_fields():
 
 
 def test_packed_rows_score_as_if_each_were_alone():
-    from cmat_jax.cmat.rollout import TrainRow, pack_rows, packed_batch, rows_to_batch
+    from cmat_jax.data.rows import TrainRow, pack_rows, packed_batch, rows_to_batch
 
     graphdef, params, frozen = _parts()
     rng = np.random.default_rng(3)

@@ -21,8 +21,8 @@ from cmat_jax.cmat.rollout import (
     RolloutConfig,
     RolloutEngine,
     checker_prompt_ids,
-    rows_to_batch,
 )
+from cmat_jax.data.rows import rows_to_batch
 from cmat_jax.envs.base import StepResult
 from cmat_jax.inference.generate import Generator
 from cmat_jax.model.lora import LoRAConfig

@@ -137,7 +137,7 @@ def abstract_batch(rows: int, seq: int, *, cmat: bool) -> dict[str, Any]:
 
 
 def compile_step(step: Any, state: Any, frozen: Any, batch: dict[str, Any]) -> tuple[Any, float]:
-    """Lower + compile `step` (a TrainStep / CMATStep) for its mesh on abstract inputs."""
+    """Lower + compile `step` (a TrainStep) for its mesh on abstract inputs."""
     import jax
 
     shardings = step.shardings(state, frozen, batch)
@@ -157,7 +157,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from cmat_jax import sharding as shd
-    from cmat_jax.cmat.loss import LossConfig, make_cmat_step
+    from cmat_jax.cmat.loss import CMATLoss, LossConfig
     from cmat_jax.training.step import make_optimizer, make_train_step
 
     recipes = load_recipes()
@@ -215,7 +215,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.steps in ("both", "cmat"):
         loss_cfg = LossConfig(mode="ppo", kl_coef=0.05, anchor_coef=0.1)
         steps["cmat"] = (
-            make_cmat_step(graphdef, optimizer, loss_cfg, mesh, recipe.accum_steps),
+            make_train_step(graphdef, optimizer, mesh, recipe.accum_steps, loss=CMATLoss(loss_cfg)),
             abstract_batch(recipe.batch_size, recipe.seq_len, cmat=True),
         )
     for name, (step, batch) in steps.items():

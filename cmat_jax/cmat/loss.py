@@ -18,7 +18,7 @@ is divided by all masked tokens like every other term, so the loss stays one tok
 gradient accumulation over micro-batches is exact (λ's effect scales with the anchor share).
 
 Batch (all per-token arrays [B, T] are aligned with `targets`: position t scores predicting
-`targets[t]` after `inputs[:t+1]`; `batch_from_tokens` builds it from whole sequences):
+`targets[t]` after `inputs[:t+1]`; `cmat_jax.data.rows` builds it from rollout rows):
   inputs, targets       int32 [B, T]   (targets = inputs shifted left by one)
   loss_mask             bool/float [B, T]
   adapter_ids           int32 [B]      (the row's LoRA slot; -1 = "none", the base model)
@@ -48,8 +48,12 @@ import numpy as np
 from flax import nnx
 
 from cmat_jax.model.lora import NONE_SLOT
-from cmat_jax.training.losses import DEFAULT_CHUNK_TOKENS, chunk_length, chunked_token_logp
-from cmat_jax.training.step import TrainState, TrainStep, current_lr, guarded_update, split_micro
+from cmat_jax.training.losses import (
+    DEFAULT_CHUNK_TOKENS,
+    chunk_length,
+    chunked_token_logp,
+    finalize_metrics,
+)
 
 MODES = ("rwr", "pg", "ppo")
 MODEL_KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -250,9 +254,6 @@ def policy_logp(
 
 # ----------------------------------------------------------------------------- the loss
 
-# Metric name -> name of its denominator sum (all other sums are divided by "tokens").
-_OWN_DENOM = {"anchor_nll": "anchor_tokens"}
-
 
 def _per_token(x: jax.Array, like_BT: jax.Array) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
@@ -322,17 +323,6 @@ def cmat_loss_sums(
     return objective, sums
 
 
-def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Masked sums -> means: each over the masked tokens (anchor_nll over anchor tokens)."""
-    out = {}
-    for k, v in sums.items():
-        if k in ("tokens", "anchor_tokens"):
-            out[k] = v
-        else:
-            out[k] = v / jnp.maximum(sums[_OWN_DENOM.get(k, "tokens")], 1.0)
-    return out
-
-
 def cmat_loss(
     trainable: Any,
     frozen: Any,
@@ -388,115 +378,36 @@ def validate_batch(batch: Mapping[str, Any], cfg: LossConfig) -> None:
         )
 
 
-def batch_from_tokens(
-    tokens_BS: np.ndarray,
-    generated_BS: np.ndarray,
-    adapter_ids_B: np.ndarray,
-    **per_token_BS: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """Whole sequences [B, S] -> a CMAT batch [B, S-1]: inputs = tokens[:, :-1], targets =
-    tokens[:, 1:], loss_mask = generated[:, 1:] (the role's own tokens); every other [B, S]
-    array given by name (advantage, behavior_logp, ...) is keyed by the token it scores, so it
-    is shifted the same way. Per-row arrays ([B]: weight, anchor) pass through."""
-    tokens_BS = np.asarray(tokens_BS, np.int32)
-    out = {
-        "inputs": tokens_BS[:, :-1],
-        "targets": tokens_BS[:, 1:],
-        "loss_mask": np.asarray(generated_BS, bool)[:, 1:],
-        "adapter_ids": np.asarray(adapter_ids_B, np.int32),
-    }
-    for k, v in per_token_BS.items():
-        v = np.asarray(v)
-        out[k] = v[:, 1:] if v.ndim == 2 else v
-    return out
+# ----------------------------------------------------------------------------- the trainer's loss
 
 
-# ----------------------------------------------------------------------------- the step
+@dataclasses.dataclass(frozen=True)
+class CMATLoss:
+    """`cmat_loss` as the train step's pluggable loss (`training.step.TrainStep(loss=...)`,
+    interface of `training.losses.TokenCE`): its additive sums, the CMAT batch fields, and
+    `validate_batch` before jit."""
 
+    cfg: LossConfig = LossConfig()
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    batch_keys: tuple[str, ...] = BATCH_KEYS
 
-class CMATStep(TrainStep):
-    """Callable `step(state, frozen, batch) -> (state, metrics)`: gradient of `cmat_loss`
-    w.r.t. the LoRA params only, then the optax update; jitted, with NamedShardings from the
-    params' logical axes under a mesh (TrainStep's placement and compile). A non-finite loss
-    or gradient norm leaves params and optimizer state untouched and counts a skip.
-    `accum_steps` micro-batches sum exactly to the big batch (the loss is one token mean)."""
-
-    batch_keys = BATCH_KEYS
-
-    def __init__(
+    def sums(
         self,
         graphdef: Any,
-        optimizer: Any,
-        loss_cfg: LossConfig,
-        mesh: Any = None,
-        accum_steps: int = 1,
-        *,
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        donate: bool = True,
-    ):
-        super().__init__(
-            graphdef, optimizer, mesh, accum_steps, chunk_tokens=chunk_tokens, donate=donate
+        params: Any,
+        frozen: Any,
+        batch: Mapping[str, jax.Array],
+        rng: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return cmat_loss_sums(
+            params,
+            frozen,
+            batch,
+            self.cfg,
+            graphdef=graphdef,
+            dropout_rng=rng,
+            chunk_tokens=self.chunk_tokens,
         )
-        self.loss_cfg = loss_cfg
-        self.sums_fn = functools.partial(
-            cmat_loss_sums, cfg=loss_cfg, graphdef=graphdef, chunk_tokens=chunk_tokens
-        )
 
-    def _step(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
-        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-
-        def parts(params, mb, key):
-            return self.sums_fn(params, frozen, mb, dropout_rng=key)
-
-        grad_fn = jax.value_and_grad(parts, has_aux=True)
-        if self.accum == 1:
-            (_, sums), grads = grad_fn(state.params, batch, step_rng)
-        else:
-            micro = {k: split_micro(v, self.accum) for k, v in batch.items()}
-            keys = jax.random.split(step_rng, self.accum)
-            shapes = jax.eval_shape(
-                grad_fn, state.params, jax.tree.map(lambda v: v[0], micro), keys[0]
-            )
-            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
-
-            def body(carry, xs):
-                (_, s_i), g_i = grad_fn(state.params, *xs)
-                return jax.tree.map(jnp.add, carry, (s_i, g_i)), None
-
-            (sums, grads), _ = jax.lax.scan(body, init, (micro, keys))
-
-        denom = jnp.maximum(sums["tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        metrics = finalize_metrics(sums)
-        new_state, grad_norm, skipped = guarded_update(
-            self.optimizer, state, grads, metrics["loss"], rng
-        )
-        metrics.update(grad_norm=grad_norm, lr=current_lr(new_state.opt_state), skipped=skipped)
-        return new_state, metrics
-
-    def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, Any]):
-        validate_batch(batch, self.loss_cfg)
-        return super().__call__(state, frozen, batch)
-
-
-def make_cmat_step(
-    graphdef: Any,
-    optimizer: Any,
-    loss_cfg: LossConfig,
-    mesh: Any = None,
-    accum_steps: int = 1,
-    *,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    donate: bool = True,
-) -> CMATStep:
-    """Jitted `cmat_step(state, frozen, batch) -> (state, metrics)`; see CMATStep. The state and
-    frozen base come from `train_step.init_train_state`."""
-    return CMATStep(
-        graphdef,
-        optimizer,
-        loss_cfg,
-        mesh,
-        accum_steps,
-        chunk_tokens=chunk_tokens,
-        donate=donate,
-    )
+    def validate(self, batch: Mapping[str, Any]) -> None:
+        validate_batch(batch, self.cfg)

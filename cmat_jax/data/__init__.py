@@ -1,5 +1,6 @@
-"""SFT data: JSONL readers, chat-template tokenization with assistant-only loss masks,
-first-fit packing with segment ids, seeded dataset mixing and a resumable batch iterator."""
+"""Training data: JSONL readers, chat-template tokenization with assistant-only loss masks,
+first-fit packing with segment ids, seeded dataset mixing and a resumable batch iterator (SFT);
+rollout / expert `TrainRow`s packed into CMAT batches (`rows`)."""
 
 from cmat_jax.data.config import DataConfig
 from cmat_jax.data.conversation import Conversation, Message

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cmat_jax.inference.prefix_cache import PrefixCache
 from cmat_jax.model.llama import KVCache, Llama, to_scan_bits
@@ -317,6 +318,14 @@ def _cache_sharding(cache: KVCache, mesh: Any) -> KVCache:
         k_LBKSD=jax.lax.with_sharding_constraint(cache.k_LBKSD, kv),
         v_LBKSD=jax.lax.with_sharding_constraint(cache.v_LBKSD, kv),
     )
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A device array on the host; a batch sharded over several processes is gathered, so
+    every process sees every row (multi-process rollouts run the same host loop everywhere)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _batch_axes(mesh: Any) -> tuple[str, ...] | None:
@@ -691,10 +700,10 @@ class Generator:
             )
             step = int(state.step)
 
-        tokens = np.asarray(state.tokens_BN)
-        logp = np.asarray(state.logp_BN)
-        lengths = np.array(state.length_B)[:n].astype(np.int32)
-        finish = np.array(state.finish_B)[:n]
+        tokens = _host(state.tokens_BN)
+        logp = _host(state.logp_BN)
+        lengths = _host(state.length_B)[:n].astype(np.int32)
+        finish = _host(state.finish_B)[:n].copy()
         if checker is not None:
             for i, (k, _) in checker.hits.items():
                 lengths[i], finish[i] = k, _STOP
@@ -727,7 +736,7 @@ class Generator:
             finish_reasons=[FINISH_REASONS[f] for f in finish],
             texts=texts,
             prompt_lengths=np.array(lens, np.int32),
-            scores=np.asarray(scores, np.float64)[:n] if score_ids else None,
+            scores=_host(scores).astype(np.float64)[:n] if score_ids else None,
         )
 
     # The staged calls of `_reuse` go through this name, so code that wraps or replaces an
@@ -817,9 +826,9 @@ class Generator:
         n: int,
     ) -> DecodeState:
         """Between chunks: find stop strings, stop those rows on device, stream new tokens."""
-        tokens = np.asarray(state.tokens_BN)
-        lengths = np.asarray(state.length_B)
-        finish = np.asarray(state.finish_B)
+        tokens = _host(state.tokens_BN)
+        lengths = _host(state.length_B)
+        finish = _host(state.finish_B)
         if checker is not None:
             newly = checker.update(tokens, lengths, finish)
             if newly:

@@ -12,6 +12,7 @@ Batch layout shared by the SFT and CMAT steps: `inputs, targets, loss_mask [B, T
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -162,3 +163,55 @@ def token_logp(
         compute_dtype=model.config.compute_dtype,
         chunk_tokens=chunk_tokens,
     )
+
+
+# ----------------------------------------------------------------------------- pluggable losses
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "adapter_ids")
+
+
+def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Masked sums -> means: each sum over its own denominator (`<name>_tokens` when the loss
+    gives one, e.g. anchor_nll over anchor_tokens; else `tokens`); counts stay counts."""
+    out = {}
+    for k, v in sums.items():
+        if k == "tokens" or k.endswith("_tokens"):
+            out[k] = v
+        else:
+            denom = sums.get(k.removesuffix("_nll") + "_tokens", sums["tokens"])
+            out[k] = v / jnp.maximum(denom, 1.0)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCE:
+    """The SFT loss: token-mean NLL of the targets over `loss_mask`.
+
+    Every loss of the train step (this one, `cmat_jax.cmat.loss.CMATLoss`) has this interface:
+    `sums(graphdef, params, frozen, batch, rng) -> (objective sum, metric sums incl. "tokens")`
+    — additive over micro-batches, so gradient accumulation sums them and divides once by the
+    tokens — plus `batch_keys` (fields the jitted step receives) and `validate(batch)` (a
+    ValueError naming the field, before jit). Frozen dataclasses: hashable, one compiled step
+    per loss."""
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    batch_keys: tuple[str, ...] = BATCH_KEYS
+
+    def sums(
+        self,
+        graphdef: Any,
+        params: Any,
+        frozen: Any,
+        batch: Mapping[str, jax.Array],
+        rng: jax.Array | None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        model = nnx.merge(graphdef, params, frozen)
+        drop = rng if model.lora.config.dropout > 0 else None
+        logp_BT = token_logp(model, batch, dropout_rng=drop, chunk_tokens=self.chunk_tokens)
+        nll, ntok = nll_sum(logp_BT, batch["loss_mask"])
+        return nll, {"loss": jax.lax.stop_gradient(nll), "tokens": ntok}
+
+    def validate(self, batch: Mapping[str, Any]) -> None:
+        for k in ("inputs", "targets", "loss_mask"):
+            if batch.get(k) is None:
+                raise ValueError(f"SFT batch: missing field {k!r}")

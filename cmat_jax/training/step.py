@@ -5,10 +5,11 @@ Only LoRA parameters are differentiated and carry optimizer state; the base is a
 `nnx.State.to_pure_dict()` gives), so they checkpoint as-is and merge back with
 `nnx.merge(graphdef, lora_params, frozen)`.
 
-Loss: token-mean NLL over `loss_mask` (chunked CE, see `losses.py`). Gradient accumulation
-splits the batch into `accum_steps` micro-batches (row b goes to micro-batch b % accum_steps,
-which keeps each device's rows local under a batch-sharded mesh) and sums token-weighted
-gradients in a `lax.scan`, so it equals the big batch exactly up to float summation order.
+Loss: pluggable (`losses.TokenCE` for SFT, `cmat.loss.CMATLoss` for CMAT), each a token mean
+over `loss_mask` given as additive sums. Gradient accumulation splits the batch into
+`accum_steps` micro-batches (row b goes to micro-batch b % accum_steps, which keeps each
+device's rows local under a batch-sharded mesh) and sums the sums and gradients in a
+`lax.scan`, so it equals the big batch exactly up to float summation order.
 A non-finite loss or gradient norm leaves params and optimizer state untouched and counts it.
 """
 
@@ -26,9 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cmat_jax import sharding as shd
 from cmat_jax.model.lora import LoRAParam
-from cmat_jax.training.losses import DEFAULT_CHUNK_TOKENS, nll_sum, token_logp
-
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "adapter_ids")
+from cmat_jax.training.losses import DEFAULT_CHUNK_TOKENS, TokenCE, finalize_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +67,22 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW on the warmup + cosine schedule. The learning rate is an
-    injected hyperparameter, so the optimizer state carries the lr of the last update."""
+def then_constant(first: optax.Schedule, first_steps: int, lr: float) -> optax.Schedule:
+    """`first` for `first_steps` steps, then the constant `lr` (CMAT: agent tuning's warmup +
+    cosine, then the rounds' constant rate)."""
+    if first_steps <= 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([first, optax.constant_schedule(lr)], [first_steps])
+
+
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, *, schedule: optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW on `schedule` (default: `make_schedule(cfg,
+    total_steps)`). The learning rate is an injected hyperparameter, so the optimizer state
+    carries the lr of the last update."""
     adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=make_schedule(cfg, total_steps),
+        learning_rate=make_schedule(cfg, total_steps) if schedule is None else schedule,
         b1=cfg.b1,
         b2=cfg.b2,
         eps=cfg.eps,
@@ -187,28 +197,16 @@ def split_micro(x: jax.Array, accum: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1)
 
 
-def make_loss_fn(graphdef: Any, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
-    """`loss_parts(params, frozen, batch, rng) -> (nll_sum, n_tokens)` for one (micro-)batch."""
-
-    def loss_parts(params, frozen, batch, rng):
-        model = nnx.merge(graphdef, params, frozen)
-        drop = None
-        if model.lora.config.dropout > 0:
-            drop = rng
-        logp_BT = token_logp(model, batch, dropout_rng=drop, chunk_tokens=chunk_tokens)
-        return nll_sum(logp_BT, batch["loss_mask"])
-
-    return loss_parts
-
-
 class TrainStep:
     """Callable `step(state, frozen, batch) -> (state, metrics)`; compiled on first call.
 
-    With a mesh, params / optimizer state / frozen base get NamedShardings from their logical
-    axes, the batch is sharded over ('data', 'fsdp'), and the state is donated.
+    The one jitted LoRA step of every job: `loss` (`losses.TokenCE` for SFT,
+    `cmat.loss.CMATLoss` for CMAT) is the only part that differs. Gradient accumulation sums
+    the loss's additive sums and gradients over `accum_steps` micro-batches in a `lax.scan`
+    and divides once by the summed tokens. With a mesh, params / optimizer state / frozen base
+    get NamedShardings from their logical axes, the batch is sharded over ('data', 'fsdp'),
+    and the state is donated.
     """
-
-    batch_keys: tuple[str, ...] = BATCH_KEYS  # fields the jitted step receives
 
     def __init__(
         self,
@@ -217,7 +215,7 @@ class TrainStep:
         mesh: Mesh | None = None,
         accum_steps: int = 1,
         *,
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        loss: Any = None,
         donate: bool = True,
     ):
         if accum_steps < 1:
@@ -227,42 +225,45 @@ class TrainStep:
         self.mesh = mesh
         self.accum = accum_steps
         self.donate = donate
-        self.loss_parts = make_loss_fn(graphdef, chunk_tokens=chunk_tokens)
+        self.loss = TokenCE() if loss is None else loss
         self._jitted = None
         self._shardings = None
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return self.loss.batch_keys
 
     # ------------------------------------------------------------------ pure step
     def _step(self, state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        grad_fn = jax.value_and_grad(self.loss_parts, has_aux=True)
 
+        def parts(params, mb, key):
+            return self.loss.sums(self.graphdef, params, frozen, mb, key)
+
+        grad_fn = jax.value_and_grad(parts, has_aux=True)
         if self.accum == 1:
-            (nll, ntok), grads = grad_fn(state.params, frozen, batch, step_rng)
+            (_, sums), grads = grad_fn(state.params, batch, step_rng)
         else:
             micro = {k: split_micro(v, self.accum) for k, v in batch.items()}
             keys = jax.random.split(step_rng, self.accum)
+            shapes = jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda v: v[0], micro), keys[0]
+            )
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[0][1], shapes[1]))
 
             def body(carry, xs):
-                mb, key = xs
-                (nll_i, ntok_i), g_i = grad_fn(state.params, frozen, mb, key)
-                nll_c, ntok_c, g_c = carry
-                return (nll_c + nll_i, ntok_c + ntok_i, jax.tree.map(jnp.add, g_c, g_i)), None
+                (_, s_i), g_i = grad_fn(state.params, *xs)
+                return jax.tree.map(jnp.add, carry, (s_i, g_i)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (nll, ntok, grads), _ = jax.lax.scan(body, init, (micro, keys))
+            (sums, grads), _ = jax.lax.scan(body, init, (micro, keys))
 
-        denom = jnp.maximum(ntok, 1.0)
-        loss = nll / denom
+        denom = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        new_state, grad_norm, skipped = guarded_update(self.optimizer, state, grads, loss, rng)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": current_lr(new_state.opt_state),
-            "tokens": ntok,
-            "skipped": skipped,
-        }
+        metrics = finalize_metrics(sums)
+        new_state, grad_norm, skipped = guarded_update(
+            self.optimizer, state, grads, metrics["loss"], rng
+        )
+        metrics.update(grad_norm=grad_norm, lr=current_lr(new_state.opt_state), skipped=skipped)
         return new_state, metrics
 
     # ------------------------------------------------------------------ compile + call
@@ -294,6 +295,7 @@ class TrainStep:
         return jax.device_put((state, frozen, dict(batch)), self._shardings)
 
     def __call__(self, state: TrainState, frozen: Any, batch: Mapping[str, Any]):
+        self.loss.validate(batch)
         batch = {k: v for k, v in batch.items() if k in self.batch_keys and v is not None}
         B = jnp.shape(batch["inputs"])[0]
         if B % self.accum:
@@ -313,10 +315,11 @@ def make_train_step(
     mesh: Mesh | None = None,
     accum_steps: int = 1,
     *,
+    loss: Any = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     donate: bool = True,
 ) -> TrainStep:
-    """Jitted `step(state, frozen, batch) -> (state, metrics)`; see TrainStep."""
-    return TrainStep(
-        graphdef, optimizer, mesh, accum_steps, chunk_tokens=chunk_tokens, donate=donate
-    )
+    """Jitted `step(state, frozen, batch) -> (state, metrics)` of `loss` (default: the SFT
+    token cross-entropy with `chunk_tokens`); see TrainStep."""
+    loss = TokenCE(chunk_tokens=chunk_tokens) if loss is None else loss
+    return TrainStep(graphdef, optimizer, mesh, accum_steps, loss=loss, donate=donate)

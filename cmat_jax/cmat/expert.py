@@ -1,0 +1,111 @@
+"""Agent-tuning data (the TinyAgent stage): scripted-expert DB trajectories as training rows for
+the Assistant and implied verdicts for the Checker, and the SFT-anchor rows drawn from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from cmat_jax.cmat import roles as R
+from cmat_jax.cmat.job import SFT_SEED_OFFSET, CMATJob
+from cmat_jax.cmat.rollout import checker_prompt_ids
+from cmat_jax.data import parse_record, read_jsonl, tokenize_conversation
+from cmat_jax.data.rows import TrainRow
+from cmat_jax.envs.dbbench import DBBenchEnv
+from cmat_jax.envs.dbbench_synth import expert_episode, generate_tasks
+from cmat_jax.envs.sqlite_backend import SQLiteBackend
+
+
+def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any) -> list:
+    """Agent-tuning rows: the Assistant on expert trajectories (assistant tokens), the Checker
+    on each expert step's verdict (reject when it errored, else accept)."""
+    sft_len = job.sft_row_len
+    rows: list[TrainRow] = []
+    convs = []
+    checker_items = []
+    env = DBBenchEnv(SQLiteBackend())
+    seed = job.seed + SFT_SEED_OFFSET
+    for st in generate_tasks(job.sft_examples, seed, wikisql_share=job.synth_wikisql_share):
+        tr = expert_episode(st, env, seed)
+        if tr["reward"] != 1.0:
+            continue
+        msgs = tr["messages"]
+        convs.append(parse_record({"messages": msgs}, f"expert:{st.task.task_id}"))
+        steps = tr["steps"]
+        history: list[dict[str, str]] = []
+        a_idx = 0
+        for m in msgs[2:]:
+            if m["role"] == "assistant":
+                err = bool(steps[a_idx]["error"]) if a_idx < len(steps) else False
+                checker_items.append((st.task.prompt, list(history), m["content"], not err))
+                a_idx += 1
+            history.append(m)
+    env.close()
+    for path in job.sft_data:
+        for where, rec in read_jsonl(path):
+            convs.append(parse_record(rec, where))
+    for conv in convs:
+        ex = tokenize_conversation(tokenizer, conv, seq_len=sft_len + 1, overlong="truncate")
+        if ex is None:
+            continue
+        m = ex.loss_mask.astype(np.float32)
+        rows.append(
+            TrainRow(
+                ex.tokens.astype(np.int32),
+                m,
+                m,
+                m,
+                np.zeros_like(m),
+                slots["assistant"],
+                "assistant",
+                -1,
+                1.0,
+            )
+        )
+    if job.checker_sft:
+        # Capped and balanced: at most half as many rows as the Assistant's (each is a long
+        # prompt for one trained token), expert mistakes (reject) and at most twice as many
+        # good steps (accept).
+        rng = np.random.default_rng(seed)
+        bad = [c for c in checker_items if not c[3]]
+        good_items = [c for c in checker_items if c[3]]
+        rng.shuffle(good_items)
+        cap = max(2, len(rows) // 2)
+        n_bad = min(len(bad), cap // 2)
+        n_good = min(len(good_items), cap - n_bad, 2 * max(n_bad, 1))
+        chosen = bad[:n_bad] + good_items[:n_good]
+        ids = R.verdict_token_ids(tokenizer)
+        for task_text, history, proposal, good in chosen:
+            prompt = checker_prompt_ids(
+                tokenizer, roles.checker, task_text, history, proposal, sft_len
+            )
+            toks = np.asarray([*prompt, ids[0] if good else ids[1]], np.int32)
+            one = np.zeros(len(toks), np.float32)
+            one[-1] = 1.0
+            rows.append(
+                TrainRow(
+                    toks, one, one, one, np.zeros_like(one), slots["checker"], "checker", -1, 1.0
+                )
+            )
+    return rows
+
+
+def draw_anchor_rows(pool: list, n: int, seed: int) -> list:
+    """`n` expert rows drawn from `pool` (without replacement while it lasts) as SFT-anchor rows:
+    `anchor` set and the policy weight zeroed, so only λ·NLL trains them."""
+    if not pool:
+        return []
+    rng = np.random.default_rng(seed)
+    idx = [int(i) for i in rng.permutation(len(pool))][:n]
+    idx += [int(i) for i in rng.integers(0, len(pool), max(0, n - len(idx)))]
+    return [
+        dataclasses.replace(
+            pool[i],
+            anchor=True,
+            weight=np.zeros_like(pool[i].weight),
+            advantage=np.zeros_like(pool[i].advantage),
+        )
+        for i in idx
+    ]

@@ -1,0 +1,258 @@
+"""The CMAT job's config: one frozen dataclass (`python -m cmat_jax.train cmat --help`), its
+validation, and the resolved form written to DIR/config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cmat_jax.train import LoRAArgs, MeshArgs, _absolute_if_path
+
+DEV_DATA_RELATIVE = Path("..") / "shared" / "data" / "agentbench_dbbench" / "dev.jsonl"
+EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic tasks: a seed no training stage uses
+SFT_SEED_OFFSET = 7_919
+
+
+@dataclass(frozen=True)
+class CMATJob:
+    """Agent tuning + CMAT rounds + evaluation, from one frozen config."""
+
+    model: str = "smollm2-135m-instruct"
+    """Base model: an HF checkpoint dir, a .gguf file or a preset name."""
+    out: str = "runs/cmat"
+    """Run directory; never overwritten (pass --resume to continue it)."""
+    resume: bool = False
+    """Continue the run in --out from its newest complete checkpoint (config must match)."""
+    preset: str | None = None
+    """Start from a preset in configs/ (explicit flags override it)."""
+    seed: int = 0
+    """Seeds adapters, task draws and sampling."""
+    param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    remat: Literal["none", "full", "dots_saveable"] = "full"
+    """Rematerialize each layer in the backward pass: the SFT / CMAT batches of a 135M model
+    otherwise keep ~10 GB of activations."""
+    attention_impl: str = "chunked"
+    """Attention kernel of the training steps: xla | cudnn | pallas | chunked | auto (chunked:
+    blockwise, skips causal blocks — measured ~4x faster than xla fwd+bwd on CPU)."""
+    lora: LoRAArgs = field(
+        default_factory=lambda: LoRAArgs(rank=8, alpha=16.0, slots=("assistant", "checker"))
+    )
+    mesh: MeshArgs = field(default_factory=MeshArgs)
+    """Device mesh of rollouts, reference log-probs and updates (as `train sft --mesh.*`)."""
+    # -- agent tuning (stage 2)
+    sft_steps: int = 40
+    """SFT optimizer steps (0 = skip agent tuning)."""
+    sft_examples: int = 200
+    """Scripted-expert trajectories on synthetic DB tasks."""
+    synth_wikisql_share: float = 0.0
+    """Chance that a synthetic lookup / comparison question (expert data, rollout and held-out
+    tasks) is phrased like WikiSQL's, AgentBench DB's main source: one to three conditions,
+    "Which A has a C of v, and a N smaller than x?" (0 = the generator's own phrasings only)."""
+    sft_data: tuple[str, ...] = ()
+    """Extra JSONL conversations (OpenAI `messages`) mixed into the Assistant's SFT data."""
+    sft_lr: float = 1e-3
+    checker_sft: bool = True
+    """Also tune the Checker on the expert trajectories' implied verdicts."""
+    sft_batch_size: int = 8
+    pack_rows: bool = True
+    """Pack several training rows into each sequence of a batch (agent tuning and CMAT
+    updates): a step then carries ~1.3x the rows of the default job instead of padding."""
+    sft_seq_len: int | None = None
+    """Tokens per agent-tuning row (None = seq_len). Longer expert trajectories lose their
+    trailing turns, never their start."""
+    # -- CMAT rounds (stage 3)
+    rounds: int = 2
+    tasks_per_round: int = 8
+    group_size: int = 4
+    epochs: int = 1
+    batch_size: int = 8
+    seq_len: int = 768
+    """Tokens per CMAT training row. Training rollouts run with a context of seq_len + 1, so
+    every row is trained whole; a prompt that outgrows it is rebuilt from short-term memory."""
+    lr: float = 2e-4
+    loss_mode: Literal["rwr", "pg", "ppo"] = "rwr"
+    kl_coef: float = 0.05
+    anchor_coef: float = 0.0
+    """λ of the SFT anchor (CMAT.md section 5): the NLL of `anchor_rows` expert rows mixed into
+    every round's update."""
+    anchor_rows: int = 0
+    """Expert Assistant rows (agent-tuning data, a fresh seeded draw per round) added to each
+    round's CMAT update as anchor rows: policy weight 0, trained by anchor_coef·NLL only."""
+    clip_eps: float = 0.2
+    temperature: float = 0.7
+    max_new_tokens: int = 128
+    reason_max_new_tokens: int = 0
+    """New tokens for a Checker's rejection reason (training and evaluation; 0 = the
+    proposals' limit). Only its first line is used."""
+    train_max_rounds: int = 8
+    """Environment round limit in training rollouts."""
+    eval_max_rounds: int = 15
+    """Environment round limit in evaluation (AgentBench's protocol: 15)."""
+    use_checker: bool = True
+    max_revisions: int = 2
+    use_reflection: bool = True
+    alpha: float = 0.2
+    beta: float = 0.1
+    tau: float = 0.5
+    reflector_slot: str = "assistant"
+    """LoRA slot the Reflector writes lessons with ("none" = the frozen base model). An
+    agent-tuned slot tends to write the expert's opening thought as its lesson, whatever the
+    mistake was."""
+    ltm_k: int = 3
+    ltm_token_budget: int = 256
+    """Tokens of long-term-memory lessons injected into a prompt (training and evaluation)."""
+    ltm_solutions: bool = False
+    """Also inject similar tasks' solutions from long-term memory (see
+    `CMATConfig.ltm_solutions`: a small model copies them onto the wrong table)."""
+    ltm_similar: bool = True
+    """Also inject other tasks' lessons (see `CMATConfig.ltm_similar`); off = only the same
+    task's own earlier reflections (reflexion retries; training tasks do not repeat)."""
+    stm_token_budget: int = 1536
+    """Training rollouts: the Assistant prompt's token budget (older observations are shortened
+    first, then old turns dropped); evaluation keeps the CMATConfig default."""
+    max_batch: int = 32
+    """Rows per generation call."""
+    min_batch: int = 1
+    """Generation / verdict calls are padded to at least this many rows (else to the power of
+    two of the live rows). Padding saves compiling programs for 4, 2 and 1 rows (2-4 s each on
+    a CPU) but costs far more when prompts are long: 96 new tokens after 1000-token prompts
+    took 43 s for 16 rows and 7.6 s for 2 (measured, SmolLM2-135M, 2-core CPU)."""
+    drop_failed_groups: bool = True
+    """rwr: leave out Assistant rows of groups in which every episode failed (their RWR weights
+    are all 1, which would be plain SFT on failures)."""
+    checker_rows_per_round: int = 0
+    """Train the Checker on at most this many of a round's verdict rows (a seeded random
+    subset; 0 = all). Each is a whole Checker prompt for one trained token, so on a CPU they
+    can cost more than the Assistant's trajectories."""
+    # -- evaluation
+    eval_tasks: int = 24
+    """Held-out synthetic tasks (the same items before and after every stage)."""
+    eval_every: int = 0
+    """Also evaluate every N rounds (0 = only before and after the stages)."""
+    eval_base: bool = False
+    """Evaluate the base model (before agent tuning) too."""
+    eval_checker: bool = True
+    """Report the with-Checker setting beside the single-attempt one."""
+    dev_checker: bool = True
+    """On the dev split too (when eval_checker is on)."""
+    synthetic_checker: bool = True
+    """On the held-out synthetic tasks too (when eval_checker is on). Each rejection costs a
+    reason and a revision, each a full prefill of the episode, so with a Checker that rejects
+    often this doubles an evaluation's time."""
+    reflexion_trials: int = 1
+    """> 1: also report reflexion retries (pass@N) with this many attempts."""
+    dev_data: str = "auto"
+    """AgentBench DB dev JSONL; 'auto' = ../shared/data/agentbench_dbbench/dev.jsonl beside the
+    repo when it exists; '' = none."""
+    dev_limit: int | None = None
+    dev_stages: tuple[str, ...] = ("agent_tuning", "cmat")
+    """Stages evaluated on the dev split (base, agent_tuning, cmat)."""
+    eval_max_new_tokens: int = 192
+    eval_max_context: int = 2048
+    """Evaluation prompt + reply tokens; longer episodes continue from short-term memory. On a
+    CPU the last live episodes of a batch otherwise prefill ~1500-token prompts for 16 padded
+    rows per turn."""
+    progress: bool = True
+    checkpoint_keep: int = 2
+    export: bool = True
+    """Export the Assistant adapter as PEFT files into DIR/export/assistant-peft."""
+
+    @property
+    def sft_row_len(self) -> int:
+        return self.sft_seq_len or self.seq_len
+
+    def __post_init__(self) -> None:
+        for name in (
+            "tasks_per_round",
+            "group_size",
+            "epochs",
+            "batch_size",
+            "seq_len",
+            "max_new_tokens",
+            "train_max_rounds",
+            "eval_max_rounds",
+            "max_batch",
+            "min_batch",
+            "sft_batch_size",
+            "reflexion_trials",
+            "eval_max_new_tokens",
+            "eval_max_context",
+            "ltm_token_budget",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in (
+            "sft_steps",
+            "sft_examples",
+            "rounds",
+            "eval_tasks",
+            "eval_every",
+            "checker_rows_per_round",
+            "anchor_rows",
+            "reason_max_new_tokens",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.sft_seq_len is not None and self.sft_seq_len < 1:
+            raise ValueError(f"--sft-seq-len must be >= 1, got {self.sft_seq_len}")
+        if self.seq_len <= self.max_new_tokens:
+            raise ValueError(
+                f"--seq-len ({self.seq_len}) must exceed --max-new-tokens ({self.max_new_tokens}):"
+                " a training rollout's prompt and reply both fit in seq_len + 1 tokens"
+            )
+        if self.anchor_rows and self.anchor_coef <= 0:
+            raise ValueError("--anchor-rows needs --anchor-coef > 0 (λ of the SFT anchor)")
+        if self.anchor_rows and self.sft_row_len > self.seq_len:
+            raise ValueError(
+                f"--anchor-rows: expert rows of --sft-seq-len {self.sft_row_len} tokens do not fit "
+                f"CMAT rows of --seq-len {self.seq_len}"
+            )
+        if "assistant" not in self.lora.slots or "checker" not in self.lora.slots:
+            raise ValueError(
+                f"--lora.slots must include 'assistant' and 'checker', got {self.lora.slots}"
+            )
+        if self.reflector_slot != "none" and self.reflector_slot not in self.lora.slots:
+            raise ValueError(
+                f"--reflector-slot must be 'none' or one of --lora.slots {self.lora.slots}, "
+                f"got {self.reflector_slot!r}"
+            )
+        if not 0.0 <= self.synth_wikisql_share <= 1.0:
+            raise ValueError(
+                f"--synth-wikisql-share must be in [0, 1], got {self.synth_wikisql_share}"
+            )
+        bad = set(self.dev_stages) - {"base", "agent_tuning", "cmat"}
+        if bad:
+            raise ValueError(f"--dev-stages: unknown stage(s) {sorted(bad)}")
+
+
+def resolved_config(job: CMATJob) -> dict:
+    job = dataclasses.replace(
+        job,
+        model=_absolute_if_path(job.model),
+        sft_data=tuple(_absolute_if_path(d) for d in job.sft_data),
+        out=str(Path(job.out).expanduser().resolve()),
+        dev_data=str(resolve_dev_data(job.dev_data) or ""),
+    )
+    # JSON round trip: tuples become lists, as they read back from DIR/config.json on resume.
+    return json.loads(json.dumps({"job": "cmat", "slot": "assistant", **dataclasses.asdict(job)}))
+
+
+def resolve_dev_data(dev_data: str) -> Path | None:
+    if dev_data == "auto":
+        repo = Path(__file__).resolve().parents[2]
+        p = (repo / DEV_DATA_RELATIVE).resolve()
+        return p if p.is_file() else None
+    if not dev_data:
+        return None
+    p = Path(dev_data).expanduser().resolve()
+    if not p.is_file():
+        raise FileNotFoundError(f"--dev-data: {p}: no such file")
+    return p

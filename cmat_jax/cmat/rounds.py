@@ -1,0 +1,173 @@
+"""CMAT rounds (CMAT.md section 6, stage 3): synthetic DB tasks -> `RolloutEngine` (G episodes
+per task, Checker, revisions, memory) -> the round's training rows -> the trainer's CMAT-loss
+steps for E epochs. Long-term memory is written by the episodes themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from cmat_jax.cmat.config import CMATConfig
+from cmat_jax.cmat.expert import draw_anchor_rows
+from cmat_jax.cmat.job import CMATJob
+from cmat_jax.cmat.loss import LossConfig
+from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
+from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine, RolloutResult
+from cmat_jax.cmat.session import CMATRun
+from cmat_jax.data.rows import TrainRow
+from cmat_jax.envs.dbbench import DBBenchEnv
+from cmat_jax.envs.dbbench_synth import generate_tasks
+from cmat_jax.envs.sql_backend import SQLBackend
+
+
+def synth_tasks(n: int, seed: int, start: int = 0, wikisql_share: float = 0.0) -> list[Any]:
+    return [st.task for st in generate_tasks(n, seed, start, wikisql_share)]
+
+
+def cmat_config(job: CMATJob) -> CMATConfig:
+    """The rollouts' CMAT hyperparameters (memory, Checker, feedback) from the job."""
+    return CMATConfig(
+        alpha=job.alpha,
+        beta=job.beta,
+        tau=job.tau,
+        group_size=job.group_size,
+        max_revisions=job.max_revisions,
+        use_checker=job.use_checker,
+        use_reflection=job.use_reflection,
+        ltm_k=job.ltm_k,
+        ltm_token_budget=job.ltm_token_budget,
+        ltm_solutions=job.ltm_solutions,
+        ltm_similar=job.ltm_similar,
+        stm_token_budget=job.stm_token_budget,
+    )
+
+
+def loss_config(job: CMATJob) -> LossConfig:
+    return LossConfig(
+        mode=job.loss_mode,
+        kl_coef=job.kl_coef,
+        anchor_coef=job.anchor_coef,
+        clip_eps=job.clip_eps,
+    )
+
+
+def rollout_round(r: CMATRun, rnd: int, backend: SQLBackend) -> RolloutResult:
+    """Round `rnd`'s rollouts: `tasks_per_round` fresh synthetic tasks, G episodes each."""
+    job = r.job
+    tasks = synth_tasks(
+        job.tasks_per_round,
+        job.seed,
+        rnd * job.tasks_per_round,
+        wikisql_share=job.synth_wikisql_share,
+    )
+    with LongTermMemory(r.ltm_path) as ltm:
+        engine = RolloutEngine(
+            r.model,
+            r.tok,
+            lambda: DBBenchEnv(backend, max_rounds=job.train_max_rounds),
+            roles=r.roles,
+            cmat_cfg=cmat_config(job),
+            rollout_cfg=RolloutConfig(
+                temperature=job.temperature,
+                max_new_tokens=job.max_new_tokens,
+                reason_max_new_tokens=job.reason_max_new_tokens,
+                max_batch=job.max_batch,
+                min_batch=job.min_batch,
+                # every training row fits seq_len whole: prompts that would outgrow it
+                # are rebuilt from short-term memory instead
+                max_context=job.seq_len + 1,
+            ),
+            ltm=ltm,
+            read_policy=ReadPolicy.training(),
+            baseline=r.baseline,
+            mesh=r.mesh,
+        )
+        return engine.run(tasks, key=jax.random.key(job.seed * 1000 + rnd))
+
+
+def run_round(
+    r: CMATRun, rnd: int, backend: SQLBackend, anchor_pool: list[TrainRow]
+) -> tuple[dict[str, Any], RolloutResult, list[dict]]:
+    """One rollout -> update round: `(stats, rollouts, per-step train metrics)`; the stats
+    line is written to DIR/rounds.jsonl."""
+    job = r.job
+    t = time.perf_counter()
+    res = rollout_round(r, rnd, backend)
+    t_roll = time.perf_counter() - t
+    seed = job.seed * 1000 + rnd
+    rows = select_rows(res, job, seed=seed)
+    if rows and job.anchor_rows:
+        rows += draw_anchor_rows(anchor_pool, job.anchor_rows, seed=seed)
+    hist: list[dict] = []
+    for epoch in range(job.epochs):
+        if rows:
+            hist += r.train_rows(
+                rows, None, "cmat", loss_config(job), job.seed * 7 + rnd * 31 + epoch
+            )
+    st = dict(res.stats)
+    st.update(
+        round=rnd + 1,
+        rows=len(rows),
+        rollout_s=t_roll,
+        train_s=time.perf_counter() - t - t_roll,
+        loss=float(np.mean([h["loss"] for h in hist])) if hist else None,
+        kl=float(np.mean([h["kl"] for h in hist])) if hist else None,
+    )
+    r.write_round(st)
+    r.log(
+        f"round {rnd + 1}/{job.rounds}: reward {st['mean_reward']:.3f}, "
+        f"success {st['success_rate']:.3f}, "
+        f"checker P/R {st['checker_precision']}/{st['checker_recall']}, {len(rows)} rows, "
+        f"{time.perf_counter() - t:.0f}s"
+    )
+    return st, res, hist
+
+
+def select_rows(res: Any, job: CMATJob, seed: int = 0) -> list:
+    """The round's training rows (see `CMATJob.drop_failed_groups` and
+    `CMATJob.checker_rows_per_round`)."""
+    rows = list(res.rows)
+    if job.loss_mode == "rwr" and job.drop_failed_groups:
+        best: dict[str, float] = {}
+        for e in res.episodes:
+            best[e.group_id] = max(best.get(e.group_id, 0.0), e.reward)
+        rows = [
+            row
+            for row in rows
+            if row.role != "assistant" or best[res.episodes[row.episode].group_id] > 0.0
+        ]
+    checker = [row for row in rows if row.role == "checker"]
+    rows = [row for row in rows if row.role != "checker"]
+    return rows + balance_checker_rows(checker, job.checker_rows_per_round, seed)
+
+
+def balance_checker_rows(rows: list, cap: int, seed: int) -> list:
+    """Checker rows with both verdicts weighted equally: at most `cap` rows (0 = all), drawn
+    half from each label where both have enough, and each label's rows weighted so that the
+    two labels carry the same total weight.
+
+    Labels follow the episode's outcome, so in a round where most episodes fail most labels are
+    "reject"; trained as they come, a few steps teach the Checker to reject everything, and its
+    rejections then derail the Assistant's next round."""
+    rng = np.random.default_rng(seed)
+    by_label = {True: [r for r in rows if r.label], False: [r for r in rows if not r.label]}
+    if cap and len(rows) > cap:
+        minority = min(by_label, key=lambda label: len(by_label[label]))
+        small, big = by_label[minority], by_label[not minority]
+        n_small = min(len(small), cap // 2)
+        keep_small = [small[i] for i in rng.permutation(len(small))[:n_small]]
+        keep_big = [big[i] for i in rng.permutation(len(big))[: cap - n_small]]
+        by_label = {True: [], False: []}
+        for r in keep_small + keep_big:
+            by_label[bool(r.label)].append(r)
+    present = [label for label, rs in by_label.items() if rs]
+    total = sum(len(by_label[label]) for label in present)
+    out = []
+    for label in present:
+        scale = total / (len(present) * len(by_label[label]))
+        out += [dataclasses.replace(r, weight=r.weight * scale) for r in by_label[label]]
+    return out
