@@ -208,7 +208,7 @@ def lower_step(kind: str, cfg: ModelConfig, mesh: AbstractMesh, platform: str) -
     """The jitted LoRA train step ("train") or CMAT step ("cmat") on abstract inputs sharded
     over `mesh`, lowered for `platform`. The one place that knows the step-building API."""
     aot_memory = _tools_module("aot_memory")
-    from cmat_jax.cmat.loss import LossConfig, make_cmat_step
+    from cmat_jax.cmat.loss import CMATLoss, LossConfig
     from cmat_jax.training.step import OptimConfig, make_optimizer, make_train_step
 
     optimizer = make_optimizer(OptimConfig(), 100)
@@ -217,7 +217,8 @@ def lower_step(kind: str, cfg: ModelConfig, mesh: AbstractMesh, platform: str) -
     if kind == "train":
         step = make_train_step(graphdef, optimizer, mesh)
     else:
-        step = make_cmat_step(graphdef, optimizer, LossConfig(mode="ppo", kl_coef=0.05), mesh)
+        loss = CMATLoss(LossConfig(mode="ppo", kl_coef=0.05))
+        step = make_train_step(graphdef, optimizer, mesh, loss=loss)
     batch = aot_memory.abstract_batch(8, T, cmat=kind == "cmat")
     shardings = step.shardings(state, frozen, batch)
     args = jax.tree.map(
