@@ -601,6 +601,10 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
                 cfg.model, cfg.step, dtype=cfg.dtype, attention_impl=cfg.attention_impl
             )
             protocol = cfg.protocol(lm.run_config)
+            assistant = lm.slot(cfg.slot)
+            checker = "checker" if "checker" in lm.slots else "none"
+            reflector = lm.slot(lm.run_config.get("reflector_slot", assistant), "reflector_slot")
+            roles = eval_roles(assistant, checker, reflector)
     backend = _make_backend(cfg)
     out = Path(cfg.out)
 
@@ -608,10 +612,6 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if lm is not None:
-            assistant = lm.slot(cfg.slot)
-            checker = "checker" if "checker" in lm.slots else "none"
-            reflector = lm.run_config.get("reflector_slot", assistant)
-            roles = eval_roles(assistant, checker, lm.slot(reflector, "reflector_slot"))
             results = evaluate_agent(
                 lm.model, lm.tokenizer, tasks, protocol, roles=roles, backend=backend,
                 ltm_path=lm.run_dir / "ltm.sqlite" if lm.run_dir else None,

@@ -123,8 +123,8 @@ def build_run_model(
     overrides: dict[str, Any] = {}
     if attention_impl or run_cfg.get("attention_impl"):
         overrides["attention_impl"] = attention_impl or run_cfg["attention_impl"]
-    if remat:
-        overrides["remat"] = remat
+    if remat or run_cfg.get("remat"):  # no cost without a backward pass; the run's numerics
+        overrides["remat"] = remat or run_cfg["remat"]
     tokenizer = None
     try:
         if with_base:

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from cmat_jax.cli import run_cli
+from cmat_jax.cli import parse, run_cli
 from cmat_jax.training.checkpoint import CheckpointConfig
 
 CONFIGS_ENV = "CMAT_JAX_CONFIGS"
@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         raise ValueError(f"unknown subcommand {name!r} (choose from: {', '.join(cmds)})")
     cmd = cmds[name]
     default = preset_default(cmd.kind, rest)
-    job = tyro.cli(cmd.kind, args=rest, default=default, prog=f"python -m cmat_jax.train {name}")
+    job = parse(cmd.kind, rest, default=default, prog=f"python -m cmat_jax.train {name}")
     return cmd.run(job)
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -15,6 +13,7 @@ from cmat_jax.envs.sqlite_backend import SQLiteBackend
 from cmat_jax.evaluate import EvalConfig, EvalProtocol, evaluate, main, run_episodes
 from cmat_jax.run_loader import load_source
 from cmat_jax.training.checkpoint import CheckpointError
+from tests.fixtures_run import save_tiny_run_dir
 
 DEV = Path(__file__).resolve().parents[2] / "shared/data/agentbench_dbbench/dev.jsonl"
 
@@ -164,46 +163,6 @@ def test_model_agent_end_to_end(tmp_path, tiny_dir, checker):
     assert (eng["verdict_calls"] > 0) is checker
 
 
-def _tiny_run_dir(root: Path, model_dir: Path, slots: tuple[str, ...], slot: str | None):
-    """A training run directory as cmat_jax.train / cmat.loop write it: config.json naming the
-    base and the LoRA config, and one orbax checkpoint of a train state holding LoRA params."""
-    from typing import NamedTuple
-
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from cmat_jax import load_model
-    from cmat_jax.model.lora import LoRAParam
-    from cmat_jax.train import LoRAArgs
-    from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
-
-    lora = LoRAArgs(rank=2, alpha=4.0, slots=slots)
-    cfg = {"model": str(model_dir), "lora": dataclasses.asdict(lora)}
-    if slot:
-        cfg["slot"] = slot
-        cfg.update(ltm_k=2, ltm_token_budget=64, ltm_solutions=False, ltm_similar=False)
-    root.mkdir()
-    (root / "config.json").write_text(json.dumps(cfg))
-    model, _ = load_model(model_dir, "float32")
-    model.add_lora(lora.build(), rngs=nnx.Rngs(1))
-    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
-                          lora_state.to_pure_dict())  # fmt: skip
-
-    class State(NamedTuple):
-        step: Any
-        params: Any
-
-    with Checkpointer(root / "checkpoints", CheckpointConfig(every=1)) as ck:
-        negated = jax.tree.map(lambda x: -x, params)  # step 3 differs from step 7
-        ck.save(State(np.int32(3), negated), meta={"stage": "agent_tuning"}, force=True)
-        ck.wait()
-        ck.save(State(np.int32(7), params), meta={"stage": "cmat"}, force=True)
-    return params
-
-
 def test_run_dir_model_source(tmp_path, tiny_dir):
     import jax
     import numpy as np
@@ -212,7 +171,7 @@ def test_run_dir_model_source(tmp_path, tiny_dir):
     from cmat_jax.model.lora import LoRAParam
 
     run = tmp_path / "cmat_run"
-    params = _tiny_run_dir(run, tiny_dir, ("assistant", "checker"), "assistant")
+    params = save_tiny_run_dir(run, tiny_dir, ("assistant", "checker"), "assistant")
     lm = load_source(str(run), dtype="float32")
     assert lm.default_slot == "assistant" and lm.slots == ("none", "assistant", "checker")
     assert lm.info()["kind"] == "run" and lm.step == 7 and lm.base == str(tiny_dir)
@@ -234,7 +193,7 @@ def test_run_dir_model_source(tmp_path, tiny_dir):
         lm.slot("user")
 
     sft = tmp_path / "sft_run"  # an SFT run: one trained slot, no Checker adapter
-    _tiny_run_dir(sft, tiny_dir, ("tuned",), None)
+    save_tiny_run_dir(sft, tiny_dir, ("tuned",), None)
     lm = load_source(str(sft), dtype="float32")
     assert lm.default_slot == "tuned" and "checker" not in lm.slots
     assert EvalProtocol.from_run_config(lm.run_config) == EvalProtocol()
