@@ -187,3 +187,11 @@ def test_bad_input_is_one_line_exit_2(files, module, argv, fragment):
     assert fragment in lines[0], lines[0]
     assert sorted(p.name for p in files.iterdir()) == before  # nothing written
     print(f"{module} {' '.join(argv)}\n  -> {lines[0]}")
+
+
+def test_chat_takes_a_run_directory(files):
+    """`chat --model RUN_DIR` (issue: "config.json: field 'model_type' is None")."""
+    argv = ["--model", str(files / "run"), "--max-new-tokens", "4", "--slot", "checker"]
+    proc = _run("cmat_jax.chat", argv, cwd=files, stdin="hi\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.endswith("\n") and len(proc.stdout) > 1
