@@ -195,3 +195,27 @@ def test_chat_takes_a_run_directory(files):
     proc = _run("cmat_jax.chat", argv, cwd=files, stdin="hi\n")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.endswith("\n") and len(proc.stdout) > 1
+
+
+@pytest.mark.parametrize("module", ["evaluate", "chat", "export"])
+def test_help_documents_every_flag(module, capsys):
+    import dataclasses
+    import importlib
+
+    from cmat_jax.cli import parse
+    from tests.test_train_cli import _field_docs
+
+    mod = importlib.import_module(f"cmat_jax.{module}")
+    kind = getattr(
+        mod, {"evaluate": "EvalConfig", "chat": "ChatArgs", "export": "ExportArgs"}[module]
+    )
+    with pytest.raises(SystemExit) as e:
+        parse(kind, ["--help"], prog=module)
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    docs = _field_docs(kind)
+    for f in dataclasses.fields(kind):
+        assert f.name in docs, f"{kind.__name__}.{f.name} has no help text"
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text and " ".join(docs[f.name].split())[:25] in text, flag
+    assert "--config" in text
