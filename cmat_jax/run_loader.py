@@ -105,9 +105,10 @@ def build_run_model(
     remat: str | None = None,
     with_base: bool = True,
 ) -> tuple[Any, Any, LoRAConfig]:
-    """``(model, tokenizer, lora_cfg)``: the run's base with empty LoRA slots, built with the run's
-    dtypes and attention kernel unless overridden (``with_base=False``: shapes only, no weights
-    read and no tokenizer)."""
+    """``(model, tokenizer, lora_cfg)``: the run's base with freshly initialized LoRA slots, built
+    with the run's dtypes, remat and attention kernel unless overridden (``with_base=False``:
+    shapes only, no weights read and no tokenizer). What training builds from its config, so
+    a trainer's start and resume can call it too."""
     from flax import nnx
 
     from cmat_jax.weights.load import load_model
@@ -133,7 +134,8 @@ def build_run_model(
             model = _model_shapes(base, param_dtype, compute)
     except ValueError as e:
         raise SourceError(f"{where}: base model {base!r}: {e}") from None
-    model.add_lora(lora_cfg, rngs=nnx.Rngs(0))
+    # The run's seed: a fresh run's adapters start as its job's did (a restore overwrites them).
+    model.add_lora(lora_cfg, rngs=nnx.Rngs(int(run_cfg.get("seed", 0))))
     return model, tokenizer, lora_cfg
 
 
