@@ -228,6 +228,9 @@ def _convert(value: Any, hint: Any, where: str, current: Any = None) -> Any:
             raise UsageError(f"{where}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{where}: expected a number, got {value!r}")
         return float(value)
