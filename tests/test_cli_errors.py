@@ -41,12 +41,12 @@ def files(tmp_path_factory):
     return root
 
 
-def _run(module: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(module: str, argv: list[str], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=cwd, env=env, input=stdin,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
 
