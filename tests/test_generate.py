@@ -604,9 +604,7 @@ def test_chat_cli_driven_by_a_pipe(tmp_path):
     assert proc.returncode == 0, proc.stderr
     first, second = proc.stdout.split("[history cleared]\n")
     assert first == second and first.endswith("\n") and len(first) > 1
-    bad = subprocess.run(
-        [*cmd, "--slot", "critic"], input="hi\n", capture_output=True, text=True
-    )
+    bad = subprocess.run([*cmd, "--slot", "critic"], input="hi\n", capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --slot: 'critic' is not")
 
 
