@@ -1,41 +1,53 @@
 """Interactive chat with streaming output: `python -m cmat_jax.chat --model M`.
 
-Reads one user message per line from stdin (so it can be driven by a pipe), renders the
-conversation with the model's chat template, and prints the reply as tokens arrive (decoded
-in small chunks). `/reset` clears the history, `/quit` (or end of input) exits.
+M is a training run directory (its base plus the adapters of its newest checkpoint, or
+`--step`; the reply comes from `--slot`, default the slot the run trained), a preset, an HF
+directory or a GGUF file. Reads one user message per line from stdin (so it can be driven by a
+pipe), renders the conversation with the model's chat template, and prints the reply as tokens
+arrive (decoded in small chunks). `/reset` clears the history, `/quit` (or end of input) exits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, TextIO
+from collections.abc import Sequence
+from typing import Annotated, Any, TextIO
 
 import jax
-import tyro
 
-from cmat_jax.cli import run_cli
+from cmat_jax.cli import AttentionImpl, Dtype, NonNegFloat, NonNegInt, PosInt, Range, parse, run_cli
 from cmat_jax.inference.generate import Generator, SamplingParams
 from cmat_jax.inference.prefix_cache import PrefixCache
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatArgs:
+    """Chat with a model in the terminal (or through a pipe)."""
+
     model: str = "smollm2-135m-instruct"
-    """Anything `load_model` takes: an HF dir, a .gguf file or a preset name."""
-    dtype: str = "bfloat16"
-    """Parameter and compute dtype."""
+    """A training run directory, a preset, an HF directory or a .gguf file."""
+    slot: str | None = None
+    """LoRA slot to chat with (default: the slot a run trained; "none" = the base model)."""
+    step: NonNegInt | None = None
+    """With a run directory: the checkpoint step to load (default: the newest)."""
+    dtype: Dtype | None = None
+    """Parameter and compute dtype (default: a run's param_dtype, else bfloat16)."""
+    attention_impl: AttentionImpl | None = None
+    """Prefill attention kernel (default: a run's, else auto)."""
     system: str | None = None
     """System prompt (default: the chat template's own, if any)."""
-    adapter: str = "none"
-    """LoRA slot to chat with ("none" = the base model)."""
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    """0 = greedy."""
-    top_k: int = 0
-    top_p: float = 1.0
+    max_new_tokens: PosInt = 256
+    """Token cap of one reply."""
+    temperature: NonNegFloat = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_k: NonNegInt = 0
+    """Sample from the k most likely tokens (0 = all)."""
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
+    """Nucleus sampling: the smallest set of tokens with this much probability."""
     seed: int = 0
-    chunk_steps: int = 4
+    """Seeds sampling."""
+    chunk_steps: PosInt = 4
     """Decode steps between prints (smaller = smoother streaming, a little slower)."""
 
 
@@ -68,7 +80,8 @@ def chat(
     gen = Generator(model, tokenizer)
     prefix = PrefixCache(max_calls=1)  # each turn prefills only what the last one added
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
-    gen._adapter_ids([args.adapter], 1)  # validate the slot name before the first turn
+    slot = args.slot or "none"
+    gen._adapter_ids([slot], 1)  # validate the slot name before the first turn
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     key = jax.random.key(args.seed)
@@ -98,7 +111,7 @@ def chat(
             max_new_tokens=args.max_new_tokens,
             sampling=sampling,
             key=jax.random.fold_in(key, turn),
-            adapter_ids=[args.adapter],
+            adapter_ids=[slot],
             stream=printer,
             chunk_steps=args.chunk_steps,
             prefix_cache=prefix,
@@ -111,17 +124,15 @@ def chat(
     return history
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(ChatArgs, args=argv, description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    from cmat_jax.run_loader import load_source
 
-    def run() -> None:
-        from cmat_jax import load_model
-
-        model, tokenizer = load_model(args.model, args.dtype)
-        chat(args, model, tokenizer)
-
-    run_cli(run)
+    args = parse(
+        ChatArgs, argv, prog="python -m cmat_jax.chat", description=__doc__.splitlines()[0]
+    )
+    lm = load_source(args.model, args.step, dtype=args.dtype, attention_impl=args.attention_impl)
+    chat(dataclasses.replace(args, slot=lm.slot(args.slot)), lm.model, lm.tokenizer)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,24 +1,28 @@
-"""Evaluate an agent on DBBench: ``python -m cmat_jax.evaluate --model M --task dbbench
---data FILE.jsonl --out DIR``.
+"""Evaluate an agent on DBBench: ``python -m cmat_jax.evaluate --model M --data FILE.jsonl --out DIR``.
 
-Episodes run batched: up to ``--batch-size`` environments are live at once, the agent is called
-on all their message lists together, and a finished episode's slot is refilled from the queue
-at once. Writes ``DIR/results.json`` (``overall_cat_accuracy``, every per-type accuracy, ``n``,
-the settings, throughput) and ``DIR/transcripts.jsonl`` (one line per episode).
+One protocol serves this CLI and the CMAT job's evaluations (:func:`evaluate_agent`): greedy
+episodes through the CMAT ``RolloutEngine`` with the Assistant's slot, optionally the Checker
+verifying every proposal before it runs (accept iff p_accept >= 0.5, a rejection asks for up to
+``max_revisions`` revisions), long-term memory read from a copy of a run's memory (policy
+``evaluation``: nothing written on test items is read), and with ``reflexion_trials > 1``
+unsolved items retried with the Reflector's lessons on their earlier attempts (reported
+separately, pass@N). Up to ``live_episodes`` episodes advance together, their generation calls
+taking ``max_batch`` rows each.
 
-Agents: ``model`` (an LLM through the CMAT ``RolloutEngine``: the Assistant role, with
-``--checker`` the Checker role verifying every proposal before it runs; see
-:func:`evaluate_model`), ``oracle`` (replays the gold labels: the scorer's ceiling) and ``null``
-(answers nothing: its floor). ``--model`` is anything ``load_model`` takes or a training run
-directory (``cmat_jax.train`` or ``cmat_jax.cmat.loop``): the base named in its config.json plus
-the LoRA adapters of its newest complete checkpoint (see :func:`load_eval_model`).
+Writes ``DIR/results.json`` (``overall_cat_accuracy``, every per-type accuracy,
+``success_rate``, ``n``, engine counters, the settings, throughput) and ``DIR/episodes.jsonl``
+(one line per episode and attempt: the task, every proposal with its verdict and observation,
+the conversation, the scored output) — the format of the CMAT job's ``eval/*/episodes.jsonl``.
 
-``--reflexion-trials N`` (N > 1) re-runs the items not yet solved, up to N attempts in all, with
-the agent's reflections on the failed attempt (when it can reflect) added to the next attempt's
-instructions; the headline numbers stay single-attempt and the retries are reported separately
-under ``reflexion`` as a pass@N-style number. With the model agent the reflections come from the
-Reflector role (the Assistant in reflect mode) through a long-term memory that only this
-evaluation writes (same-item reflections only: the Reflexion protocol).
+``--model`` is a training run directory (the base named in its config.json plus the adapters
+of its newest complete checkpoint, or ``--step``; the Assistant on ``--slot``, default the slot
+the run trained; the Checker on the run's ``checker`` slot when it has one), a preset, an HF
+directory or a GGUF file (see :mod:`cmat_jax.run_loader`). Protocol settings left unset take a
+CMAT run's own evaluation settings (``eval_max_rounds``, ``eval_max_new_tokens``, ...), else
+the defaults below, so evaluating a run directory repeats the job's own evaluation.
+
+Agents besides ``model``: ``oracle`` (replays the gold labels: the scorer's ceiling) and
+``null`` (answers nothing: its floor), stepped by :func:`run_episodes`.
 """
 
 from __future__ import annotations
@@ -29,239 +33,136 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from cmat_jax.cli import (
+    AttentionImpl,
+    Dtype,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    Range,
+    UsageError,
+    parse,
+    run_cli,
+)
 from cmat_jax.envs.agents import Agent, NullAgent, oracle_agent
 from cmat_jax.envs.dbbench import DBBenchEnv, DBTask, dbbench_metrics, load_tasks
 from cmat_jax.envs.sql_backend import SQLBackend
 
 __all__ = [
-    "Agent",
     "EvalConfig",
-    "EvalModel",
+    "EvalProtocol",
+    "eval_roles",
     "evaluate",
-    "evaluate_model",
-    "load_eval_model",
+    "evaluate_agent",
     "main",
-    "make_model_agent",
     "run_episodes",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
-    """Evaluate an agent on an AgentBench-format task file."""
+class EvalProtocol:
+    """How an evaluation runs (the CLI and the CMAT job alike)."""
 
-    data: Path
-    """Task file: AgentBench DBBench JSONL (or a JSON list)."""
-    out: Path
-    """Output directory for results.json and transcripts.jsonl."""
-    model: str | None = None
-    """Model source for --agent model: anything load_model takes (HF dir, .gguf, preset) or a
-    training run directory (base from its config.json + its newest LoRA checkpoint)."""
-    step: int | None = None
-    """With a run directory as --model: the checkpoint step to load (e.g. the end of agent
-    tuning) instead of the newest."""
-    task: Literal["dbbench", "os"] = "dbbench"
-    script_dir: Path | None = None
-    """--task os: the folder the problem file's script paths are relative to (default: the
-    problem file's folder)."""
-    agent: Literal["model", "oracle", "null"] = "model"
     checker: bool = False
-    """Let the Checker role verify each proposal before it runs (model agent only)."""
+    """Let the Checker verify each proposal before it runs."""
     reflexion_trials: int = 1
-    """Attempts per item; > 1 adds a separately reported reflexion (pass@N-style) number."""
-    limit: int | None = None
-    """Evaluate only the first N items."""
-    batch_size: int = 16
-    """Episodes stepped together (and the generation batch)."""
-    backend: Literal["sqlite", "mysql"] = "sqlite"
-    mysql_option_file: str | None = None
-    """MariaDB administrator credentials: a MySQL option file (its [client] group: user,
-    password, socket or host/port). Without one the password comes from the
-    CMAT_MYSQL_PASSWORD environment variable; it is never a flag (argv is public)."""
-    mysql_socket: str | None = None
-    mysql_host: str = "localhost"
-    mysql_port: int = 3306
-    mysql_user: str = "cmat_admin"
-    """MariaDB administrator account (needs only CREATE USER and ALL ON `cmat_ep_%`.* WITH
-    GRANT OPTION; see cmat_jax.envs.mysql_backend.ADMIN_GRANTS)."""
-    statement_time_limit_s: float = 3.0
+    """Attempts per item; > 1 adds a separately reported reflexion (pass@N) number."""
     max_rounds: int = 15
+    """Environment round limit of an episode (AgentBench's protocol: 15)."""
     max_new_tokens: int = 512
-    """Model agent: token cap of one reply (proposal, Checker reason or reflection)."""
+    """Token cap of one reply (proposal, Checker reason or reflection)."""
     reason_max_new_tokens: int = 0
-    """Model agent: token cap of a Checker's rejection reason (0 = max_new_tokens)."""
+    """Token cap of a Checker's rejection reason (0 = max_new_tokens)."""
     max_context: int = 2048
-    """Model agent: prompt + reply tokens per generation; longer episodes drop their oldest
-    steps first (the default job evaluates with 1024, which is much cheaper on a CPU)."""
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    """Model agent: base parameter and matmul dtype."""
-    attention_impl: str = "auto"
-    """Model agent: attention kernel of each prompt's prefill (see cmat_jax.model.attention;
-    "auto" = chunked on CPU, cuDNN / Pallas on GPU and TPU; "xla" = full scores)."""
+    """Prompt + reply tokens per generation; longer episodes continue from short-term memory."""
     max_revisions: int = 2
-    """Model agent with --checker: Assistant revisions after rejections in one round (K)."""
-    reuse_prefix: bool = True
-    """Model agent: reuse the keys/values of prompt prefixes earlier generation calls computed
-    (an episode's history), prefilling only each prompt's new part."""
+    """Assistant revisions after Checker rejections in one round."""
+    max_batch: int = 16
+    """Rows per generation / verdict call."""
+    min_batch: int = 1
+    """Generation / verdict calls are padded to at least this many rows."""
     live_episodes: int | None = None
-    """Model agent: episodes advanced together (default 4 x batch size); their generation calls
-    take --batch-size rows each."""
-    overwrite: bool = False
-    """Replace an existing DIR/results.json."""
-    progress: bool = True
+    """Episodes advanced together (None = 4 x max_batch)."""
+    reuse_prefix: bool = True
+    """Reuse the keys/values of prompt prefixes earlier generation calls computed."""
+    ltm_k: int = 3
+    """Long-term-memory records injected into a prompt (when a memory is read)."""
+    ltm_token_budget: int = 256
+    ltm_solutions: bool = True
+    ltm_similar: bool = True
 
-
-# -- agents ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class EvalModel:
-    """A model ready for evaluation: the (LoRA-carrying) model, its tokenizer, the adapter slot
-    of each role ("none" = the frozen base) and where it came from."""
-
-    model: Any
-    tokenizer: Any
-    assistant_slot: str = "none"
-    checker_slot: str = "none"
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
-    ltm_path: Path | None = None
-    """A run's training long-term memory (read, never written, by the evaluation)."""
-    ltm_read: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """How the run read that memory (`CMATConfig` fields ltm_k, ltm_token_budget,
-    ltm_solutions, ltm_similar, from its config.json): evaluation injects what training
-    injected, never more (another task's solution, say, which the run had turned off)."""
-
-
-LTM_READ_FIELDS = ("ltm_k", "ltm_token_budget", "ltm_solutions", "ltm_similar")
-
-
-def _run_config(source: str) -> dict[str, Any] | None:
-    """The run config when ``source`` is a training run directory (config.json naming a base
-    ``model`` and a ``lora`` config, beside ``checkpoints/``), else None."""
-    path = Path(source).expanduser()
-    cfg_file = path / "config.json"
-    if not (path.is_dir() and cfg_file.is_file() and (path / "checkpoints").exists()):
-        return None
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file}: unreadable run config ({e})") from None
-    if not (isinstance(cfg, dict) and "lora" in cfg and "model" in cfg):
-        return None
-    return cfg
-
-
-def load_eval_model(
-    source: str | None,
-    dtype: str = "bfloat16",
-    step: int | None = None,
-    attention_impl: str = "auto",
-) -> EvalModel:
-    """Load ``source``: anything ``load_model`` takes (base model, every role on slot "none"),
-    or a training run directory: the base its config.json names, with the LoRA params of
-    checkpoint ``step`` (default: the newest complete one). The Assistant uses the slot the
-    run trained (``slot``, else the first); the Checker its ``checker`` slot when the run has
-    one, else the base."""
-    if source is None:
-        raise ValueError(
-            "--agent model needs --model (an HF dir, a .gguf file, a preset or a run dir)"
-        )
-    from cmat_jax import load_model
-
-    run_cfg = _run_config(source)
-    if run_cfg is None:
-        if step is not None:
-            raise ValueError(
-                f"--step {step} needs a training run directory as --model, got {source}"
+    def __post_init__(self) -> None:
+        for name in ("reflexion_trials", "max_rounds", "max_new_tokens", "max_context",
+                     "max_batch", "min_batch", "ltm_token_budget"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("reason_max_new_tokens", "max_revisions", "ltm_k"):
+            if getattr(self, name) < 0:
+                raise UsageError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.live_episodes is not None and self.live_episodes < 1:
+            raise UsageError(f"--live-episodes must be >= 1, got {self.live_episodes}")
+        if self.max_context <= self.max_new_tokens:
+            raise UsageError(
+                f"--max-context ({self.max_context}) must exceed --max-new-tokens "
+                f"({self.max_new_tokens})"
             )
-        model, tok = load_model(source, dtype, attention_impl=attention_impl)
-        return EvalModel(model, tok, info={"source": str(source), "kind": "base"})
 
-    import jax
-    from flax import nnx
+    @classmethod
+    def from_run_config(cls, run_cfg: Mapping[str, Any], **overrides: Any) -> EvalProtocol:
+        """The protocol a CMAT job evaluates with, from its config (a run's config.json or
+        ``dataclasses.asdict(job)``); fields it lacks keep the defaults; ``overrides`` win."""
+        kw = {
+            ours: run_cfg[theirs] for theirs, ours in RUN_EVAL_FIELDS.items() if theirs in run_cfg
+        }
+        return cls(**{**kw, **overrides})
 
-    from cmat_jax.model.lora import LoRAConfig, LoRAParam
-    from cmat_jax.training.checkpoint import Checkpointer
 
-    run_dir = Path(source).expanduser().resolve()
-    where = run_dir / "config.json"
-    base = run_cfg["model"]
-    if not isinstance(base, str):
-        raise ValueError(f"{where}: field 'model' must name the base model source")
-    try:
-        lora = dict(run_cfg["lora"])
-        lora["targets"], lora["slots"] = tuple(lora["targets"]), tuple(lora["slots"])
-        lora_cfg = LoRAConfig(**lora)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: bad 'lora' config ({e})") from None
-    model, tok = load_model(base, dtype, attention_impl=attention_impl)
-    model.add_lora(lora_cfg, rngs=nnx.Rngs(0))
-    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lora_state.to_pure_dict()
+# CMAT run config field -> protocol field (a run records how its job evaluated).
+RUN_EVAL_FIELDS = {
+    "eval_max_rounds": "max_rounds",
+    "eval_max_new_tokens": "max_new_tokens",
+    "eval_max_context": "max_context",
+    "reason_max_new_tokens": "reason_max_new_tokens",
+    "max_revisions": "max_revisions",
+    "max_batch": "max_batch",
+    "min_batch": "min_batch",
+    "reflexion_trials": "reflexion_trials",
+    "ltm_k": "ltm_k",
+    "ltm_token_budget": "ltm_token_budget",
+    "ltm_solutions": "ltm_solutions",
+    "ltm_similar": "ltm_similar",
+}
+
+
+def eval_roles(
+    assistant_slot: str = "none", checker_slot: str = "none", reflector_slot: str | None = None
+) -> Any:
+    """The DBBench roles on the given adapter slots ("none" = the frozen base; the Reflector
+    defaults to the Assistant's slot)."""
+    from cmat_jax.cmat import roles as R
+    from cmat_jax.envs.dbbench import SYSTEM_PROMPT
+
+    reflector = reflector_slot or assistant_slot
+    roles = R.make_roles(
+        "dbbench", assistant_prompt=SYSTEM_PROMPT, checker_slot=checker_slot,
+        reflector_slot=reflector,
+    )  # fmt: skip
+    # make_roles guards training against an untrainable Assistant; evaluating the frozen base
+    # (zero-shot) is exactly the Assistant on slot "none".
+    return dataclasses.replace(
+        roles, assistant=dataclasses.replace(roles.assistant, adapter_slot=assistant_slot)
     )
-    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
-    try:
-        step = ckpt.latest_step() if step is None else step
-        params, meta = ckpt.restore_lora(target, step)
-    finally:
-        ckpt.close()
-    lora_state.replace_by_pure_dict(params)
-    nnx.update(model, lora_state)
-    assistant = run_cfg.get("slot") or lora_cfg.slots[0]
-    if assistant not in lora_cfg.slots:
-        raise ValueError(f"{where}: slot {assistant!r} is not among lora.slots {lora_cfg.slots}")
-    checker = "checker" if "checker" in lora_cfg.slots else "none"
-    ltm = run_dir / "ltm.sqlite"
-    info = {
-        "source": str(run_dir),
-        "kind": "run",
-        "base": base,
-        "step": step,
-        "stage": meta.get("stage"),
-        "assistant_slot": assistant,
-        "checker_slot": checker,
-    }
-    ltm_read = {k: run_cfg[k] for k in LTM_READ_FIELDS if k in run_cfg}
-    return EvalModel(model, tok, assistant, checker, info, ltm if ltm.is_file() else None, ltm_read)
 
 
-def make_model_agent(
-    model_source: str | None, *, max_new_tokens: int = 512, dtype: str = "bfloat16"
-) -> Agent:
-    """A plain chat agent (greedy replies from the Assistant slot, no Checker) for
-    :func:`run_episodes`; ``evaluate`` runs the model agent through :func:`evaluate_model`."""
-    from cmat_jax.inference.generate import Generator
-
-    em = load_eval_model(model_source, dtype)
-    return _ModelAgent(Generator(em.model, em.tokenizer), em, max_new_tokens)
-
-
-class _ModelAgent:
-    """Greedy replies from one model; an episode whose prompt no longer fits ends (None)."""
-
-    def __init__(self, generator: Any, em: EvalModel, max_new_tokens: int) -> None:
-        self.gen, self.tok, self.max_new_tokens = generator, em.tokenizer, max_new_tokens
-        self.slot = em.assistant_slot
-
-    def act(self, batch: Sequence[Sequence[dict[str, str]]]) -> list[str | None]:
-        prompts = [
-            self.tok.apply_chat_template(list(m), add_generation_prompt=True, tokenize=True)
-            for m in batch
-        ]
-        fits = [len(p) + self.max_new_tokens <= self.gen.max_cache_len for p in prompts]
-        todo = [p for p, ok in zip(prompts, fits, strict=True) if ok]
-        texts = iter([])
-        if todo:
-            out = self.gen.generate(
-                todo, max_new_tokens=self.max_new_tokens, adapter_ids=[self.slot] * len(todo)
-            )
-            texts = iter(out.texts)
-        return [next(texts) if ok else None for ok in fits]
+# -- the one evaluation ----------------------------------------------------------------------
 
 
 def _copy_sqlite(src: Path, dst: Path) -> None:
@@ -269,118 +170,198 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
         a.backup(b)
 
 
-def evaluate_model(
-    em: EvalModel,
+def evaluate_agent(
+    model: Any,
+    tokenizer: Any,
     tasks: Sequence[DBTask],
-    backend: SQLBackend,
-    cfg: EvalConfig,
+    protocol: EvalProtocol,
+    *,
+    roles: Any,
+    backend: SQLBackend | None = None,
+    ltm_path: Path | None = None,
+    episodes_path: Path | None = None,
     on_done: Callable[[int], None] | None = None,
-) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
-    """Greedy evaluation of ``em`` through the CMAT ``RolloutEngine`` (the protocol of
-    ``cmat.loop.evaluate_tasks``, with this evaluator's backend and transcripts): the Assistant
-    proposes, with ``cfg.checker`` the Checker accepts iff p_accept >= 0.5 (a rejection asks for
-    up to ``cfg.max_revisions`` revisions), and with ``cfg.reflexion_trials > 1`` unsolved items
-    are retried with the Reflector's lessons on their earlier attempts.
+) -> dict[str, Any]:
+    """Greedy evaluation of ``model`` (its adapters on the slots ``roles`` name) on ``tasks``.
 
-    Returns the transcripts per trial (task order; each with the scorer's ``output``, the
-    Assistant/Checker turn records and the reflection) and the first trial's engine stats.
+    ``ltm_path``: a run's long-term memory, read through a private copy (never changed);
+    ``backend``: the SQL backend (default SQLite, 3 s per statement); ``episodes_path``: where
+    every episode's line goes (all attempts). Returns the results dict of :func:`score`, with
+    the engine counters of the first attempt under ``engine``.
     """
-    from cmat_jax.cmat import roles as R
     from cmat_jax.cmat.config import CMATConfig
     from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
-    from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine
-    from cmat_jax.envs.dbbench import SYSTEM_PROMPT
+    from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine, summarize
 
-    roles = R.make_roles("dbbench", assistant_prompt=SYSTEM_PROMPT, checker_slot=em.checker_slot)
-    # make_roles guards training against an untrainable Assistant; evaluating the frozen base
-    # (zero-shot) is exactly the Assistant (and Reflector) on slot "none".
-    roles = dataclasses.replace(
-        roles,
-        assistant=dataclasses.replace(roles.assistant, adapter_slot=em.assistant_slot),
-        reflector=dataclasses.replace(roles.reflector, adapter_slot=em.assistant_slot),
-    )
-    reflexion = cfg.reflexion_trials > 1
-    live = cfg.live_episodes or 4 * cfg.batch_size
-    if live < 1:
-        raise ValueError(f"--live-episodes must be >= 1, got {live}")
+    if not tasks:
+        raise UsageError("evaluation: no tasks to evaluate")
+    own_backend = backend is None
+    if backend is None:
+        from cmat_jax.envs.sqlite_backend import SQLiteBackend
+
+        backend = SQLiteBackend(time_limit_s=3.0)
+    p = protocol
+    reflexion = p.reflexion_trials > 1
+    live = p.live_episodes or 4 * p.max_batch
     work = Path(tempfile.mkdtemp(prefix="cmat_eval_"))
     ltm = None
-    if em.ltm_path is not None or reflexion:
-        if em.ltm_path is not None:  # a copy: evaluation never changes the run's memory
-            _copy_sqlite(em.ltm_path, work / "ltm.sqlite")
+    if (ltm_path is not None and Path(ltm_path).is_file()) or reflexion:
+        if ltm_path is not None and Path(ltm_path).is_file():
+            _copy_sqlite(Path(ltm_path), work / "ltm.sqlite")
         ltm = LongTermMemory(work / "ltm.sqlite")
-    memory_read = dict(em.ltm_read) if ltm is not None else {"ltm_k": 0}  # the run's settings
+    memory = dict(
+        ltm_k=p.ltm_k if ltm is not None else 0,
+        ltm_token_budget=p.ltm_token_budget,
+        ltm_solutions=p.ltm_solutions,
+        ltm_similar=p.ltm_similar,
+    )
     trials: list[list[dict[str, Any]]] = []
-    stats: dict[str, Any] = {}
+    counters: dict[str, Any] = {}
+    records: list[Any] = []
     envs: list[DBBenchEnv] = []  # the engine's envs of the current chunk, in task order
 
     def make_env() -> DBBenchEnv:
-        envs.append(DBBenchEnv(backend, max_rounds=cfg.max_rounds))
+        envs.append(DBBenchEnv(backend, max_rounds=p.max_rounds))
         return envs[-1]
 
+    t0 = time.perf_counter()
+    cmat_cfg = None
     try:
         todo = list(tasks)
-        for trial in range(cfg.reflexion_trials):
+        for trial in range(p.reflexion_trials):
+            cmat_cfg = CMATConfig(
+                group_size=1,
+                use_checker=p.checker,
+                max_revisions=p.max_revisions,
+                use_reflection=reflexion and trial + 1 < p.reflexion_trials,
+                **memory,
+            )
             engine = RolloutEngine(
-                em.model,
-                em.tokenizer,
+                model,
+                tokenizer,
                 make_env,
                 roles=roles,
-                cmat_cfg=CMATConfig(
-                    group_size=1,
-                    use_checker=cfg.checker,
-                    max_revisions=cfg.max_revisions,
-                    use_reflection=reflexion and trial + 1 < cfg.reflexion_trials,
-                    **memory_read,
-                ),
+                cmat_cfg=cmat_cfg,
                 rollout_cfg=RolloutConfig(
                     temperature=0.0,
                     checker_sample=False,
-                    max_new_tokens=cfg.max_new_tokens,
-                    reason_max_new_tokens=cfg.reason_max_new_tokens,
-                    max_context=cfg.max_context,
-                    max_batch=cfg.batch_size,
+                    max_new_tokens=p.max_new_tokens,
+                    reason_max_new_tokens=p.reason_max_new_tokens,
+                    max_context=p.max_context,
+                    max_batch=p.max_batch,
+                    min_batch=p.min_batch,
                     counterfactual=False,
                     ltm_split="eval" if reflexion else "",
-                    reuse_prefix=cfg.reuse_prefix,
+                    reuse_prefix=p.reuse_prefix,
                 ),
                 ltm=ltm,
                 read_policy=ReadPolicy.evaluation(reflexion=trial > 0),
             )
-            trs: list[dict[str, Any]] = []
+            lines: list[dict[str, Any]] = []
             for lo in range(0, len(todo), live):
                 part = todo[lo : lo + live]
                 envs.clear()
                 res = engine.run(part, group_size=1, train=False)
-                for k in ("wall_s", "generate_calls", "generated_tokens", "verdict_calls",
-                          "env_steps", "proposals", "executed", "rejections", "revisions"):  # fmt: skip
-                    if trial == 0 and isinstance(res.stats.get(k), (int, float)):
-                        stats[k] = stats.get(k, 0) + res.stats[k]
-                for env, rec, out, refl in zip(
-                    envs, res.episodes, res.outputs, res.reflections, strict=True
+                if trial == 0:
+                    records += res.episodes
+                    for k, v in res.stats.items():
+                        if k in _COUNTERS:
+                            counters[k] = counters.get(k, 0) + v
+                for task, env, rec, out, refl in zip(
+                    part, envs, res.episodes, res.outputs, res.reflections, strict=True
                 ):
-                    tr = env.transcript()
-                    tr["output"] = out
-                    tr["turns"] = [dataclasses.asdict(t) for t in rec.turns]
-                    if refl:
-                        tr["reflection"] = refl
-                    trs.append(tr)
+                    lines.append(episode_line(task, env.transcript(), out, trial, rec, refl))
                 if on_done is not None:
                     on_done(len(part))
-            trials.append(trs)
-            todo = [t for t, tr in zip(todo, trs, strict=True) if tr["reward"] < 1.0]
+            trials.append(lines)
+            todo = [t for t, line in zip(todo, lines, strict=True) if not _solved(line)]
             if not todo:
                 break
     finally:
         if ltm is not None:
             ltm.close()
         shutil.rmtree(work, ignore_errors=True)
-    if cfg.checker:
-        turns = [t for tr in trials[0] for t in tr["turns"]] if trials else []
-        stats["checker_rejections"] = sum(t["verdict"] == "reject" for t in turns)
-        p = [t["p_accept"] for t in turns if t["p_accept"] is not None]
-        stats["mean_p_accept"] = round(sum(p) / len(p), 4) if p else None
-    return trials, stats
+        if own_backend:
+            backend.close()
+    results = score(tasks, trials, p.reflexion_trials)
+    results["engine"] = {**counters, **summarize(records, cmat_cfg)}
+    results["eval_wall_s"] = round(time.perf_counter() - t0, 3)
+    if episodes_path is not None:
+        write_episodes(episodes_path, trials)
+    return results
+
+
+# Engine counters summed over the chunks of the first attempt.
+_COUNTERS = ("generate_calls", "generated_tokens", "verdict_calls", "env_steps",
+             "reused_prompt_tokens", "prefilled_prompt_tokens", "context_rebuilds")  # fmt: skip
+
+
+def episode_line(
+    task: DBTask,
+    transcript: dict[str, Any],
+    output: dict[str, Any] | None,
+    trial: int,
+    record: Any = None,
+    reflection: str = "",
+) -> dict[str, Any]:
+    """One line of episodes.jsonl: the attempt, the task, the environment's transcript (the
+    conversation, steps, status, reward), the scored output and, for a model agent, every
+    proposal with its verdict and observation (``turns``) and the reflection."""
+    line: dict[str, Any] = {
+        "trial": trial + 1,
+        "description": task.description,
+        **({"table_name": task.table_name} if hasattr(task, "table_name") else {}),  # DB tasks
+        **transcript,
+        "output": output,
+        "turns": [dataclasses.asdict(t) for t in record.turns] if record is not None else [],
+    }
+    if reflection:
+        line["reflection"] = reflection
+    return line
+
+
+def _solved(line: dict[str, Any]) -> bool:
+    return bool((line.get("output") or {}).get("correct"))
+
+
+def score(
+    tasks: Sequence[DBTask], trials: Sequence[Sequence[dict[str, Any]]], reflexion_trials: int
+) -> dict[str, Any]:
+    """The headline numbers of the first attempt (AgentBench's per-type accuracies,
+    ``overall_cat_accuracy``, ``success_rate``), the status counts, and with reflexion the
+    pass@N numbers over all attempts."""
+    first = {line["task_id"]: line for line in trials[0]} if trials else {}
+    firsts = [first.get(t.task_id) for t in tasks]
+    results: dict[str, Any] = dict(dbbench_metrics((x or {}).get("output") for x in firsts))
+    results["success_rate"] = sum(x is not None and _solved(x) for x in firsts) / max(len(tasks), 1)
+    results["n"] = len(tasks)
+    results["episodes"] = sum(len(t) for t in trials)
+    results["status_counts"] = _counts(x["status"] for x in firsts if x is not None)
+    if reflexion_trials > 1:
+        best = dict(first)
+        for lines in trials[1:]:
+            for line in lines:
+                if _solved(line):
+                    best[line["task_id"]] = line
+        finals = [best.get(t.task_id) for t in tasks]
+        results["reflexion"] = {
+            "label": f"pass@{reflexion_trials}",
+            "note": f"pass@{reflexion_trials}: item counts as solved if any of "
+            f"{reflexion_trials} attempts succeeded (later attempts see reflections)",
+            "trials": reflexion_trials,
+            "success_rate": sum(x is not None and _solved(x) for x in finals) / max(len(tasks), 1),
+            **dbbench_metrics((x or {}).get("output") for x in finals),
+        }
+    return results
+
+
+def write_episodes(path: Path, trials: Sequence[Sequence[dict[str, Any]]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for lines in trials:
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
 
 
 def _make_backend(cfg: EvalConfig) -> SQLBackend:
@@ -400,7 +381,7 @@ def _make_backend(cfg: EvalConfig) -> SQLBackend:
     return SQLiteBackend(time_limit_s=cfg.statement_time_limit_s)
 
 
-# -- the batched episode loop ----------------------------------------------------------------
+# -- scripted agents (oracle, null, custom Agent objects) ------------------------------------
 
 
 def run_episodes(
@@ -410,12 +391,14 @@ def run_episodes(
     *,
     batch_size: int = 16,
     max_rounds: int = 15,
+    trial: int = 0,
     notes: dict[str, str] | None = None,
     on_done: Callable[[dict[str, Any]], None] | None = None,
     make_env: Callable[[], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one episode per task with up to ``batch_size`` live at once; returns the
-    transcripts in task order (each with the scorer's ``output``)."""
+    """Run one episode per task of an ``Agent`` with up to ``batch_size`` live at once; returns
+    the episodes' lines (:func:`episode_line`) in task order. ``make_env`` builds another
+    task family's environment (default: the DB task's on ``backend``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results: list[dict[str, Any] | None] = [None] * len(tasks)
@@ -431,12 +414,11 @@ def run_episodes(
         return i, env
 
     def finish(i: int, env: DBBenchEnv) -> None:
-        tr = env.transcript()
-        tr["output"] = env.output()
+        line = episode_line(tasks[i], env.transcript(), env.output(), trial)
         env.close()
-        results[i] = tr
+        results[i] = line
         if on_done is not None:
-            on_done(tr)
+            on_done(line)
 
     try:
         while queue or live:
@@ -461,126 +443,210 @@ def run_episodes(
     return [r for r in results if r is not None]
 
 
+def _run_trials(
+    tasks: Sequence[DBTask], agent: Agent, backend: SQLBackend, p: EvalProtocol, bar: Any
+) -> list[list[dict[str, Any]]]:
+    """Attempts of an ``Agent``: unsolved items are retried, with the agent's reflections (when
+    it has ``reflect``) added to the next attempt's instructions."""
+    trials: list[list[dict[str, Any]]] = []
+    notes: dict[str, str] = {}
+    todo = list(tasks)
+    for trial in range(p.reflexion_trials):
+        if trial > 0:
+            bar.reset(total=len(todo))
+            bar.set_description(f"trial {trial + 1}")
+        lines = run_episodes(
+            todo, agent, backend, batch_size=p.max_batch, max_rounds=p.max_rounds, trial=trial,
+            notes=notes, on_done=lambda _line: bar.update(1),
+        )  # fmt: skip
+        trials.append(lines)
+        failed = [line for line in lines if not _solved(line)]
+        todo = [t for t, line in zip(todo, lines, strict=True) if not _solved(line)]
+        if not todo:
+            break
+        reflect = getattr(agent, "reflect", None)
+        if callable(reflect) and trial + 1 < p.reflexion_trials:
+            for line, note in zip(failed, reflect(failed), strict=True):
+                notes[line["task_id"]] = note
+    return trials
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate an agent on an AgentBench-format DBBench task file."""
+
+    data: Path
+    """Task file: AgentBench DBBench JSONL (or a JSON list)."""
+    out: Path
+    """Output directory for results.json and episodes.jsonl."""
+    model: str | None = None
+    """Model for --agent model: a training run directory (its base + the adapters of a
+    checkpoint), a preset, an HF directory or a .gguf file."""
+    step: NonNegInt | None = None
+    """With a run directory: the checkpoint step to load (default: the newest)."""
+    slot: str | None = None
+    """With a run directory: the Assistant's adapter slot (default: the slot the run trained;
+    "none" = the base model)."""
+    task: Literal["dbbench", "os"] = "dbbench"
+    """Task family of --data: AgentBench DB (JSONL) or OS interaction (a JSON problem file)."""
+    script_dir: Path | None = None
+    """--task os: the folder the problem file's script paths are relative to (default: the
+    problem file's folder)."""
+    agent: Literal["model", "oracle", "null"] = "model"
+    """model: an LLM (--model); oracle: replays the gold answers; null: answers nothing."""
+    checker: bool = False
+    """Let the Checker role verify each proposal before it runs (model agent only; the run's
+    'checker' slot, else the base)."""
+    reflexion_trials: PosInt | None = None
+    """Attempts per item; > 1 adds a separately reported reflexion (pass@N) number
+    (default: the run's reflexion_trials, else 1)."""
+    limit: PosInt | None = None
+    """Evaluate only the first N items."""
+    batch_size: PosInt | None = None
+    """Rows per generation call, and scripted agents' live episodes (default: the run's
+    max_batch, else 16)."""
+    backend: Literal["sqlite", "mysql"] = "sqlite"
+    """SQL engine the episodes run on."""
+    mysql_option_file: str | None = None
+    """--backend mysql: administrator credentials in a MySQL option file (its [client] group:
+    user, password, socket or host/port). Without one the password comes from the
+    CMAT_MYSQL_PASSWORD environment variable; it is never a flag (argv is public)."""
+    mysql_socket: str | None = None
+    """--backend mysql: unix socket of the server (else host and port)."""
+    mysql_host: str = "localhost"
+    """--backend mysql: server host."""
+    mysql_port: Annotated[int, Range(ge=1, le=65535)] = 3306
+    """--backend mysql: server port."""
+    mysql_user: str = "cmat_admin"
+    """--backend mysql: administrator account (needs only CREATE USER and ALL ON `cmat_ep_%`.*
+    WITH GRANT OPTION; see cmat_jax.envs.mysql_backend.ADMIN_GRANTS)."""
+    statement_time_limit_s: PosFloat = 3.0
+    """Seconds one SQL statement may run before it is stopped."""
+    max_rounds: PosInt | None = None
+    """Environment round limit of an episode (default: the run's eval_max_rounds, else 15)."""
+    max_new_tokens: PosInt | None = None
+    """Token cap of one reply (default: the run's eval_max_new_tokens, else 512)."""
+    reason_max_new_tokens: NonNegInt | None = None
+    """Token cap of a Checker's rejection reason (0 = --max-new-tokens; default: the run's)."""
+    max_context: PosInt | None = None
+    """Prompt + reply tokens per generation; longer episodes drop their oldest steps first
+    (default: the run's eval_max_context, else 2048)."""
+    dtype: Dtype | None = None
+    """Base parameter and matmul dtype (default: the run's param_dtype, else bfloat16)."""
+    attention_impl: AttentionImpl | None = None
+    """Prefill attention kernel (default: the run's, else auto: chunked on CPU, cuDNN /
+    Pallas on GPU and TPU)."""
+    max_revisions: NonNegInt | None = None
+    """With --checker: Assistant revisions after rejections in one round (default: the run's,
+    else 2)."""
+    reuse_prefix: bool = True
+    """Reuse the keys/values of prompt prefixes earlier generation calls computed."""
+    live_episodes: PosInt | None = None
+    """Model agent: episodes advanced together (default: 4 x batch size)."""
+    overwrite: bool = False
+    """Replace an existing DIR/results.json."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def protocol(self, run_cfg: Mapping[str, Any] | None = None) -> EvalProtocol:
+        """The protocol: flags given here, else the run's evaluation settings, else defaults."""
+        flags = dict(
+            checker=self.checker,
+            reflexion_trials=self.reflexion_trials,
+            max_rounds=self.max_rounds,
+            max_new_tokens=self.max_new_tokens,
+            reason_max_new_tokens=self.reason_max_new_tokens,
+            max_context=self.max_context,
+            max_revisions=self.max_revisions,
+            max_batch=self.batch_size,
+            live_episodes=self.live_episodes,
+            reuse_prefix=self.reuse_prefix,
+        )
+        given = {k: v for k, v in flags.items() if v is not None}
+        return EvalProtocol.from_run_config(run_cfg or {}, **given)
+
+
+def _check_config(cfg: EvalConfig) -> None:
+    if cfg.agent != "model":
+        for flag, value in (("--checker", cfg.checker or None), ("--step", cfg.step),
+                            ("--model", cfg.model), ("--slot", cfg.slot)):  # fmt: skip
+            if value is not None:
+                raise UsageError(f"{flag} only applies to --agent model")
+    elif cfg.model is None:
+        raise UsageError(
+            "--agent model needs --model (a run directory, a preset, an HF dir or a .gguf file)"
+        )
+    if not Path(cfg.data).is_file():
+        raise UsageError(f"--data: {cfg.data}: no such file")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out}: exists and is not a directory")
+    if (out / "results.json").exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")
+
+
 def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg``; writes and returns the results dict."""
+    """Run the evaluation ``cfg`` describes (``agent``: a scripted Agent in place of
+    --agent); writes DIR/results.json and DIR/episodes.jsonl only once everything is loaded."""
+    from cmat_jax.run_loader import load_source
+
     if cfg.task == "os":
         from cmat_jax.envs.os_eval import evaluate_os  # it builds on run_episodes (a cycle)
 
         return evaluate_os(cfg, agent)
-    if cfg.task != "dbbench":
-        raise ValueError(f"unknown task {cfg.task!r}")
-    if cfg.reflexion_trials < 1:
-        raise ValueError(f"--reflexion-trials must be >= 1, got {cfg.reflexion_trials}")
-    if cfg.reason_max_new_tokens < 0:
-        raise ValueError(
-            f"--reason-max-new-tokens must be >= 0 (0 = --max-new-tokens), got "
-            f"{cfg.reason_max_new_tokens}"
-        )
-    if cfg.checker and cfg.agent != "model":
-        raise ValueError("--checker only applies to --agent model")
-    if cfg.step is not None and cfg.agent != "model":
-        raise ValueError("--step only applies to --agent model")
-    if cfg.agent == "model" and cfg.max_context <= cfg.max_new_tokens:
-        raise ValueError(
-            f"--max-context ({cfg.max_context}) must exceed --max-new-tokens ({cfg.max_new_tokens})"
-        )
-    out = Path(cfg.out)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")
+    _check_config(cfg)
+    protocol = cfg.protocol()  # checks the flags before anything is loaded
     tasks = load_tasks(cfg.data, limit=cfg.limit)
-    em: EvalModel | None = None
+    if not tasks:
+        raise UsageError(f"--data: {cfg.data}: no tasks")
+    lm = None
     if agent is None:
         if cfg.agent == "oracle":
             agent = oracle_agent(tasks)
         elif cfg.agent == "null":
             agent = NullAgent()
         else:
-            em = load_eval_model(cfg.model, cfg.dtype, cfg.step, cfg.attention_impl)
+            lm = load_source(
+                cfg.model, cfg.step, dtype=cfg.dtype, attention_impl=cfg.attention_impl
+            )
+            protocol = cfg.protocol(lm.run_config)
+            assistant = lm.slot(cfg.slot)
+            checker = "checker" if "checker" in lm.slots else "none"
+            reflector = lm.slot(lm.run_config.get("reflector_slot", assistant), "reflector_slot")
+            roles = eval_roles(assistant, checker, reflector)
     backend = _make_backend(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
 
-    bar = _progress(len(tasks) * 1, cfg.progress)
+    bar = _progress(len(tasks), cfg.progress)
     t0 = time.perf_counter()
-    trials: list[list[dict[str, Any]]] = []
-    engine_stats: dict[str, Any] = {}
     try:
-        if em is not None:
-            trials, engine_stats = evaluate_model(em, tasks, backend, cfg, on_done=bar.update)
-            for i, trs in enumerate(trials):
-                for tr in trs:
-                    tr["trial"] = i + 1
+        if lm is not None:
+            results = evaluate_agent(
+                lm.model, lm.tokenizer, tasks, protocol, roles=roles, backend=backend,
+                ltm_path=lm.run_dir / "ltm.sqlite" if lm.run_dir else None,
+                episodes_path=out / "episodes.jsonl", on_done=bar.update,
+            )  # fmt: skip
+            results["model_info"] = {
+                **lm.info(), "assistant_slot": assistant, "checker_slot": checker,
+            }  # fmt: skip
         else:
-            trials = _run_trials(tasks, agent, backend, cfg, bar)
+            trials = _run_trials(tasks, agent, backend, protocol, bar)
+            results = score(tasks, trials, protocol.reflexion_trials)
+            results["eval_wall_s"] = round(time.perf_counter() - t0, 3)
+            write_episodes(out / "episodes.jsonl", trials)
     finally:
         bar.close()
         backend.close()
     wall = time.perf_counter() - t0
-
-    first = trials[0] if trials else []
-    results: dict[str, Any] = dict(dbbench_metrics(tr["output"] for tr in first))
-    results["n"] = len(first)
-    episodes = sum(len(t) for t in trials)
-    results["episodes"] = episodes
     results["wall_s"] = round(wall, 3)
-    results["episodes_per_minute"] = round(episodes / wall * 60, 1) if wall > 0 else None
-    results["status_counts"] = _counts(tr["status"] for tr in first)
-    if em is not None:
-        results["model_info"] = em.info
-        results["engine"] = engine_stats
-    settings = dataclasses.asdict(cfg)
+    results["episodes_per_minute"] = round(results["episodes"] / wall * 60, 1) if wall > 0 else None
+    settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
     results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
-    if cfg.reflexion_trials > 1:
-        best = {tr["task_id"]: tr for trs in trials for tr in trs if tr["reward"] == 1.0}
-        final = [best.get(tr["task_id"], tr) for tr in first]
-        results["reflexion"] = {
-            "label": f"pass@{cfg.reflexion_trials}",
-            "note": f"pass@{cfg.reflexion_trials}: item counts as solved if any of "
-            f"{cfg.reflexion_trials} attempts succeeded (later attempts see reflections)",
-            "trials": cfg.reflexion_trials,
-            **dbbench_metrics(tr["output"] for tr in final),
-        }
-    with (out / "transcripts.jsonl").open("w", encoding="utf-8") as f:
-        for trs in trials:
-            for tr in trs:
-                f.write(json.dumps(tr, ensure_ascii=False, default=str) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
-
-
-def _run_trials(
-    tasks: Sequence[DBTask], agent: Agent, backend: SQLBackend, cfg: EvalConfig, bar: Any
-) -> list[list[dict[str, Any]]]:
-    """Attempts of an ``Agent`` (oracle, null, custom): unsolved items are retried, with the
-    agent's reflections (when it has ``reflect``) added to the next attempt's instructions."""
-    trials: list[list[dict[str, Any]]] = []
-    solved: dict[str, bool] = {}
-    notes: dict[str, str] = {}
-    for trial in range(cfg.reflexion_trials):
-        todo = [t for t in tasks if not solved.get(t.task_id)]
-        if not todo:
-            break
-        if trial > 0:
-            bar.reset(total=len(todo))
-            bar.set_description(f"trial {trial + 1}")
-        trs = run_episodes(
-            todo,
-            agent,
-            backend,
-            batch_size=cfg.batch_size,
-            max_rounds=cfg.max_rounds,
-            notes=notes,
-            on_done=lambda _tr: bar.update(1),
-        )
-        for tr in trs:
-            tr["trial"] = trial + 1
-            solved[tr["task_id"]] = solved.get(tr["task_id"], False) or tr["reward"] == 1.0
-        trials.append(trs)
-        reflect = getattr(agent, "reflect", None)
-        if callable(reflect) and trial + 1 < cfg.reflexion_trials:
-            failed = [tr for tr in trs if tr["reward"] < 1.0]
-            for tr, note in zip(failed, reflect(failed), strict=True):
-                notes[tr["task_id"]] = note
-    return trials
 
 
 def _counts(items: Any) -> dict[str, int]:
@@ -597,15 +663,15 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import tyro
-
-    cfg = tyro.cli(EvalConfig, args=argv)
+    cfg = parse(
+        EvalConfig, argv, prog="python -m cmat_jax.evaluate", description=__doc__.splitlines()[0]
+    )
     results = evaluate(cfg)
-    keys = ("overall_cat_accuracy", "accuracy", "n", "episodes_per_minute")
+    keys = ("overall_cat_accuracy", "accuracy", "success_rate", "n", "episodes_per_minute")
     summary = {k: results[k] for k in keys if k in results}
     print(json.dumps(summary))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

