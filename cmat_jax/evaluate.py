@@ -181,12 +181,14 @@ def evaluate_agent(
     ltm_path: Path | None = None,
     episodes_path: Path | None = None,
     on_done: Callable[[int], None] | None = None,
+    mesh: Any = None,
 ) -> dict[str, Any]:
     """Greedy evaluation of ``model`` (its adapters on the slots ``roles`` name) on ``tasks``.
 
     ``ltm_path``: a run's long-term memory, read through a private copy (never changed);
     ``backend``: the SQL backend (default SQLite, 3 s per statement); ``episodes_path``: where
-    every episode's line goes (all attempts). Returns the results dict of :func:`score`, with
+    every episode's line goes (all attempts); ``mesh``: generate on it (see RolloutEngine).
+    Returns the results dict of :func:`score`, with
     the engine counters of the first attempt under ``engine``.
     """
     from cmat_jax.cmat.config import CMATConfig
@@ -256,6 +258,7 @@ def evaluate_agent(
                 ),
                 ltm=ltm,
                 read_policy=ReadPolicy.evaluation(reflexion=trial > 0),
+                mesh=mesh,
             )
             lines: list[dict[str, Any]] = []
             for lo in range(0, len(todo), live):

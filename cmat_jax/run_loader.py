@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from cmat_jax.model.lora import LoRAConfig
+from cmat_jax.model.lora import LoRAConfig, set_lora_params
 from cmat_jax.run_dir import CHECKPOINTS, CONFIG, RunDir, RunDirError
 
 
@@ -159,17 +159,6 @@ def hf_config(source: str) -> dict[str, Any]:
 
         return dict(read_gguf(resolved.path).hf_config)
     return dict(resolved.hf_config())
-
-
-def set_lora_params(model: Any, params: Any) -> None:
-    """Put LoRA params (a pure dict shaped like the model's LoRA state) into ``model``."""
-    from flax import nnx
-
-    from cmat_jax.model.lora import LoRAParam
-
-    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
-    lora_state.replace_by_pure_dict(params)
-    nnx.update(model, lora_state)
 
 
 def load_run(

@@ -44,7 +44,9 @@ def finish_run(
         try:
             target = r.dir / "export" / "assistant-peft"
             if not target.exists():
-                export(ExportArgs(run=str(r.dir), out=str(target), format="peft", slot="assistant"))
+                export(
+                    ExportArgs(model=str(r.dir), out=str(target), format="peft", slot="assistant")
+                )
             out["peft_adapter"] = str(target)
         except Exception as e:  # the run's numbers stand without the export; say why
             out["peft_adapter_error"] = f"{type(e).__name__}: {e}"

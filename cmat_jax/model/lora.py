@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -169,3 +170,10 @@ def merged_weights(model: nnx.Module, slot: str) -> dict[str, np.ndarray]:
         )
         out[name] = w + lora.config.scale * delta
     return out
+
+
+def set_lora_params(model: nnx.Module, params: Any) -> None:
+    """Put LoRA params (a pure dict shaped like the model's LoRA state) into ``model``."""
+    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
+    lora_state.replace_by_pure_dict(params)
+    nnx.update(model, lora_state)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from cmat_jax import sharding as shd
 from cmat_jax.distributed import batch_share, global_batch
-from cmat_jax.model.lora import LoRAParam
+from cmat_jax.model.lora import set_lora_params
 from cmat_jax.training.checkpoint import Checkpointer
 from cmat_jax.training.losses import TokenCE
 from cmat_jax.training.step import TrainState, TrainStep, init_train_state, state_specs
@@ -117,9 +117,7 @@ class Trainer:
 
     def sync_into(self, model: nnx.Module) -> None:
         """Write the current LoRA params into `model` (a module of the same graph)."""
-        _, lora_state, _ = nnx.split(model, LoRAParam, ...)
-        lora_state.replace_by_pure_dict(self.state.params)
-        nnx.update(model, lora_state)
+        set_lora_params(model, self.state.params)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, ckpt: Checkpointer, data_state: Any = None, meta: Any = None) -> None:
