@@ -4,6 +4,7 @@ synthetic tasks), and the paired statistics against known values."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from cmat_jax.cli import run_cli
-from cmat_jax.cmat.compare import SCORES
+from cmat_jax.cmat.compare import SCORES, validate
 from cmat_jax.paired_stats import (
     betainc,
     compare_paired,
@@ -94,6 +95,8 @@ def test_compare_arms_end_to_end(tmp_path, capsys):
         "--eval-max-rounds", "2",
         "--anchor-rows", "2",
         "--checker-rows-per-round", "2",
+        "--no-use-checker",  # in the rollouts: fewer programs to compile (test_cmat_loop has it)
+        "--min-batch", "4",  # one generation batch shape
         "--eval-checker",
         "--dev-checker",
         "--no-drop-failed-groups",  # a random model fails every group; train its rows anyway
@@ -164,6 +167,13 @@ def test_compare_arms_end_to_end(tmp_path, capsys):
     # An existing output directory is never overwritten.
     with pytest.raises(FileExistsError, match="already exists"):
         tool.main(argv + job_flags)
+    # The agent-tuning run is a checkpoint a later comparison can start from (same adapters and
+    # optimizer schedule), and one of a different job is refused.
+    again = tool.parse(["--out", str(tmp_path / "again"), "--checkpoint", at["run"], *job_flags])
+    validate(again)
+    other = dataclasses.replace(again.job, sft_lr=again.job.sft_lr * 2)
+    with pytest.raises(ValueError, match="sft_lr"):
+        validate(dataclasses.replace(again, job=other))
 
 
 def test_bad_input_exits_2_before_writing(tmp_path, capsys):

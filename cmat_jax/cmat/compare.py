@@ -182,6 +182,7 @@ def agent_tuning(job: CMATJob, run_dir: Path, held_out: list, dev: list | None) 
             "given": False,
             "steps": r.trainer.step_count,
             "scores": scores(ev),
+            "eval": ev,
             "train_s": round(train_s, 1),
             "eval_s": round(eval_s, 1),
         }
@@ -258,6 +259,7 @@ def run_arm(
             "rollout_task_ids": task_ids if arm == "cmat" else None,
             "expert_rows_sha1": data_digest,
             "scores": scores(ev),
+            "eval": ev,  # everything `eval_all` reported (reflexion, SQL error rates, ...)
             "train_s": round(train_s, 1),
             "eval_s": round(time.perf_counter() - t, 1),
         }
