@@ -123,8 +123,9 @@ class Trainer:
     def save(self, ckpt: Checkpointer, data_state: Any = None, meta: Any = None) -> None:
         ckpt.save(self.state, data_state=data_state, meta=meta, force=True)
 
-    def restore(self, ckpt: Checkpointer) -> tuple[Any, dict]:
-        """Restore the newest checkpoint onto this trainer's devices; `(data_state, meta)`."""
+    def restore(self, ckpt: Checkpointer, step: int | None = None) -> tuple[Any, dict]:
+        """Restore checkpoint `step` (default: the newest) onto this trainer's devices;
+        `(data_state, meta)`."""
         shardings = self.shardings()
         if shardings is None:
             target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.state)
@@ -134,6 +135,6 @@ class Trainer:
                 self.state,
                 shardings[0],
             )
-        state, data_state, meta = ckpt.restore(target)
+        state, data_state, meta = ckpt.restore(target, step)
         self.state = TrainState(*state)
         return data_state, meta
