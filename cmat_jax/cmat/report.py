@@ -38,11 +38,11 @@ def finish_run(
     out["held_out_synthetic_tasks"] = job.eval_tasks
     out["dev_data"] = str(dev_path) if dev_path else None
     out["stages"] = results
-    if not r.primary:  # the run directory's files are process 0's
-        return out
     if job.export:
         try:
-            target = r.dir / "export" / "assistant-peft"
+            # Every process exports (the checkpoint reads are collective), each into its own
+            # directory: process 0's is the run's.
+            target = r.scratch / "export" / "assistant-peft"
             if not target.exists():
                 export(
                     ExportArgs(model=str(r.dir), out=str(target), format="peft", slot="assistant")
@@ -50,6 +50,8 @@ def finish_run(
             out["peft_adapter"] = str(target)
         except Exception as e:  # the run's numbers stand without the export; say why
             out["peft_adapter_error"] = f"{type(e).__name__}: {e}"
+    if not r.primary:  # the run directory's shared files are process 0's
+        return out
     try:
         out["plots"] = make_plots(r.dir)
     except Exception as e:
