@@ -308,15 +308,17 @@ def run_sft(job: SFTJob) -> dict:
         # An existing run dir: refuse it, or check its config, before loading anything.
         resuming = run.open(config, resume=job.resume)
 
+    mesh = shd.make_mesh(mesh_cfg)
+    # Each device reads only its shard of each weight (a 7B base never sits on one chip).
     model, tokenizer = load_model(
         job.model,
         job.param_dtype,
         compute_dtype=job.compute_dtype,
         attention_impl=job.attention_impl,
         remat=job.remat,
+        mesh=mesh,
     )
     model.add_lora(lora_cfg, rngs=nnx.Rngs(job.seed))
-    mesh = shd.make_mesh(mesh_cfg)
     # Multi-host: each process feeds only the rows of the global batch its devices hold.
     share = batch_share(mesh, job.batch_size)
     data = build_iterator(data_cfg, tokenizer, process_index=share.index, process_count=share.count)

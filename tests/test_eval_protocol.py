@@ -60,9 +60,7 @@ def test_run_dir_evaluation_equals_the_jobs_number(cmat_run, checker, split):
     root, job, final = cmat_run
     run = root / "run"
     assert (run / "ltm.sqlite").is_file()  # the round wrote memory; both evaluations read it
-    held_out = loop.synth_tasks(
-        job.eval_tasks, job.seed + loop.EVAL_SEED_OFFSET, wikisql_share=job.synth_wikisql_share
-    )
+    held_out = loop.synth_tasks(job, job.eval_tasks, job.seed + loop.EVAL_SEED_OFFSET)
     data = root / "held_out.jsonl"
     data.write_text("".join(json.dumps(t.to_record()) + "\n" for t in held_out))
     out = root / f"eval-{split}"

@@ -115,9 +115,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
         export=False,
     )
     # The same evaluation items for every arm and seed.
-    held_out = synth_tasks(
-        job.eval_tasks, job.seed + EVAL_SEED_OFFSET, wikisql_share=job.synth_wikisql_share
-    )
+    held_out = synth_tasks(job, job.eval_tasks, job.seed + EVAL_SEED_OFFSET)
     dev = load_tasks(cfg.dev_data, limit=cfg.dev_limit) if cfg.dev_data else None
     cfg.out.mkdir(parents=True)
     out: dict[str, Any] = {

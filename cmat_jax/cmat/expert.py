@@ -27,7 +27,12 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
     checker_items = []
     env = DBBenchEnv(SQLiteBackend())
     seed = job.seed + SFT_SEED_OFFSET
-    for st in generate_tasks(job.sft_examples, seed, wikisql_share=job.synth_wikisql_share):
+    for st in generate_tasks(
+        job.sft_examples,
+        seed,
+        wikisql_share=job.synth_wikisql_share,
+        benchmark_share=job.synth_benchmark_share,
+    ):
         tr = expert_episode(st, env, seed)
         if tr["reward"] != 1.0:
             continue

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cmat_jax.cli import AttentionImpl
 from cmat_jax.train import LoRAArgs, MeshArgs, _absolute_if_path
 
-DEV_DATA_RELATIVE = Path("..") / "shared" / "data" / "agentbench_dbbench" / "dev.jsonl"
+DEV_DATA_RELATIVE = Path("tests") / "data" / "agentbench_dbbench" / "dev.jsonl"
 EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic tasks: a seed no training stage uses
 SFT_SEED_OFFSET = 7_919
 
@@ -35,7 +36,7 @@ class CMATJob:
     remat: Literal["none", "full", "dots_saveable"] = "full"
     """Rematerialize each layer in the backward pass: the SFT / CMAT batches of a 135M model
     otherwise keep ~10 GB of activations."""
-    attention_impl: str = "chunked"
+    attention_impl: AttentionImpl = "chunked"
     """Attention kernel of the training steps: xla | cudnn | pallas | chunked | auto (chunked:
     blockwise, skips causal blocks — measured ~4x faster than xla fwd+bwd on CPU)."""
     lora: LoRAArgs = field(
@@ -52,6 +53,10 @@ class CMATJob:
     """Chance that a synthetic lookup / comparison question (expert data, rollout and held-out
     tasks) is phrased like WikiSQL's, AgentBench DB's main source: one to three conditions,
     "Which A has a C of v, and a N smaller than x?" (0 = the generator's own phrasings only)."""
+    synth_benchmark_share: float = 0.0
+    """Share of synthetic tasks drawn in the shape of AgentBench DB as a whole (its type mix, the
+    fixed table line, punctuated / digit-led headers, TEXT numbers, LIKE and GROUP BY questions;
+    docs/dbbench_synth.md); 0 = the generator's own families only."""
     sft_data: tuple[str, ...] = ()
     """Extra JSONL conversations (OpenAI `messages`) mixed into the Assistant's SFT data."""
     sft_lr: float = 1e-3
@@ -146,8 +151,8 @@ class CMATJob:
     reflexion_trials: int = 1
     """> 1: also report reflexion retries (pass@N) with this many attempts."""
     dev_data: str = "auto"
-    """AgentBench DB dev JSONL; 'auto' = ../shared/data/agentbench_dbbench/dev.jsonl beside the
-    repo when it exists; '' = none."""
+    """AgentBench DB dev JSONL; 'auto' = tests/data/agentbench_dbbench/dev.jsonl of a source
+    checkout when it exists (none in a wheel install); '' = none."""
     dev_limit: int | None = None
     dev_stages: tuple[str, ...] = ("agent_tuning", "cmat")
     """Stages evaluated on the dev split (base, agent_tuning, cmat)."""
@@ -224,10 +229,10 @@ class CMATJob:
                 f"--reflector-slot must be 'none' or one of --lora.slots {self.lora.slots}, "
                 f"got {self.reflector_slot!r}"
             )
-        if not 0.0 <= self.synth_wikisql_share <= 1.0:
-            raise ValueError(
-                f"--synth-wikisql-share must be in [0, 1], got {self.synth_wikisql_share}"
-            )
+        for flag, share in (("--synth-wikisql-share", self.synth_wikisql_share),
+                            ("--synth-benchmark-share", self.synth_benchmark_share)):  # fmt: skip
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{flag} must be in [0, 1], got {share}")
         bad = set(self.dev_stages) - {"base", "agent_tuning", "cmat"}
         if bad:
             raise ValueError(f"--dev-stages: unknown stage(s) {sorted(bad)}")

@@ -43,9 +43,7 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
     anchor_pool: list | None = None
     r = CMATRun(job)
     try:
-        held_out = synth_tasks(
-            job.eval_tasks, job.seed + EVAL_SEED_OFFSET, wikisql_share=job.synth_wikisql_share
-        )
+        held_out = synth_tasks(job, job.eval_tasks, job.seed + EVAL_SEED_OFFSET)
         dev = load_tasks(dev_path, limit=job.dev_limit) if dev_path else None
         results = r.progress["results"]
         stage = r.progress["stage"]

@@ -24,8 +24,13 @@ from cmat_jax.envs.dbbench_synth import generate_tasks
 from cmat_jax.envs.sql_backend import SQLBackend
 
 
-def synth_tasks(n: int, seed: int, start: int = 0, wikisql_share: float = 0.0) -> list[Any]:
-    return [st.task for st in generate_tasks(n, seed, start, wikisql_share)]
+def synth_tasks(job: CMATJob, n: int, seed: int, start: int = 0) -> list[Any]:
+    """`n` synthetic tasks from index `start` of the generator's stream `seed`, in the job's mix."""
+    shares = {
+        "wikisql_share": job.synth_wikisql_share,
+        "benchmark_share": job.synth_benchmark_share,
+    }
+    return [st.task for st in generate_tasks(n, seed, start, **shares)]
 
 
 def cmat_config(job: CMATJob) -> CMATConfig:
@@ -58,12 +63,7 @@ def loss_config(job: CMATJob) -> LossConfig:
 def rollout_round(r: CMATRun, rnd: int, backend: SQLBackend) -> RolloutResult:
     """Round `rnd`'s rollouts: `tasks_per_round` fresh synthetic tasks, G episodes each."""
     job = r.job
-    tasks = synth_tasks(
-        job.tasks_per_round,
-        job.seed,
-        rnd * job.tasks_per_round,
-        wikisql_share=job.synth_wikisql_share,
-    )
+    tasks = synth_tasks(job, job.tasks_per_round, job.seed, rnd * job.tasks_per_round)
     with LongTermMemory(r.ltm_path) as ltm:
         engine = RolloutEngine(
             r.model,

@@ -58,7 +58,26 @@ class CMATRun:
         self.primary = jax.process_index() == 0
         self.run = RunDir(self.config["out"])
         resuming = job.resume
-        if self.primary:
+        if self.primary and not self.run.is_fresh():
+            # An existing run dir: refuse it, or check its config, before loading anything.
+            resuming = self.run.open(self.config, resume=job.resume)
+        t = time.perf_counter()
+        self.mesh = shd.make_mesh(mesh_cfg)
+        # Each device reads only its shard of each weight (a 7B base never sits on one chip).
+        self.model, self.tok = load_model(
+            job.model,
+            job.param_dtype,
+            compute_dtype=job.compute_dtype,
+            remat=job.remat,
+            attention_impl=job.attention_impl,
+            mesh=self.mesh,
+        )
+        self.lora_cfg = job.lora.build()
+        self.model.add_lora(self.lora_cfg, rngs=nnx.Rngs(job.seed))
+        for batch_size in (job.batch_size, job.sft_batch_size):
+            shd.validate(self.model.config, self.mesh, batch_size)
+        if self.primary and self.run.is_fresh():
+            # Everything the user gave has been validated: only now create the run dir.
             resuming = self.run.open(self.config, resume=job.resume)
         if jax.process_count() > 1:  # the run dir exists before any process writes into it
             multihost_utils.sync_global_devices("cmat run dir")
@@ -68,20 +87,7 @@ class CMATRun:
             self.scratch = self.dir / "processes" / str(jax.process_index())
             self.scratch.mkdir(parents=True, exist_ok=True)
         self.log(f"run directory {self.dir}" + (" (resuming)" if resuming else ""))
-        t = time.perf_counter()
-        self.model, self.tok = load_model(
-            job.model,
-            job.param_dtype,
-            compute_dtype=job.compute_dtype,
-            remat=job.remat,
-            attention_impl=job.attention_impl,
-        )
-        self.lora_cfg = job.lora.build()
-        self.model.add_lora(self.lora_cfg, rngs=nnx.Rngs(job.seed))
         self.log(f"loaded {job.model} in {time.perf_counter() - t:.0f}s")
-        self.mesh = shd.make_mesh(mesh_cfg)
-        for batch_size in (job.batch_size, job.sft_batch_size):
-            shd.validate(self.model.config, self.mesh, batch_size)
         self.slots = {s: i for i, s in enumerate(self.lora_cfg.slots)}
         self.roles = R.make_roles(
             "dbbench", assistant_prompt=SYSTEM_PROMPT, reflector_slot=job.reflector_slot
