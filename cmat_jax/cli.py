@@ -31,6 +31,11 @@ class UsageError(ValueError):
     """Bad command-line input; the message names the flag, field, file or line."""
 
 
+class HostSetupError(RuntimeError):
+    """The host lacks what a command needs (e.g. user namespaces for the OS sandbox); the
+    message says what and how to fix it."""
+
+
 # Errors caused by the user's input (files, configs, flags); anything else is our bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
@@ -39,10 +44,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,
+    HostSetupError,
 )
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # A warning about the user's data (e.g. an AgentBench item run on an empty table) is one
+    # line, without the source line Python's default format appends.
+    print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def run_cli(main: Callable[[], T]) -> T:
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     try:
         return main()
     except USER_ERRORS as e:

@@ -1,4 +1,4 @@
-"""The CMAT loss and step against plain references of the CMAT.md section 5 formulas.
+"""The CMAT loss and step against plain references of the docs/method.md §5 formulas.
 
 References run the tiny model's full logits ([B, T, V], unchunked): values are computed in
 numpy (float64 after the logits), gradients by jax.grad of a plain-jnp transcription of the
@@ -111,7 +111,7 @@ def _cfg(mode: str) -> LossConfig:
 
 
 def _numpy_reference(logits_BTV: np.ndarray, batch: dict, cfg: LossConfig) -> dict[str, float]:
-    """The CMAT.md formulas in float64 numpy over the masked tokens only."""
+    """The docs/method.md formulas in float64 numpy over the masked tokens only."""
     z = np.asarray(logits_BTV, np.float64)
     logz = z - z.max(-1, keepdims=True)
     logz = logz - np.log(np.exp(logz).sum(-1, keepdims=True))

@@ -166,7 +166,7 @@ def test_rollout_checker_revisions_labels_advantages(tiny, rollout):
     for env, e in zip(envs[: len(eps)], eps, strict=True):
         assert env.steps_run == len(e.turns)
         assert len(env.actions) == 2
-    # Advantages and RWR weights on the tokens are exactly the feedback formulas (CMAT.md s.4).
+    # Advantages and RWR weights on the tokens are exactly the feedback formulas (docs/method.md §4).
     adv = fb.episode_advantages(eps, CMATConfig(group_size=3), fb.RunningBaseline())
     w = fb.rwr_weights([e.reward for e in eps], [e.group_id for e in eps], 0.5)
     a_rows = [r for r in res.rows if r.role == "assistant"]

@@ -1,4 +1,4 @@
-"""Knobs of the CMAT feedback, Checker and memory machinery (CMAT.md sections 2-4).
+"""Knobs of the CMAT feedback, Checker and memory machinery (docs/method.md §2-4).
 
 One frozen dataclass, validated where it is built, so a bad value fails at the config boundary
 with the field's name instead of deep inside a rollout.
@@ -18,7 +18,7 @@ class CMATConfig:
       (`r_t = R - alpha*[error] - beta*[reject]`).
     eps: added to the group std in the advantage denominator.
     std_floor: lower bound on the group std before `eps` is added. The formula as written in
-      CMAT.md (`std_floor=0`) divides the per-turn penalties by `eps` when every episode of a
+      docs/method.md (`std_floor=0`) divides the per-turn penalties by `eps` when every episode of a
       group has the same reward (all failed, say), giving advantages of order 1e5; the floor
       keeps them at the scale of a group whose rewards differ (0.1 -> an error costs 2).
     tau: RWR temperature in `w_i = softmax_g(R_i / tau) * G`.

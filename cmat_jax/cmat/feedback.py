@@ -1,6 +1,6 @@
 """Environment feedback -> per-turn returns, advantages, RWR weights and Checker labels.
 
-Pure numpy functions (CMAT.md section 4). The rollout engine fills `EpisodeRecord`s; these
+Pure numpy functions (docs/method.md §4). The rollout engine fills `EpisodeRecord`s; these
 functions turn them into the per-turn and per-token arrays that `cmat_loss` consumes. The loss
 tests mirror the same formulas, so everything here is written as the plain formula.
 

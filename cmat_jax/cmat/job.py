@@ -82,7 +82,7 @@ class CMATJob:
     loss_mode: Literal["rwr", "pg", "ppo"] = "rwr"
     kl_coef: float = 0.05
     anchor_coef: float = 0.0
-    """λ of the SFT anchor (CMAT.md section 5): the NLL of `anchor_rows` expert rows mixed into
+    """λ of the SFT anchor (docs/method.md §5): the NLL of `anchor_rows` expert rows mixed into
     every round's update."""
     anchor_rows: int = 0
     """Expert Assistant rows (agent-tuning data, a fresh seeded draw per round) added to each

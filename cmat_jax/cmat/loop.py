@@ -1,4 +1,4 @@
-"""The CMAT recipe end to end (CMAT.md section 6) and the project's default job.
+"""The CMAT recipe end to end (docs/method.md §6) and the project's default job.
 
 `run_cmat(job)`:
   1. load the base (HF dir, GGUF or preset), add LoRA slots `assistant` and `checker`, and put

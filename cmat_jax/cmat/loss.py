@@ -1,11 +1,11 @@
-"""The CMAT loss and the CMAT step (CMAT.md section 5): pure functions of (LoRA params, frozen
+"""The CMAT loss and the CMAT step (docs/method.md §5): pure functions of (LoRA params, frozen
 base, batch).
 
 The whole objective is one token mean over the loss mask `m` (the tokens a role generated):
 
     L = Σ m · [ policy_term + κ · k3(ref_logp, logp) + λ · anchor · (−logp) ] / Σ m
 
-with `policy_term` from the registry `LOSSES` (CMAT.md formulas, `logp = log π_θ(target)` under
+with `policy_term` from the registry `LOSSES` (docs/method.md formulas, `logp = log π_θ(target)` under
 the row's adapter):
 
     rwr  −w · logp                                 (w: RWR weight of the episode)
@@ -333,7 +333,7 @@ def cmat_loss(
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, metrics) of CMAT.md section 5; differentiate w.r.t. `trainable` (the LoRA params,
+    """(loss, metrics) of docs/method.md §5; differentiate w.r.t. `trainable` (the LoRA params,
     an nnx.State or its pure dict). Bind `graphdef` with functools.partial for the 4-argument
     form. Metrics: loss, policy_loss, kl, ratio, clip_frac, entropy, nll, weighted_nll,
     anchor_nll, tokens, anchor_tokens (those whose inputs are in the batch)."""

@@ -1,7 +1,7 @@
 """Short-term memory (the episode's messages under a token budget) and long-term memory
 (a persistent SQLite store of past episodes and reflections, retrieved by BM25).
 
-CMAT.md section 3. STM is what the Assistant sees of the current episode; LTM carries lessons
+docs/method.md §3. STM is what the Assistant sees of the current episode; LTM carries lessons
 across episodes: written the moment an episode ends, read at the start of the next.
 """
 

@@ -1,4 +1,4 @@
-"""CMAT roles: User, Assistant, Checker, Reflector (CMAT.md section 2).
+"""CMAT roles: User, Assistant, Checker, Reflector (docs/method.md §2).
 
 A role is a system prompt plus the LoRA adapter slot it generates with; all roles share one
 frozen base model. This module owns the prompts (in the project's own words), the chat-message

@@ -1,4 +1,4 @@
-"""The CMAT rollout engine: many multi-agent episodes at once (CMAT.md sections 2-4).
+"""The CMAT rollout engine: many multi-agent episodes at once (docs/method.md §2-4).
 
 Every episode is a small state machine (propose -> verdict -> [reason -> revise] -> env step ...
 -> reflect -> done). The engine advances all live episodes together:

@@ -1,4 +1,4 @@
-"""CMAT rounds (CMAT.md section 6, stage 3): synthetic DB tasks -> `RolloutEngine` (G episodes
+"""CMAT rounds (docs/method.md §6, stage 3): synthetic DB tasks -> `RolloutEngine` (G episodes
 per task, Checker, revisions, memory) -> the round's training rows -> the trainer's CMAT-loss
 steps for E epochs. Long-term memory is written by the episodes themselves."""
 

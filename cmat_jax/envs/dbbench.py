@@ -1,6 +1,6 @@
 """The AgentBench DB task (DBBench) as a CMAT environment.
 
-Protocol (CMAT.md section 7, kept identical to AgentBench's ``dbbench`` task):
+Protocol (docs/method.md §7, kept identical to AgentBench's ``dbbench`` task):
 
 - The agent answers every turn with either ``Action: Operation`` and one SQL statement in a
   fenced ```` ```sql ```` block (only the first block runs; newlines in it become spaces), or

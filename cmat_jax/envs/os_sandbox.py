@@ -49,6 +49,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from cmat_jax.cli import HostSetupError
+
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_PACKAGES = ("python3", "python3-pip", "git", "vim", "curl", "wget", "unzip", "zip", "tree",
@@ -70,7 +72,7 @@ CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "
 _HERE = Path(__file__).resolve().parent
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(HostSetupError):
     """The host cannot build or start an isolated sandbox; the message says why and what to do."""
 
 
