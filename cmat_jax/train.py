@@ -160,9 +160,13 @@ class SFTJob:
     progress: bool = True
     """Show a progress bar with loss and tokens/s."""
     lora: LoRAArgs = field(default_factory=LoRAArgs)
+    """LoRA adapters: rank, alpha, targets and the role slots."""
     optim: OptimArgs = field(default_factory=OptimArgs)
+    """Optimizer, schedule and gradient accumulation."""
     mesh: MeshArgs = field(default_factory=MeshArgs)
+    """Device mesh over (data, fsdp, tensor); one axis may be -1 (all remaining devices)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and how many to keep."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "log_every", "pack_buffer"):

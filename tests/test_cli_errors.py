@@ -197,18 +197,25 @@ def test_chat_takes_a_run_directory(files):
     assert proc.stdout.endswith("\n") and len(proc.stdout) > 1
 
 
-@pytest.mark.parametrize("module", ["evaluate", "chat", "export"])
-def test_help_documents_every_flag(module, capsys):
+@pytest.mark.parametrize(
+    ("module", "kind_path"),
+    [
+        ("evaluate", "cmat_jax.evaluate:EvalConfig"),
+        ("chat", "cmat_jax.chat:ChatArgs"),
+        ("export", "cmat_jax.export:ExportArgs"),
+        ("train sft", "cmat_jax.train:SFTJob"),
+        ("train cmat", "cmat_jax.cmat.job:CMATJob"),
+    ],
+)
+def test_help_documents_every_flag(module, kind_path, capsys):
     import dataclasses
     import importlib
 
     from cmat_jax.cli import parse
     from tests.test_train_cli import _field_docs
 
-    mod = importlib.import_module(f"cmat_jax.{module}")
-    kind = getattr(
-        mod, {"evaluate": "EvalConfig", "chat": "ChatArgs", "export": "ExportArgs"}[module]
-    )
+    mod_name, cls_name = kind_path.split(":")
+    kind = getattr(importlib.import_module(mod_name), cls_name)
     with pytest.raises(SystemExit) as e:
         parse(kind, ["--help"], prog=module)
     assert e.value.code == 0

@@ -32,7 +32,9 @@ class CMATJob:
     seed: int = 0
     """Seeds adapters, task draws and sampling."""
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of the frozen base parameters."""
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype of matmul inputs (accumulation is float32)."""
     remat: Literal["none", "full", "dots_saveable"] = "full"
     """Rematerialize each layer in the backward pass: the SFT / CMAT batches of a 135M model
     otherwise keep ~10 GB of activations."""
@@ -42,6 +44,7 @@ class CMATJob:
     lora: LoRAArgs = field(
         default_factory=lambda: LoRAArgs(rank=8, alpha=16.0, slots=("assistant", "checker"))
     )
+    """LoRA adapters: one slot per trained role (assistant, checker)."""
     mesh: MeshArgs = field(default_factory=MeshArgs)
     """Device mesh of rollouts, reference log-probs and updates (as `train sft --mesh.*`)."""
     # -- agent tuning (stage 2)
@@ -60,9 +63,11 @@ class CMATJob:
     sft_data: tuple[str, ...] = ()
     """Extra JSONL conversations (OpenAI `messages`) mixed into the Assistant's SFT data."""
     sft_lr: float = 1e-3
+    """Peak learning rate of agent tuning (warmup, then cosine decay over sft_steps)."""
     checker_sft: bool = True
     """Also tune the Checker on the expert trajectories' implied verdicts."""
     sft_batch_size: int = 8
+    """Sequences per agent-tuning optimizer step."""
     pack_rows: bool = True
     """Pack several training rows into each sequence of a batch (agent tuning and CMAT
     updates): a step then carries ~1.3x the rows of the default job instead of padding."""
@@ -71,16 +76,25 @@ class CMATJob:
     trailing turns, never their start."""
     # -- CMAT rounds (stage 3)
     rounds: int = 2
+    """CMAT rounds after agent tuning (0 = agent tuning only)."""
     tasks_per_round: int = 8
+    """Fresh synthetic tasks rolled out per round."""
     group_size: int = 4
+    """Episodes per task (G): the group the advantages and RWR weights compare within."""
     epochs: int = 1
+    """Passes of the CMAT update over one round's rows."""
     batch_size: int = 8
+    """Sequences per CMAT optimizer step."""
     seq_len: int = 768
     """Tokens per CMAT training row. Training rollouts run with a context of seq_len + 1, so
     every row is trained whole; a prompt that outgrows it is rebuilt from short-term memory."""
     lr: float = 2e-4
+    """Learning rate of the CMAT updates (constant after agent tuning's schedule)."""
     loss_mode: Literal["rwr", "pg", "ppo"] = "rwr"
+    """Policy term of the CMAT loss (docs/method.md §5): reward-weighted regression, REINFORCE
+    with the group baseline, or PPO's clipped ratio."""
     kl_coef: float = 0.05
+    """κ: weight of the k3 KL estimate to the frozen base (slot none)."""
     anchor_coef: float = 0.0
     """λ of the SFT anchor (docs/method.md §5): the NLL of `anchor_rows` expert rows mixed into
     every round's update."""
@@ -88,8 +102,11 @@ class CMATJob:
     """Expert Assistant rows (agent-tuning data, a fresh seeded draw per round) added to each
     round's CMAT update as anchor rows: policy weight 0, trained by anchor_coef·NLL only."""
     clip_eps: float = 0.2
+    """ε of PPO's ratio clipping (loss_mode ppo)."""
     temperature: float = 0.7
+    """Sampling temperature of training rollouts (evaluation is greedy)."""
     max_new_tokens: int = 128
+    """New-token cap of one reply in training rollouts."""
     reason_max_new_tokens: int = 0
     """New tokens for a Checker's rejection reason (training and evaluation; 0 = the
     proposals' limit). Only its first line is used."""
@@ -98,16 +115,23 @@ class CMATJob:
     eval_max_rounds: int = 15
     """Environment round limit in evaluation (AgentBench's protocol: 15)."""
     use_checker: bool = True
+    """Run the Checker on each proposal in training rollouts."""
     max_revisions: int = 2
+    """K: Assistant revisions after Checker rejections within one round of an episode."""
     use_reflection: bool = True
+    """Write a Reflector lesson into long-term memory after each failed training episode."""
     alpha: float = 0.2
+    """α: turn-return penalty for a proposal whose execution errs."""
     beta: float = 0.1
+    """β: turn-return penalty for a proposal the Checker rejects."""
     tau: float = 0.5
+    """τ: temperature of the RWR softmax over a group's rewards."""
     reflector_slot: str = "assistant"
     """LoRA slot the Reflector writes lessons with ("none" = the frozen base model). An
     agent-tuned slot tends to write the expert's opening thought as its lesson, whatever the
     mistake was."""
     ltm_k: int = 3
+    """Long-term-memory records retrieved per prompt (BM25 over task text)."""
     ltm_token_budget: int = 256
     """Tokens of long-term-memory lessons injected into a prompt (training and evaluation)."""
     ltm_solutions: bool = False
@@ -154,15 +178,19 @@ class CMATJob:
     """AgentBench DB dev JSONL; 'auto' = tests/data/agentbench_dbbench/dev.jsonl of a source
     checkout when it exists (none in a wheel install); '' = none."""
     dev_limit: int | None = None
+    """Evaluate only the first N dev items (None = all)."""
     dev_stages: tuple[str, ...] = ("agent_tuning", "cmat")
     """Stages evaluated on the dev split (base, agent_tuning, cmat)."""
     eval_max_new_tokens: int = 192
+    """New-token cap of one reply in evaluation."""
     eval_max_context: int = 2048
     """Evaluation prompt + reply tokens; longer episodes continue from short-term memory. On a
     CPU the last live episodes of a batch otherwise prefill ~1500-token prompts for 16 padded
     rows per turn."""
     progress: bool = True
+    """Show progress bars."""
     checkpoint_keep: int = 2
+    """Checkpoints kept in DIR/checkpoints (older ones are deleted)."""
     export: bool = True
     """Export the Assistant adapter as PEFT files into DIR/export/assistant-peft."""
 
@@ -206,6 +234,15 @@ class CMATJob:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
+        for name, low, strict in (("sft_lr", 0.0, True), ("lr", 0.0, True),
+                                  ("kl_coef", 0.0, False), ("anchor_coef", 0.0, False),
+                                  ("clip_eps", 0.0, True), ("temperature", 0.0, False),
+                                  ("alpha", 0.0, False), ("beta", 0.0, False),
+                                  ("tau", 0.0, True)):  # fmt: skip
+            v = getattr(self, name)
+            if not (v > low if strict else v >= low):
+                op = ">" if strict else ">="
+                raise ValueError(f"--{name.replace('_', '-')} must be {op} {low:g}, got {v}")
         if self.sft_seq_len is not None and self.sft_seq_len < 1:
             raise ValueError(f"--sft-seq-len must be >= 1, got {self.sft_seq_len}")
         if self.seq_len <= self.max_new_tokens:
