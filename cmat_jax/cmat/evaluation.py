@@ -21,6 +21,7 @@ from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine
 from cmat_jax.cmat.session import CMATRun
 from cmat_jax.envs.dbbench import DBBenchEnv, dbbench_metrics
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from cmat_jax.faults import fault_point, scope
 
 
 def _copy_sqlite(src: Path, dst: Path) -> None:
@@ -98,6 +99,7 @@ def evaluate_tasks(
             )
             res = engine.run(todo, group_size=1, train=False)
             _write_episodes(work_dir / "episodes.jsonl", trial, todo, res)
+            fault_point("episodes_written")
             for task, out in zip(todo, res.outputs, strict=True):
                 outputs[task.task_id] = out
                 if trial == 0:
@@ -147,6 +149,11 @@ def _write_episodes(path: Path, trial: int, tasks: Sequence[Any], res: Any) -> N
 
 
 def eval_all(r: CMATRun, stage: str, held_out: list, dev: list | None) -> dict[str, Any]:
+    with scope(f"eval_{stage}"):  # fault points: eval_<stage>/...
+        return _eval_all(r, stage, held_out, dev)
+
+
+def _eval_all(r: CMATRun, stage: str, held_out: list, dev: list | None) -> dict[str, Any]:
     job = r.job
     res: dict[str, Any] = {}
     ltm = r.ltm_path if r.ltm_path.is_file() else None
