@@ -36,6 +36,8 @@ from typing import Any, Literal
 from cmat_jax.envs.agents import Agent, NullAgent, oracle_agent
 from cmat_jax.envs.dbbench import DBBenchEnv, DBTask, dbbench_metrics, load_tasks
 from cmat_jax.envs.sql_backend import SQLBackend
+from cmat_jax.eval_journal import EvalJournal
+from cmat_jax.faults import fault_point
 
 __all__ = [
     "Agent",
@@ -111,7 +113,10 @@ class EvalConfig:
     """Model agent: episodes advanced together (default 4 x batch size); their generation calls
     take --batch-size rows each."""
     overwrite: bool = False
-    """Replace an existing DIR/results.json."""
+    """Replace an existing DIR/results.json (or start an interrupted evaluation over)."""
+    resume: bool = False
+    """Continue the interrupted evaluation in DIR: items it finished (DIR/journal.jsonl) are
+    kept, not run again; the settings must match."""
     progress: bool = True
 
 
@@ -275,6 +280,7 @@ def evaluate_model(
     backend: SQLBackend,
     cfg: EvalConfig,
     on_done: Callable[[int], None] | None = None,
+    journal: EvalJournal | None = None,
 ) -> tuple[list[list[dict[str, Any]]], dict[str, Any]]:
     """Greedy evaluation of ``em`` through the CMAT ``RolloutEngine`` (the protocol of
     ``cmat.loop.evaluate_tasks``, with this evaluator's backend and transcripts): the Assistant
@@ -284,6 +290,8 @@ def evaluate_model(
 
     Returns the transcripts per trial (task order; each with the scorer's ``output``, the
     Assistant/Checker turn records and the reflection) and the first trial's engine stats.
+    With a ``journal`` every finished chunk of episodes is journaled, and chunks it already
+    holds are taken from it instead of run (the long-term memory lives beside it).
     """
     from cmat_jax.cmat import roles as R
     from cmat_jax.cmat.config import CMATConfig
@@ -304,11 +312,17 @@ def evaluate_model(
     if live < 1:
         raise ValueError(f"--live-episodes must be >= 1, got {live}")
     work = Path(tempfile.mkdtemp(prefix="cmat_eval_"))
+    ltm_file = work / "ltm.sqlite" if journal is None else journal.ltm_path
     ltm = None
     if em.ltm_path is not None or reflexion:
-        if em.ltm_path is not None:  # a copy: evaluation never changes the run's memory
-            _copy_sqlite(em.ltm_path, work / "ltm.sqlite")
-        ltm = LongTermMemory(work / "ltm.sqlite")
+        kept = journal.last_ltm_records() if journal is not None else None
+        if kept is None or not ltm_file.is_file():
+            ltm_file.unlink(missing_ok=True)
+            if em.ltm_path is not None:  # a copy: evaluation never changes the run's memory
+                _copy_sqlite(em.ltm_path, ltm_file)
+        ltm = LongTermMemory(ltm_file)
+        if kept is not None:  # a resumed evaluation: drop what unjournaled episodes wrote
+            ltm.truncate(kept)
     memory_read = dict(em.ltm_read) if ltm is not None else {"ltm_k": 0}  # the run's settings
     trials: list[list[dict[str, Any]]] = []
     stats: dict[str, Any] = {}
@@ -350,21 +364,13 @@ def evaluate_model(
             trs: list[dict[str, Any]] = []
             for lo in range(0, len(todo), live):
                 part = todo[lo : lo + live]
-                envs.clear()
-                res = engine.run(part, group_size=1, train=False)
-                for k in ("wall_s", "generate_calls", "generated_tokens", "verdict_calls",
-                          "env_steps", "proposals", "executed", "rejections", "revisions"):  # fmt: skip
-                    if trial == 0 and isinstance(res.stats.get(k), (int, float)):
-                        stats[k] = stats.get(k, 0) + res.stats[k]
-                for env, rec, out, refl in zip(
-                    envs, res.episodes, res.outputs, res.reflections, strict=True
-                ):
-                    tr = env.transcript()
-                    tr["output"] = out
-                    tr["turns"] = [dataclasses.asdict(t) for t in rec.turns]
-                    if refl:
-                        tr["reflection"] = refl
-                    trs.append(tr)
+                chunk = journal.done(trial, lo) if journal is not None else None
+                if chunk is None:
+                    chunk = _run_chunk(engine, part, envs, journal, trial, lo, ltm)
+                for k, v in chunk["stats"].items():
+                    if trial == 0:
+                        stats[k] = stats.get(k, 0) + v
+                trs += chunk["transcripts"]
                 if on_done is not None:
                     on_done(len(part))
             trials.append(trs)
@@ -381,6 +387,38 @@ def evaluate_model(
         p = [t["p_accept"] for t in turns if t["p_accept"] is not None]
         stats["mean_p_accept"] = round(sum(p) / len(p), 4) if p else None
     return trials, stats
+
+
+def _run_chunk(
+    engine: Any,
+    part: Sequence[DBTask],
+    envs: list[DBBenchEnv],
+    journal: EvalJournal | None,
+    trial: int,
+    lo: int,
+    ltm: Any,
+) -> dict[str, Any]:
+    """One chunk of episodes run together: `{"transcripts", "stats"}`, journaled."""
+    envs.clear()
+    res = engine.run(part, group_size=1, train=False)
+    stats = {}
+    for k in ("wall_s", "generate_calls", "generated_tokens", "verdict_calls",
+              "env_steps", "proposals", "executed", "rejections", "revisions"):  # fmt: skip
+        if isinstance(res.stats.get(k), (int, float)):
+            stats[k] = res.stats[k]
+    trs = []
+    for env, rec, out, refl in zip(envs, res.episodes, res.outputs, res.reflections, strict=True):
+        tr = env.transcript()
+        tr["output"] = out
+        tr["turns"] = [dataclasses.asdict(t) for t in rec.turns]
+        if refl:
+            tr["reflection"] = refl
+        trs.append(tr)
+    if journal is None:
+        return {"transcripts": trs, "stats": stats}
+    chunk = journal.record(trial, lo, trs, stats, len(ltm) if ltm is not None else None)
+    fault_point("eval_recorded")
+    return chunk
 
 
 def _make_backend(cfg: EvalConfig) -> SQLBackend:
@@ -463,6 +501,8 @@ def run_episodes(
 
 def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     """Run the evaluation described by ``cfg``; writes and returns the results dict."""
+    if cfg.task == "os" and cfg.resume:
+        raise ValueError("--resume: only --task dbbench evaluations are journaled")
     if cfg.task == "os":
         from cmat_jax.envs.os_eval import evaluate_os  # it builds on run_episodes (a cycle)
 
@@ -485,8 +525,8 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
             f"--max-context ({cfg.max_context}) must exceed --max-new-tokens ({cfg.max_new_tokens})"
         )
     out = Path(cfg.out)
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}
+    journal = EvalJournal(out, settings, resume=cfg.resume, overwrite=cfg.overwrite)
     tasks = load_tasks(cfg.data, limit=cfg.limit)
     em: EvalModel | None = None
     if agent is None:
@@ -497,7 +537,7 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         else:
             em = load_eval_model(cfg.model, cfg.dtype, cfg.step, cfg.attention_impl)
     backend = _make_backend(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    journal.start()
 
     bar = _progress(len(tasks) * 1, cfg.progress)
     t0 = time.perf_counter()
@@ -505,12 +545,14 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     engine_stats: dict[str, Any] = {}
     try:
         if em is not None:
-            trials, engine_stats = evaluate_model(em, tasks, backend, cfg, on_done=bar.update)
+            trials, engine_stats = evaluate_model(
+                em, tasks, backend, cfg, on_done=bar.update, journal=journal
+            )
             for i, trs in enumerate(trials):
                 for tr in trs:
                     tr["trial"] = i + 1
         else:
-            trials = _run_trials(tasks, agent, backend, cfg, bar)
+            trials = _run_trials(tasks, agent, backend, cfg, bar, journal)
     finally:
         bar.close()
         backend.close()
@@ -527,8 +569,7 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     if em is not None:
         results["model_info"] = em.info
         results["engine"] = engine_stats
-    settings = dataclasses.asdict(cfg)
-    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+    results["settings"] = settings
     if cfg.reflexion_trials > 1:
         best = {tr["task_id"]: tr for trs in trials for tr in trs if tr["reward"] == 1.0}
         final = [best.get(tr["task_id"], tr) for tr in first]
@@ -544,11 +585,17 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
             for tr in trs:
                 f.write(json.dumps(tr, ensure_ascii=False, default=str) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    journal.finish()
     return results
 
 
 def _run_trials(
-    tasks: Sequence[DBTask], agent: Agent, backend: SQLBackend, cfg: EvalConfig, bar: Any
+    tasks: Sequence[DBTask],
+    agent: Agent,
+    backend: SQLBackend,
+    cfg: EvalConfig,
+    bar: Any,
+    journal: EvalJournal | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Attempts of an ``Agent`` (oracle, null, custom): unsolved items are retried, with the
     agent's reflections (when it has ``reflect``) added to the next attempt's instructions."""
@@ -562,15 +609,34 @@ def _run_trials(
         if trial > 0:
             bar.reset(total=len(todo))
             bar.set_description(f"trial {trial + 1}")
-        trs = run_episodes(
-            todo,
+        done = {
+            i: journal.done(trial, i) if journal is not None else None for i in range(len(todo))
+        }
+        pending = [i for i, rec in done.items() if rec is None]
+        bar.update(len(todo) - len(pending))
+        unit_of = {}  # task id -> the pending items of that id, in order
+        for i in pending:
+            unit_of.setdefault(todo[i].task_id, []).append(i)
+
+        def finished(tr: dict[str, Any], trial=trial, done=done, unit_of=unit_of) -> None:
+            i = unit_of[tr["task_id"]].pop(0)
+            if journal is not None:
+                done[i] = journal.record(trial, i, [tr])
+                fault_point("eval_recorded")
+            else:
+                done[i] = {"transcripts": [tr]}
+            bar.update(1)
+
+        run_episodes(
+            [todo[i] for i in pending],
             agent,
             backend,
             batch_size=cfg.batch_size,
             max_rounds=cfg.max_rounds,
             notes=notes,
-            on_done=lambda _tr: bar.update(1),
+            on_done=finished,
         )
+        trs = [done[i]["transcripts"][0] for i in range(len(todo))]
         for tr in trs:
             tr["trial"] = trial + 1
             solved[tr["task_id"]] = solved.get(tr["task_id"], False) or tr["reward"] == 1.0
@@ -608,4 +674,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from cmat_jax.cli import run_cli
+
+    run_cli(main)
