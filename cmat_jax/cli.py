@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -16,6 +17,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     NotADirectoryError,
     PermissionError,
 )
+# Filesystem conditions the user fixes (space, quota, permissions, a read-only mount).
+USER_OS_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
 
 
 def run_cli(main: Callable[[], T]) -> T:
@@ -23,6 +28,12 @@ def run_cli(main: Callable[[], T]) -> T:
         return main()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in USER_OS_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
