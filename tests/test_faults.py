@@ -35,7 +35,8 @@ CMAT_FLAGS = [
     "--rounds", "2", "--tasks-per-round", "2", "--group-size", "2", "--batch-size", "4",
     "--seq-len", "1024", "--sft-seq-len", "768", "--max-new-tokens", "12",
     "--train-max-rounds", "2", "--eval-tasks", "2", "--eval-max-new-tokens", "12",
-    "--eval-max-rounds", "3", "--min-batch", "4", "--max-batch", "4", "--dev-data", "",
+    "--eval-max-rounds", "3", "--eval-max-context", "1025", "--min-batch", "4", "--max-batch", "4",
+    "--dev-data", "",
     "--no-progress", "--no-drop-failed-groups", "--anchor-coef", "1.0", "--anchor-rows", "2",
 ]  # fmt: skip
 TIMING = ("wall_s", "rollout_s", "train_s")  # key suffixes of wall-clock numbers
