@@ -1,8 +1,9 @@
 """Fault injection for crash tests (a testing hook; inert unless the variable is set).
 
 `CMAT_JAX_FAULT=POINT:N` makes the process SIGKILL itself the N-th time it reaches fault point
-POINT (`POINT:N:stop`: SIGSTOP, for a test that changes the world before it goes on), so a test can kill a real `python -m cmat_jax.train cmat ...` (or `cmat_jax.evaluate`)
-inside a chosen stage and check that `--resume` ends exactly where an uninterrupted run does.
+POINT (`POINT:N:stop`: SIGSTOP, for a test that changes the world before it goes on), so a
+test can kill a real `python -m cmat_jax.train cmat ...` (or `cmat_jax.evaluate`) inside a
+chosen stage and check that `--resume` ends exactly where an uninterrupted run does.
 
 A point's full name is its scopes and its own name joined by "/": the CMAT job names its
 stages (`agent_tuning`, `round<R>`, `eval_<stage>`), the steps inside them (`update_step`,
@@ -10,7 +11,7 @@ stages (`agent_tuning`, `round<R>`, `eval_<stage>`), the steps inside them (`upd
 and the checkpointer each save it starts (`checkpoint_save`, after the previous one is done).
 POINT matches a full name or any "/"-separated suffix of it, e.g. `round2/rollout_step:3`
 (the third lockstep step of round 2's rollouts), `update_step:1` (the first optimizer step
-anywhere), `eval_cmat/b/rollout_step:1`.
+anywhere), `eval_cmat/episodes_written:1` (the final evaluation's first split written).
 """
 
 from __future__ import annotations
