@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import math
@@ -46,6 +47,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     HostSetupError,
 )
+# Filesystem conditions the user fixes (space, quota, permissions, a read-only mount).
+USER_OS_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -63,6 +68,12 @@ def run_cli(main: Callable[[], T]) -> T:
     except USER_ERRORS as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.errno not in USER_OS_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,8 +127,6 @@ def _jsonable(v: Any) -> Any:
 def _summary_writer_class() -> type:
     """tensorboardX.SummaryWriter without importing torch (its optional import costs ~6 s of
     start-up; we log plain floats only). Harmless if torch is already imported."""
-    import sys
-
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
 
@@ -162,8 +161,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # disk full: name the file (the CLI prints it as one line)
+            raise OSError(e.errno, e.strerror, self._file.name) from None
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                 self._tb.add_scalar(k, v, global_step=int(step))
@@ -171,7 +173,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._tb.close()
+            try:
+                self._tb.close()
+            except OSError as e:
+                # A full disk: the events are a view of metrics.jsonl, so say so and go on
+                # (the error that stops the run, if any, is the one to report). Mark the
+                # writers closed, or tensorboardX's exit hook retries the flush and prints a
+                # traceback after that error.
+                for writer in getattr(self._tb, "all_writers", {}).values():
+                    writer.event_writer._closed = True
+                print(f"warning: {self._tb.logdir}: TensorBoard events not flushed ({e.strerror})",
+                      file=sys.stderr)  # fmt: skip
             self._file = self._tb = None
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from cmat_jax.cmat.session import CMATRun
 from cmat_jax.evaluate import EvalProtocol, evaluate_agent
+from cmat_jax.faults import fault_point, scope
 
 
 def eval_all(r: CMATRun, stage: str, held_out: list, dev: list | None) -> dict[str, Any]:
@@ -24,18 +25,21 @@ def eval_all(r: CMATRun, stage: str, held_out: list, dev: list | None) -> dict[s
     def run(tasks: list, split: str, checker: bool) -> dict[str, Any]:
         trials = 1 if checker else job.reflexion_trials
         protocol = EvalProtocol.from_run_config(r.config, checker=checker, reflexion_trials=trials)
-        return evaluate_agent(
+        out = evaluate_agent(
             r.model, r.tok, tasks, protocol, roles=r.roles, ltm_path=r.ltm_path, mesh=r.mesh,
             episodes_path=base / split / "episodes.jsonl",
         )  # fmt: skip
+        fault_point("episodes_written")  # testing hook (cmat_jax.faults)
+        return out
 
-    res: dict[str, Any] = {"synthetic": run(held_out, "a", checker=False)}
-    if job.eval_checker and job.synthetic_checker:
-        res["synthetic_checker"] = run(held_out, "b", checker=True)
-    if dev and stage in job.dev_stages:
-        res["dev"] = run(dev, "dev_a", checker=False)
-        if job.eval_checker and job.dev_checker:
-            res["dev_checker"] = run(dev, "dev_b", checker=True)
+    with scope(f"eval_{stage}"):  # fault points: eval_<stage>/...
+        res: dict[str, Any] = {"synthetic": run(held_out, "a", checker=False)}
+        if job.eval_checker and job.synthetic_checker:
+            res["synthetic_checker"] = run(held_out, "b", checker=True)
+        if dev and stage in job.dev_stages:
+            res["dev"] = run(dev, "dev_a", checker=False)
+            if job.eval_checker and job.dev_checker:
+                res["dev_checker"] = run(dev, "dev_b", checker=True)
     r.log(
         f"eval {stage}: synthetic success {res['synthetic']['success_rate']:.3f}"
         + (

@@ -31,6 +31,7 @@ from cmat_jax.cmat.rounds import run_round, synth_tasks
 from cmat_jax.cmat.session import CMATRun
 from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from cmat_jax.faults import scope
 
 # Agent tuning: the CMAT loss reduced to the token NLL of the expert rows (weights 1, no KL).
 AGENT_TUNING_LOSS = LossConfig(mode="rwr", kl_coef=0.0)
@@ -56,7 +57,8 @@ def run_cmat(job: CMATJob) -> dict[str, Any]:
                 rows = expert_rows(r.tok, job, r.slots, r.roles)
                 anchor_pool = [row for row in rows if row.role == "assistant"]
                 r.log(f"agent tuning: {len(rows)} rows, {job.sft_steps} steps")
-                hist = r.train_rows(rows, job.sft_steps, "sft", AGENT_TUNING_LOSS, job.seed)
+                with scope("agent_tuning"):
+                    hist = r.train_rows(rows, job.sft_steps, "sft", AGENT_TUNING_LOSS, job.seed)
                 r.log(
                     f"agent tuning done: loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f} "
                     f"({time.perf_counter() - t:.0f}s)"

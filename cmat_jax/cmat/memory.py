@@ -400,6 +400,21 @@ class LongTermMemory:
             )
         return dataclasses.replace(record, id=cur.lastrowid, created_at=created)
 
+    def truncate(self, keep: int) -> None:
+        """Keep the first `keep` records (by id) and drop the rest: a crashed run resumed from a
+        checkpoint taken at `keep` records rewrites the later ones, with the same ids."""
+        with self._lock, self._conn:
+            row = self._conn.execute(
+                "SELECT id FROM records ORDER BY id LIMIT 1 OFFSET ?", (max(keep - 1, 0),)
+            ).fetchone()
+            last_id = row[0] if keep and row else 0
+            if keep and not row:
+                return  # fewer than `keep` records: nothing was written after
+            self._conn.execute("DELETE FROM records WHERE id > ?", (last_id,))
+            self._conn.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'records'", (last_id,)
+            )
+
     # reading
     def _select(self, where: str, args: Sequence[object]) -> list[MemoryRecord]:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM records WHERE {where} ORDER BY created_at DESC, id DESC"

@@ -42,6 +42,7 @@ from cmat_jax.cmat.config import CMATConfig
 from cmat_jax.cmat.memory import LongTermMemory, MemoryRecord, ReadPolicy, ShortTermMemory
 from cmat_jax.data.rows import TrainRow
 from cmat_jax.envs.base import Env, counterfactual_step
+from cmat_jax.faults import fault_point
 from cmat_jax.inference.generate import Generator, SamplingParams
 from cmat_jax.inference.prefix_cache import PrefixCache
 
@@ -360,6 +361,7 @@ class RolloutEngine:
                 key, k_ver = jax.random.split(key)
                 self._verdict_phase(eps, k_ver, stats)
                 step += 1
+                fault_point("rollout_step")
         finally:
             for e in eps:
                 e.env.close()

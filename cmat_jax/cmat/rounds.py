@@ -22,6 +22,7 @@ from cmat_jax.data.rows import TrainRow
 from cmat_jax.envs.dbbench import DBBenchEnv
 from cmat_jax.envs.dbbench_synth import generate_tasks
 from cmat_jax.envs.sql_backend import SQLBackend
+from cmat_jax.faults import scope
 
 
 def synth_tasks(job: CMATJob, n: int, seed: int, start: int = 0) -> list[Any]:
@@ -94,6 +95,13 @@ def run_round(
 ) -> tuple[dict[str, Any], RolloutResult, list[dict]]:
     """One rollout -> update round: `(stats, rollouts, per-step train metrics)`; the stats
     line is written to DIR/rounds.jsonl."""
+    with scope(f"round{rnd + 1}"):
+        return _run_round(r, rnd, backend, anchor_pool)
+
+
+def _run_round(
+    r: CMATRun, rnd: int, backend: SQLBackend, anchor_pool: list[TrainRow]
+) -> tuple[dict[str, Any], RolloutResult, list[dict]]:
     job = r.job
     t = time.perf_counter()
     res = rollout_round(r, rnd, backend)

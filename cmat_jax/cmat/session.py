@@ -10,7 +10,7 @@ DIR/processes/<index>; the run directory's shared files are written by process 0
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from cmat_jax.cmat.loss import CMATLoss, LossConfig, reference_logp
 from cmat_jax.cmat.memory import LongTermMemory
 from cmat_jax.data.rows import TrainRow, pack_rows, packed_batch
 from cmat_jax.envs.dbbench import SYSTEM_PROMPT
+from cmat_jax.faults import fault_point
 from cmat_jax.run_dir import MetricsLogger, RunDir
 from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
 from cmat_jax.training.step import OptimConfig, make_optimizer, make_schedule, then_constant
@@ -111,11 +112,13 @@ class CMATRun:
         }
         if resuming and self.ckpt.latest_step() is not None:
             self.progress, _ = self.trainer.restore(self.ckpt)
-            _truncate_ltm(self.ltm_path, int(self.progress.get("ltm_records", 0)))
             self.log(
                 f"resumed at step {self.trainer.step_count}: {self.progress['stage']} "
                 f"round {self.progress['round']}"
             )
+        if resuming and self.ltm_path.is_file():  # records after the checkpoint are rewritten
+            with LongTermMemory(self.ltm_path) as m:
+                m.truncate(int(self.progress.get("ltm_records", 0)))
         self.baseline = RunningBaseline()
         if self.progress.get("baseline"):
             self.baseline.load_state_dict(self.progress["baseline"])
@@ -199,6 +202,7 @@ class CMATRun:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             self.logger.log(tr.step_count, {f"train/{k}": v for k, v in m.items()})
             out.append({**m, "stage": tag})
+            fault_point("update_step")
         tr.sync_into(self.model)
         return out
 
@@ -207,34 +211,18 @@ class CMATRun:
         self.ckpt.close()
 
 
-def _truncate_ltm(path: Path, keep_records: int) -> None:
-    """Drop long-term-memory records written after a checkpoint (ids beyond its count)."""
-    if not path.is_file():
-        return
-    conn = sqlite3.connect(path)
-    try:
-        with conn:
-            ids = [r[0] for r in conn.execute("SELECT id FROM records ORDER BY id")]
-            if len(ids) > keep_records:
-                conn.execute(
-                    "DELETE FROM records WHERE id > ?",
-                    (ids[keep_records - 1] if keep_records else -1,),
-                )
-    finally:
-        conn.close()
-
-
 def _truncate_rounds(path: Path, last_round: int) -> None:
+    """Drop DIR/rounds.jsonl lines of rounds after the checkpoint (and a line torn by a
+    crash), atomically: a kill while truncating leaves the old file."""
     if not path.is_file():
         return
-    keep = [x for x in path.read_text().splitlines() if x.strip()]
-    keep = [x for x in keep if json.loads(x).get("round", 0) <= last_round]
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-
-
-def _truncate_rounds(path: Path, last_round: int) -> None:
-    if not path.is_file():
-        return
-    keep = [x for x in path.read_text().splitlines() if x.strip()]
-    keep = [x for x in keep if json.loads(x).get("round", 0) <= last_round]
-    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("round", 0) <= last_round:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)

@@ -26,6 +26,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from cmat_jax.cli import USER_OS_ERRNOS
+from cmat_jax.faults import fault_point
+
 # Field of the train state that holds the LoRA params (train_step.TrainState: "params").
 _LORA_FIELDS = ("params", "lora")
 _ITEMS = ("lora", "train", "data", "meta")
@@ -51,7 +54,27 @@ def _without_read_only_notice() -> Iterator[None]:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing or does not fit the run; the message names the path."""
+    """A checkpoint that is missing or does not fit the run, or one that could not be written
+    (disk full, read-only); the message names the path."""
+
+
+# How an out-of-space / unwritable filesystem reads in an orbax (tensorstore) error message.
+_STORAGE_FAILURES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "File too large",
+)
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """The filesystem condition behind a failed write (e.g. "No space left on device"), or
+    None when `e` is not one."""
+    if isinstance(e, OSError):
+        return e.strerror if e.errno in USER_OS_ERRNOS else None
+    text = str(e)
+    return next((f for f in _STORAGE_FAILURES if f in text), None)
 
 
 @dataclass(frozen=True)
@@ -122,6 +145,8 @@ class Checkpointer:
                 # Leftovers of a save interrupted by a crash are never complete: remove them.
                 cleanup_tmp_directories=True,
             )
+        self._saving: int | None = None  # the step of a save that may still be running
+        self._failed = False  # a save failed on a full or unwritable disk (and was reported)
         with _without_read_only_notice():
             self._manager = ocp.CheckpointManager(
                 self.directory, options=options, item_names=_ITEMS
@@ -154,6 +179,8 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps():
             return False
+        self.wait()  # the previous save is complete (orbax would wait for it here anyway)
+        fault_point("checkpoint_save")
         _, lora, rest = _split(state)
         args = ocp.args.Composite(
             lora=ocp.args.StandardSave(lora),
@@ -161,15 +188,47 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state or {}),
             meta=ocp.args.JsonSave({"step": step, **(meta or {})}),
         )
-        return self._manager.save(step, args=args, force=True)
+        with self._storage_errors():  # may report the previous async save's failure
+            started = self._manager.save(step, args=args, force=True)
+        self._saving = step
+        return started
+
+    @contextlib.contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        """A save that fails on a full or unwritable disk -> one-line CheckpointError. orbax
+        writes into a temporary directory and renames it only when complete, so the newest
+        complete checkpoint is untouched (and the leftover is removed on the next start)."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            cause = storage_failure(e)
+            if cause is None or isinstance(e, CheckpointError):
+                raise
+            step, self._saving, self._failed = self._saving, None, True
+            # orbax's abandoned write tasks report the same failure again as they are
+            # collected ("Task exception was never retrieved"): this error says it once.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            kept = [s for s in completed_steps(self.directory) if s != step]
+            last = f"newest complete checkpoint: {max(kept)}" if kept else "no complete checkpoint"
+            raise CheckpointError(
+                f"{self.directory}: saving checkpoint {step} failed: {cause} ({last})"
+            ) from None
 
     def wait(self) -> None:
         """Block until every pending async save is finalized on disk."""
-        self._manager.wait_until_finished()
+        with self._storage_errors():
+            self._manager.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self._manager.close()
+            except (OSError, ValueError):
+                if not self._failed:  # else: the save's failure is what was reported
+                    raise
 
     def __enter__(self) -> Checkpointer:
         return self
