@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -240,6 +241,8 @@ class CMATJob:
                                   ("alpha", 0.0, False), ("beta", 0.0, False),
                                   ("tau", 0.0, True)):  # fmt: skip
             v = getattr(self, name)
+            if not math.isfinite(v):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
             if not (v > low if strict else v >= low):
                 op = ">" if strict else ">="
                 raise ValueError(f"--{name.replace('_', '-')} must be {op} {low:g}, got {v}")
