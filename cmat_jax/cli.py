@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Collection, Sequence
@@ -59,10 +60,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
+def _quiet_thread_disk_errors(args: Any, _default: Callable = threading.excepthook) -> None:
+    # A background writer (orbax's, TensorBoard's) hitting a full or read-only disk: the main
+    # thread reports the same condition as one `error:` line, so no thread traceback.
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in USER_OS_ERRNOS:
+        return
+    _default(args)
+
+
 def run_cli(main: Callable[[], T]) -> T:
     import warnings
 
     warnings.showwarning = _one_line_warning
+    threading.excepthook = _quiet_thread_disk_errors
     try:
         return main()
     except USER_ERRORS as e:
