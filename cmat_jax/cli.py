@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -52,6 +53,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 USER_OS_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 )
+# How an out-of-space / unwritable filesystem reads in a tensorstore (orbax) error message.
+_STORAGE_FAILURES = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "Permission denied",
+    "File too large",
+)
+
+
+def storage_failure(e: BaseException) -> str | None:
+    """The filesystem condition behind a failed write (e.g. "No space left on device"), or
+    None when `e` is not one."""
+    if isinstance(e, OSError):
+        return e.strerror if e.errno in USER_OS_ERRNOS else None
+    if not isinstance(e, ValueError):
+        return None
+    text = str(e)
+    return next((f for f in _STORAGE_FAILURES if f in text), None)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -62,8 +82,31 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _quiet_thread_disk_errors(args: Any, _default: Callable = threading.excepthook) -> None:
     # A background writer (orbax's, TensorBoard's) hitting a full or read-only disk: the main
-    # thread reports the same condition as one `error:` line, so no thread traceback.
-    if isinstance(args.exc_value, OSError) and args.exc_value.errno in USER_OS_ERRNOS:
+    # thread reports the same condition as one `error:` line, so no thread traceback. orbax's
+    # writers raise tensorstore's ValueError ("RESOURCE_EXHAUSTED ... No space left") too.
+    if storage_failure(args.exc_value) is not None:
+        return
+    _default(args)
+
+
+class _DropStorageFailureLogs(logging.Filter):
+    """orbax's writer threads log a full or read-only disk with tracebacks (absl, asyncio) while
+    the save fails; the main thread reports it as one `error:` line, so these records go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and storage_failure(exc) is not None:
+            return False
+        text = record.getMessage()
+        return not any(f in text for f in _STORAGE_FAILURES)
+
+
+def _quiet_closed_loop_callbacks(args: Any, _default: Callable = sys.unraisablehook) -> None:
+    # tensorstore completes orbax's abandoned write futures onto an event loop orbax already
+    # closed (after a failed save, at exit); Python reports each as "Exception ignored". Nothing
+    # is lost there: the save's own outcome is what the run reports.
+    exc = args.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
         return
     _default(args)
 
@@ -73,6 +116,9 @@ def run_cli(main: Callable[[], T]) -> T:
 
     warnings.showwarning = _one_line_warning
     threading.excepthook = _quiet_thread_disk_errors
+    sys.unraisablehook = _quiet_closed_loop_callbacks
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DropStorageFailureLogs())
     try:
         return main()
     except USER_ERRORS as e:

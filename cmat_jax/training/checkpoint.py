@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from cmat_jax.cli import USER_OS_ERRNOS
+from cmat_jax.cli import storage_failure
 from cmat_jax.faults import fault_point
 
 # Field of the train state that holds the LoRA params (train_step.TrainState: "params").
@@ -56,25 +56,6 @@ def _without_read_only_notice() -> Iterator[None]:
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the run, or one that could not be written
     (disk full, read-only); the message names the path."""
-
-
-# How an out-of-space / unwritable filesystem reads in an orbax (tensorstore) error message.
-_STORAGE_FAILURES = (
-    "No space left on device",
-    "Disk quota exceeded",
-    "Read-only file system",
-    "Permission denied",
-    "File too large",
-)
-
-
-def storage_failure(e: BaseException) -> str | None:
-    """The filesystem condition behind a failed write (e.g. "No space left on device"), or
-    None when `e` is not one."""
-    if isinstance(e, OSError):
-        return e.strerror if e.errno in USER_OS_ERRNOS else None
-    text = str(e)
-    return next((f for f in _STORAGE_FAILURES if f in text), None)
 
 
 @dataclass(frozen=True)
