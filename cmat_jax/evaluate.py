@@ -51,6 +51,7 @@ from cmat_jax.cli import (
 from cmat_jax.envs.agents import Agent, NullAgent, oracle_agent
 from cmat_jax.envs.dbbench import DBBenchEnv, DBTask, dbbench_metrics, load_tasks
 from cmat_jax.envs.sql_backend import SQLBackend
+from cmat_jax.eval_journal import RESUMABLE_SETTINGS, EvalJournal, check_output_dir
 
 __all__ = [
     "EvalConfig",
@@ -182,16 +183,23 @@ def evaluate_agent(
     episodes_path: Path | None = None,
     on_done: Callable[[int], None] | None = None,
     mesh: Any = None,
+    journal: EvalJournal | None = None,
 ) -> dict[str, Any]:
     """Greedy evaluation of ``model`` (its adapters on the slots ``roles`` name) on ``tasks``.
 
     ``ltm_path``: a run's long-term memory, read through a private copy (never changed);
     ``backend``: the SQL backend (default SQLite, 3 s per statement); ``episodes_path``: where
-    every episode's line goes (all attempts); ``mesh``: generate on it (see RolloutEngine).
+    every episode's line goes (all attempts); ``mesh``: generate on it (see RolloutEngine);
+    ``journal``: every finished chunk of episodes is journaled there and chunks it already
+    holds are taken from it instead of run (the long-term memory lives beside it), so an
+    interrupted evaluation resumes to the same results (see :mod:`cmat_jax.eval_journal`).
     Returns the results dict of :func:`score`, with
     the engine counters of the first attempt under ``engine``.
     """
+    import jax
+
     from cmat_jax.cmat.config import CMATConfig
+    from cmat_jax.cmat.feedback import EpisodeRecord
     from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
     from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine, summarize
 
@@ -208,9 +216,15 @@ def evaluate_agent(
     work = Path(tempfile.mkdtemp(prefix="cmat_eval_"))
     ltm = None
     if (ltm_path is not None and Path(ltm_path).is_file()) or reflexion:
-        if ltm_path is not None and Path(ltm_path).is_file():
-            _copy_sqlite(Path(ltm_path), work / "ltm.sqlite")
-        ltm = LongTermMemory(work / "ltm.sqlite")
+        ltm_file = work / "ltm.sqlite" if journal is None else journal.ltm_path
+        kept = journal.last_ltm_records() if journal is not None else None
+        if kept is None or not ltm_file.is_file():
+            ltm_file.unlink(missing_ok=True)
+            if ltm_path is not None and Path(ltm_path).is_file():
+                _copy_sqlite(Path(ltm_path), ltm_file)
+        ltm = LongTermMemory(ltm_file)
+        if kept is not None:  # resumed: drop what the interrupted chunk wrote
+            ltm.truncate(kept)
     memory = dict(
         ltm_k=p.ltm_k if ltm is not None else 0,
         ltm_token_budget=p.ltm_token_budget,
@@ -263,17 +277,30 @@ def evaluate_agent(
             lines: list[dict[str, Any]] = []
             for lo in range(0, len(todo), live):
                 part = todo[lo : lo + live]
-                envs.clear()
-                res = engine.run(part, group_size=1, train=False)
+                chunk = journal.done(trial, lo) if journal is not None else None
+                if chunk is None:
+                    envs.clear()
+                    # The chunk's key depends on (trial, chunk) only: a resumed run draws the same.
+                    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), trial), lo)
+                    res = engine.run(part, group_size=1, train=False, key=key)
+                    chunk = {
+                        "lines": [
+                            episode_line(task, env.transcript(), out, trial, rec, refl)
+                            for task, env, rec, out, refl in zip(
+                                part, envs, res.episodes, res.outputs, res.reflections, strict=True
+                            )
+                        ],
+                        "records": [rec.to_dict() for rec in res.episodes],
+                        "counters": {k: v for k, v in res.stats.items() if k in _COUNTERS},
+                    }
+                    if journal is not None:
+                        n_ltm = len(ltm) if ltm is not None else None
+                        chunk = journal.record(trial, lo, chunk, n_ltm)
                 if trial == 0:
-                    records += res.episodes
-                    for k, v in res.stats.items():
-                        if k in _COUNTERS:
-                            counters[k] = counters.get(k, 0) + v
-                for task, env, rec, out, refl in zip(
-                    part, envs, res.episodes, res.outputs, res.reflections, strict=True
-                ):
-                    lines.append(episode_line(task, env.transcript(), out, trial, rec, refl))
+                    records += [EpisodeRecord.from_dict(r) for r in chunk["records"]]
+                    for k, v in chunk["counters"].items():
+                        counters[k] = counters.get(k, 0) + v
+                lines += chunk["lines"]
                 if on_done is not None:
                     on_done(len(part))
             trials.append(lines)
@@ -550,7 +577,11 @@ class EvalConfig:
     live_episodes: PosInt | None = None
     """Model agent: episodes advanced together (default: 4 x batch size)."""
     overwrite: bool = False
-    """Replace an existing DIR/results.json."""
+    """Replace an existing DIR/results.json (or start an interrupted evaluation over)."""
+    resume: bool = False
+    """Continue the interrupted evaluation in DIR (its DIR/journal.jsonl): finished chunks of
+    episodes are not run again, and the outputs equal an uninterrupted run's. The settings
+    must be the ones it started with (--out, --progress aside)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -587,8 +618,7 @@ def _check_config(cfg: EvalConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out}: exists and is not a directory")
-    if (out / "results.json").exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out / 'results.json'} exists; pass --overwrite to replace it")
+    check_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
 
 
 def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
@@ -597,6 +627,8 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     from cmat_jax.run_loader import load_source
 
     if cfg.task == "os":
+        if cfg.resume:
+            raise UsageError("--resume: --task os evaluations are not journaled")
         from cmat_jax.envs.os_eval import evaluate_os  # it builds on run_episodes (a cycle)
 
         return evaluate_os(cfg, agent)
@@ -620,8 +652,15 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
             checker = "checker" if "checker" in lm.slots else "none"
             reflector = lm.slot(lm.run_config.get("reflector_slot", assistant), "reflector_slot")
             roles = eval_roles(assistant, checker, reflector)
-    backend = _make_backend(cfg)
     out = Path(cfg.out)
+    settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
+    journal = None
+    if lm is not None:  # scripted agents run in seconds: they are not journaled
+        journal_settings = {**settings, "model_info": lm.info()}
+        journal = EvalJournal(out, journal_settings, resume=cfg.resume, overwrite=cfg.overwrite)
+    backend = _make_backend(cfg)
+    if journal is not None:
+        journal.start()
 
     bar = _progress(len(tasks), cfg.progress)
     t0 = time.perf_counter()
@@ -630,7 +669,7 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
             results = evaluate_agent(
                 lm.model, lm.tokenizer, tasks, protocol, roles=roles, backend=backend,
                 ltm_path=lm.run_dir / "ltm.sqlite" if lm.run_dir else None,
-                episodes_path=out / "episodes.jsonl", on_done=bar.update,
+                episodes_path=out / "episodes.jsonl", on_done=bar.update, journal=journal,
             )  # fmt: skip
             results["model_info"] = {
                 **lm.info(), "assistant_slot": assistant, "checker_slot": checker,
@@ -646,9 +685,14 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     results["wall_s"] = round(wall, 3)
     results["episodes_per_minute"] = round(results["episodes"] / wall * 60, 1) if wall > 0 else None
-    settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
-    results["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+    results["settings"] = {  # what was evaluated, not how this process ran (resumed or not)
+        k: str(v) if isinstance(v, Path) else v
+        for k, v in settings.items()
+        if k not in RESUMABLE_SETTINGS or k == "out"
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if journal is not None:
+        journal.finish()
     return results
 
 
