@@ -152,7 +152,7 @@ CASES = [
         "cross_join_sort",
         f"SELECT a.Player FROM {T} a, {T} b, {T} c, {T} d, {T} e ORDER BY 1",
         "memory",
-        "time",
+        "db_size",  # its internal temporary table: tmp_disk_table_size
     ),
     Case(
         "insert_cross_join",
@@ -256,13 +256,13 @@ CASES = [
         "result",
     ),
     Case(
-        # within MariaDB's value cap: its sort buffer and temp files, not ours; 24^5 rows (an idle
-        # machine sorted 24^4 of them inside the time limit: MariaDB sorts on 1 KiB key prefixes)
+        # within MariaDB's value cap: 24^5 rows go through an internal temporary table, which
+        # the session's tmp_disk_table_size caps at the database size cap
         "sort_8k_keys",
         f"SELECT a.Player, b.Player FROM {T} a, {T} b, {T} c, {T} d, {T} e "
         "ORDER BY CONCAT(REPEAT(a.Player, 1000), b.Goals, c.Goals, d.Goals)",
         "memory",
-        "time",
+        "db_size",
     ),
     Case(
         "ctas_1mb_rows",
@@ -276,6 +276,59 @@ CASES = [
         f"SELECT a.Player, REPEAT(a.Goals, 1000000) FROM {T} a, {T} b",
         "result",
         "length",
+    ),
+    # -- database size: a statement over the cap is undone, the table is as it was ---------
+    # 24^3 rows of 8,000 bytes (110 MB; MariaDB writes it all within the time limit)
+    Case(
+        "insert_select_blobs",
+        f"INSERT INTO {T} SELECT REPEAT('y', 8000), 1, 2 FROM {T} a, {T} b, {T} c",
+        "memory",  # SQLite builds an INSERT ... SELECT from its own table in memory first
+        "db_size",
+    ),
+    Case(
+        "ctas_8k_rows",
+        f"CREATE TABLE big8k AS SELECT REPEAT('x', 8000) AS b FROM {T} a, {T} b, {T} c",
+        "db_size",
+        "db_size",
+    ),
+    Case(
+        "ctas_undone",
+        "SELECT COUNT(*) FROM big8k",
+        "none",
+        "none",
+        sqlite_text="1146 (42S02)",
+        mysql_text="1146 (42S02)",
+    ),
+    Case(
+        "ctas_small_rows",  # 24^3 short rows: within the cap, it stays
+        f"CREATE TABLE u AS SELECT a.Player AS p FROM {T} a, {T} b, {T} c",
+        "none",
+        "none",
+        sqlite_text="[]",
+        mysql_text="[]",
+    ),
+    Case("update_blobs", "UPDATE u SET p = REPEAT('z', 8000)", "db_size", "db_size"),
+    Case(
+        "myisam_table",  # not transactional: undone through a snapshot
+        "CREATE TABLE mi (b TEXT) ENGINE=MyISAM",
+        "none",
+        "none",
+        sqlite_text=SYNTAX,
+        mysql_text="[]",
+    ),
+    Case(
+        "myisam_insert_blobs",
+        f"INSERT INTO mi SELECT REPEAT('x', 8000) FROM {T} a, {T} b, {T} c",
+        "none",
+        "db_size",
+        sqlite_text="1146 (42S02)",
+    ),
+    Case(
+        "csv_engine",  # its size is not reported: refused
+        "CREATE TABLE c (b TEXT NOT NULL) ENGINE=CSV",
+        "none",
+        "permission",
+        sqlite_text=SYNTAX,
     ),
     # -- privilege changes ---------------------------------------------------------------
     Case("grant", "GRANT ALL PRIVILEGES ON *.* TO CURRENT_USER", "policy", "policy"),
@@ -504,3 +557,9 @@ def test_hostile_summary(episodes, capsys):
     with capsys.disabled():
         print("\nhostile SQL:", json.dumps(summary))
     assert summary["contained"] == summary["tried"]
+
+
+def test_database_size_caps_agree():
+    """Both backends cap an episode's database at the same default size."""
+    mysql = MySQLBackend.__init__.__kwdefaults__["max_db_bytes"]
+    assert mysql == SQLiteBackend.__init__.__kwdefaults__["max_db_bytes"] == 16 << 20

@@ -11,6 +11,26 @@ before anything reaches the server. Database and user are dropped when the episo
 The server's own settings matter too (see ``docs/sandbox.md``): ``max_allowed_packet`` at
 :data:`RECOMMENDED_MAX_ALLOWED_PACKET`, no networking beyond loopback, ``local_infile`` off.
 
+Database size cap (``max_db_bytes``, 16 MiB per episode as on SQLite), on any stock server: a
+statement that may add data (``INSERT``, ``REPLACE``, ``UPDATE``, ``CREATE``, ``ALTER``,
+``WITH``) runs inside a transaction when every table of the episode is InnoDB, else after a
+server-side snapshot of the episode database; afterwards the administrator measures the
+episode's tables (``ANALYZE TABLE`` refreshes InnoDB's page counts — a millisecond, it reads
+segment headers, not rows — then ``information_schema.TABLES`` ``data_length +
+index_length``) and over the cap rolls the statement back (``ROLLBACK`` or the snapshot),
+answering ``1114 (HY000): The table is full``: the next statement sees the database as it was.
+Tables of engines whose size the server does not report (CSV, ...) are undone the same way.
+Internal temporary tables are capped per statement by the session's ``tmp_disk_table_size``
+and ``max_heap_table_size`` (both ``max_db_bytes``).
+
+What this does not bound: the bytes one statement writes *before* it ends and is measured —
+at most the statement time limit times the server's write rate (a test server on this
+project's CI machine, no fsync: ~70-90 MB/s, so ~250 MB in 3 s, rolled back at once). Those
+pages stay allocated to the episode's tablespace file (reused by its next statements) until
+the episode's database is dropped at close; with ``innodb_file_per_table`` off they stay in
+the shared system tablespace, which never shrinks (cap it: ``innodb_data_file_path=...:max:``).
+A server with row-based binary logging also logs the rows written and rolled back.
+
 Administrator credentials never travel on a command line: they come from a MySQL option file
 (``[client]`` group: ``user``, ``password``, ``socket`` or ``host``/``port``) or the
 ``CMAT_MYSQL_PASSWORD`` environment variable. The administrator needs only
@@ -35,6 +55,7 @@ from typing import Any
 import pymysql
 import pymysql.cursors
 
+from cmat_jax.envs.mysql_dialect import first_keyword
 from cmat_jax.envs.sql_backend import (
     GROUP_CONCAT_MAX_LEN,
     ExecResult,
@@ -43,6 +64,7 @@ from cmat_jax.envs.sql_backend import (
     check_statement,
     fetch_capped,
 )
+from cmat_jax.envs.sqlite_backend import LIMIT_MESSAGES
 
 PRIVILEGES = "SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, ALTER, INDEX, CREATE VIEW, SHOW VIEW"
 # Case- and accent-insensitive and NO PAD ('a' <> 'a '), like MySQL 8's default utf8mb4_0900_ai_ci
@@ -81,6 +103,13 @@ _SQLSTATE = {
     1050: "42S01", 1051: "42S02", 1060: "42S21", 1065: "42000", 1109: "42S02", 1166: "42000",
     1370: "42000", 1153: "08S01",
 }  # fmt: skip
+
+
+# Statements that may add data to the episode's database: measured against max_db_bytes.
+GROWING_KEYWORDS = frozenset({"INSERT", "REPLACE", "UPDATE", "CREATE", "ALTER", "WITH"})
+DDL_KEYWORDS = frozenset({"CREATE", "ALTER"})  # commit implicitly: undone through a snapshot
+# Engines whose information_schema.TABLES sizes are the data they hold (InnoDB after ANALYZE).
+MEASURED_ENGINES = frozenset({"InnoDB", "Aria", "MyISAM", "MEMORY", "MRG_MyISAM"})
 
 
 def _q(name: str) -> str:
@@ -142,13 +171,16 @@ class MySQLEpisode:
         time_limit_s: float,
         max_rows: int,
         max_result_bytes: int,
+        max_db_bytes: int,
     ) -> None:
         self.backend = backend
         self.table = table
         self.max_rows = max_rows
         self.max_result_bytes = max_result_bytes
+        self.max_db_bytes = max_db_bytes
         self.time_limit_s = time_limit_s
         self._shadows: set[str] = set()  # snapshot databases not yet restored
+        self._transactional = True  # every table of the episode is InnoDB
         tag = secrets.token_hex(6)
         self.db_name, self.user = f"{EPISODE_PREFIX}{tag}", f"{EPISODE_PREFIX}{tag}"
         password = secrets.token_hex(16)
@@ -167,7 +199,8 @@ class MySQLEpisode:
             )
         session = (
             f"SET SESSION max_statement_time = {time_limit_s}, sql_select_limit = {max_rows + 1}, "
-            f"group_concat_max_len = {GROUP_CONCAT_MAX_LEN}"
+            f"group_concat_max_len = {GROUP_CONCAT_MAX_LEN}, "
+            f"tmp_disk_table_size = {max_db_bytes}, max_heap_table_size = {max_db_bytes}"
         )
         self._connect_args = {  # where the administrator's connection went
             "unix_socket": admin.unix_socket,
@@ -187,6 +220,7 @@ class MySQLEpisode:
         self._session = session
         self.conn = self._connect()
         self._create_table()
+        self._measure()  # whether the server's default engine is transactional
 
     def _connect(self) -> pymysql.connections.Connection:
         return pymysql.connect(**self._connect_args, init_command=self._session)
@@ -206,6 +240,89 @@ class MySQLEpisode:
         refusal = check_statement(sql)
         if refusal is not None:
             return ExecResult.failure(refusal, limit="policy")
+        keyword = first_keyword(sql)
+        if keyword not in GROWING_KEYWORDS:
+            return self._execute(sql)
+        return self._execute_capped(sql, in_transaction=self._transactional and (
+            keyword not in DDL_KEYWORDS))  # fmt: skip
+
+    def _execute_capped(self, sql: str, *, in_transaction: bool) -> ExecResult:
+        """Run a statement that may add data, measure the episode's database and undo the
+        statement when it ended over ``max_db_bytes`` or left a table of an unmeasured engine
+        (see the module docstring)."""
+        shadow = None
+        if in_transaction:
+            with self.conn.cursor() as cur:
+                cur.execute("BEGIN")
+        else:
+            shadow = self.snapshot()
+        undo = True
+        try:
+            res = self._execute(sql)
+            size, unmeasured = self._measure()
+            undo = size > self.max_db_bytes or bool(unmeasured)
+        finally:
+            if in_transaction:
+                self._end_transaction(commit=not undo)
+                if undo:
+                    self._rebuild_innodb_tables()
+            elif undo:
+                self.restore(shadow)
+            else:
+                self._drop_shadow(shadow)
+        if unmeasured:
+            return ExecResult.failure(
+                f"1286 (42000): Unknown storage engine '{unmeasured[0]}'", limit="permission"
+            )
+        if undo:
+            return ExecResult.failure(LIMIT_MESSAGES["db_size"], limit="db_size")
+        return res
+
+    def _end_transaction(self, *, commit: bool) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("COMMIT" if commit else "ROLLBACK")
+        except pymysql.MySQLError:  # the connection is gone: the server rolled it back
+            self._reconnect()
+
+    def _rebuild_innodb_tables(self) -> None:
+        """A rolled-back statement leaves its pages reserved by the tables it grew (they
+        would count against the cap from then on): rebuild the episode's InnoDB tables, which
+        returns those pages (and, with innodb_file_per_table, the disk)."""
+        with self.backend.admin().cursor() as cur:
+            cur.execute(
+                "SELECT table_name FROM information_schema.TABLES "
+                "WHERE table_schema = %s AND engine = 'InnoDB'",
+                (self.db_name,),
+            )
+            for (name,) in cur.fetchall():
+                cur.execute(f"ALTER TABLE {_q(self.db_name)}.{_q(name)} FORCE")
+
+    def _measure(self) -> tuple[int, list[str]]:
+        """Bytes the episode's tables hold (data and indexes), and the engines of its tables
+        whose size the server does not report; refreshes whether every table is InnoDB."""
+        with self.backend.admin().cursor() as cur:
+            cur.execute(
+                "SELECT table_name, engine FROM information_schema.TABLES "
+                "WHERE table_schema = %s AND engine IS NOT NULL",
+                (self.db_name,),
+            )
+            tables = cur.fetchall()
+            innodb = [name for name, engine in tables if engine == "InnoDB"]
+            if innodb:  # InnoDB's sizes are its statistics: refresh them (page counts only)
+                names = ", ".join(f"{_q(self.db_name)}.{_q(n)}" for n in innodb)
+                cur.execute(f"ANALYZE LOCAL TABLE {names}")
+                cur.fetchall()
+            cur.execute(
+                "SELECT COALESCE(SUM(data_length + index_length), 0) "
+                "FROM information_schema.TABLES WHERE table_schema = %s",
+                (self.db_name,),
+            )
+            size = int(cur.fetchone()[0])
+        self._transactional = len(innodb) == len(tables)
+        return size, sorted({e for _, e in tables if e not in MEASURED_ENGINES})
+
+    def _execute(self, sql: str) -> ExecResult:
         # unbuffered: rows are read one at a time, never more than the caps
         cur = self.conn.cursor(pymysql.cursors.SSCursor)
         rows, capped, warned = [], False, False
@@ -297,6 +414,11 @@ class MySQLEpisode:
             _copy_tables(cur, self.db_name, shadow)
         return shadow
 
+    def _drop_shadow(self, shadow: str) -> None:
+        with self.backend.admin().cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {_q(shadow)}")
+        self._shadows.discard(shadow)
+
     def restore(self, shadow: str) -> None:
         with self.backend.admin().cursor() as cur:
             cur.execute(f"SHOW FULL TABLES FROM {_q(self.db_name)}")
@@ -338,11 +460,13 @@ class MySQLBackend:
         time_limit_s: float = 3.0,
         max_rows: int = 1000,
         max_result_bytes: int = 1 << 20,
+        max_db_bytes: int = 16 << 20,  # SQLiteBackend's default
     ) -> None:
         self.params = params
         self.time_limit_s = time_limit_s
         self.max_rows = max_rows
         self.max_result_bytes = max_result_bytes
+        self.max_db_bytes = max_db_bytes
         self._admin: pymysql.connections.Connection | None = None
         self.max_allowed_packet: int | None = None
         try:  # bad credentials or a missing option file fail here, before any episode
@@ -383,6 +507,7 @@ class MySQLBackend:
             time_limit_s=self.time_limit_s,
             max_rows=self.max_rows,
             max_result_bytes=self.max_result_bytes,
+            max_db_bytes=self.max_db_bytes,
         )
 
     def close(self) -> None:
