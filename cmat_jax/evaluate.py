@@ -28,6 +28,7 @@ Agents besides ``model``: ``oracle`` (replays the gold labels: the scorer's ceil
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -656,7 +657,8 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
     journal = None
     if lm is not None:  # scripted agents run in seconds: they are not journaled
-        journal_settings = {**settings, "model_info": lm.info()}
+        data_sha256 = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
+        journal_settings = {**settings, "model_info": lm.info(), "data_sha256": data_sha256}
         journal = EvalJournal(out, journal_settings, resume=cfg.resume, overwrite=cfg.overwrite)
     backend = _make_backend(cfg)
     if journal is not None:

@@ -10,6 +10,8 @@ stages (`agent_tuning`, `round<R>`, `eval_<stage>`), the steps inside them (`upd
 POINT matches a full name or any "/"-separated suffix of it, e.g. `round2/rollout_step:3`
 (the third lockstep step of round 2's rollouts), `update_step:1` (the first optimizer step
 anywhere), `eval_cmat/episodes_written:1` (the final evaluation's first split written).
+`python -m cmat_jax.evaluate` reaches `eval_journal_append` before it journals each finished
+chunk of episodes (`eval_journal_append:3`: killed with two chunks journaled).
 """
 
 from __future__ import annotations
