@@ -22,7 +22,6 @@ import pytest
 from cmat_jax.faults import FAULT_ENV
 from cmat_jax.run_dir import read_metrics
 from cmat_jax.training.checkpoint import completed_steps
-from tests.dbbench_data import DBBENCH_DEV
 from tests.fixtures_hf import save_tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -352,16 +351,14 @@ def test_unwritable_run_directory_is_one_line_and_exit_2(read_only_dir, tiny_mod
 
 # 3 items, one episode per chunk, two reflexion attempts: the first attempt's reflections are
 # written to the evaluation's memory and read by the second.
-EVAL_FLAGS = [
-    "--data", str(DBBENCH_DEV), "--limit", "3", "--max-new-tokens", "8", "--max-rounds", "2",
-    "--dtype", "float32", "--batch-size", "2", "--max-context", "1536", "--live-episodes", "1",
-    "--reflexion-trials", "2", "--no-progress",
+MODEL_EVAL_FLAGS = [
+    "--limit", "3", "--max-new-tokens", "8", "--max-rounds", "2", "--dtype", "float32",
+    "--batch-size", "2", "--max-context", "1536", "--live-episodes", "1", "--reflexion-trials", "2",
 ]  # fmt: skip
 
 
-def _eval_cmd(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cmat_jax.evaluate", "--model", str(model), "--out", str(out),
-            *EVAL_FLAGS, *extra]  # fmt: skip
+def _model_eval_cmd(model: Path, out: Path, *extra: str) -> list[str]:
+    return _eval_cmd(out, "--model", str(model), *MODEL_EVAL_FLAGS, *extra)
 
 
 def _results(out: Path) -> dict:
@@ -384,7 +381,7 @@ def test_evaluate_sigkill_resumes_to_the_uninterrupted_result(tiny_model, tmp_pa
 
     cache = tmp_path / "xla_cache"
     ref, out = tmp_path / "ref", tmp_path / "out"
-    r = _run(_eval_cmd(tiny_model, ref), _env(cache))
+    r = _run(_model_eval_cmd(tiny_model, ref), _env(cache))
     assert r.returncode == 0, r.stderr[-3000:]
     episodes = _jsonl(ref / "episodes.jsonl")
     assert [e["trial"] for e in episodes] == [1, 1, 1, 2, 2, 2]  # 6 chunks of one episode
@@ -392,32 +389,32 @@ def test_evaluate_sigkill_resumes_to_the_uninterrupted_result(tiny_model, tmp_pa
     assert sorted(p.name for p in ref.iterdir()) == ["episodes.jsonl", "results.json"]
 
     # Killed as the 3rd chunk is journaled: its episode is in the memory, its line is not.
-    r = _run(_eval_cmd(tiny_model, out), _env(cache, "eval_journal_append:3"))
+    r = _run(_model_eval_cmd(tiny_model, out), _env(cache, "eval_journal_append:3"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert _journal(out) == ([(0, 0), (0, 1)], ["dev-0", "dev-1", "dev-2"])
     assert not (out / "results.json").exists()
     with (out / "journal.jsonl").open("a") as f:
         f.write('{"trial": 0, "unit": 2, "lines": [{"ta')  # and a write torn by the kill
 
-    args = [*_eval_cmd(tiny_model, out)[3:], "--resume"]
+    args = [*_model_eval_cmd(tiny_model, out)[3:], "--resume"]
     with pytest.raises(FileExistsError, match="interrupted evaluation; pass --resume"):
         main(args[:-1])
     with pytest.raises(ValueError, match="--resume and --overwrite exclude each other"):
         main([*args, "--overwrite"])
-    r = _run(_eval_cmd(tiny_model, out, "--resume", "--max-rounds", "3"), _env(cache))
+    r = _run(_model_eval_cmd(tiny_model, out, "--resume", "--max-rounds", "3"), _env(cache))
     errors = [x for x in r.stderr.splitlines() if not x.startswith("warning: ")]  # data notes
     assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
     assert "--resume with different settings: max_rounds (2 -> 3)" in errors[0]
 
     # Resumed, and killed again as its 4th chunk is journaled: it ran only unfinished chunks,
     # and the memory holds one record per episode run (the cut-off chunk's was dropped).
-    r = _run(_eval_cmd(tiny_model, out, "--resume"), _env(cache, "eval_journal_append:4"))
+    r = _run(_model_eval_cmd(tiny_model, out, "--resume"), _env(cache, "eval_journal_append:4"))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     tasks = [e["task_id"] for e in episodes]
     assert _journal(out) == ([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)], tasks)
 
     # The last chunk is all that is left: a 2nd append would kill the process.
-    r = _run(_eval_cmd(tiny_model, out, "--resume"), _env(cache, "eval_journal_append:2"))
+    r = _run(_model_eval_cmd(tiny_model, out, "--resume"), _env(cache, "eval_journal_append:2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "episodes.jsonl").read_bytes() == (ref / "episodes.jsonl").read_bytes()
     assert _results(out) == _results(ref)
