@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from .common import MASK_VALUE
 
 F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashTiling:
+    """Static geometry of a flash-attention launch (GPU and TPU kernels): the sequence T
+    padded to Tp, G query heads per kv head, the tile edges and the masking. Frozen, so
+    hashable: kernels take it through functools.partial."""
+
+    T: int
+    Tp: int
+    G: int
+    block_q: int
+    block_k: int
+    causal: bool
+    scale: float
+    has_seg: bool
+
+    @property
+    def nq(self) -> int:
+        return self.Tp // self.block_q
+
+    @property
+    def nk(self) -> int:
+        return self.Tp // self.block_k
+
+    @property
+    def padded(self) -> bool:
+        return self.Tp != self.T
 
 
 def tile_mask(
