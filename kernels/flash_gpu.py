@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
+from .common import MASK_VALUE, check_attention_inputs, pad_axis
 from .errors import AttentionInputError, UnsupportedAttentionError
 from .flash_vjp import flash_with_vjp
 from .launch import triton_call
@@ -62,23 +62,21 @@ def flash_attention_gpu(
                 f"pallas GPU attention: {name}={b} must be a power of 2 >= 16"
             )
     Dp = 1 << (D - 1).bit_length()
-    Tp = round_up(T, max(block_q, block_k))
-    cfg = _Cfg(
-        T=T,
-        Tp=Tp,
-        G=H // K,
-        block_q=block_q,
-        block_k=block_k,
-        causal=bool(causal),
-        scale=default_scale(D, scale),
-        has_seg=segment_ids_BT is not None,
+    has_seg = segment_ids_BT is not None
+    cfg = _Cfg.of(
+        T,
+        H,
+        K,
+        D,
+        block_q,
+        block_k,
+        causal=causal,
+        scale=scale,
+        has_seg=has_seg,
         interpret=interpret,
     )
-    q, k, v = (pad_axis(pad_axis(x, 3, Dp), 1, Tp) for x in (q_BTHD, k_BSKD, v_BSKD))
-    seg = None
-    if segment_ids_BT is not None:
-        seg = pad_axis(segment_ids_BT.astype(jnp.int32), 1, Tp, value=-1)
-    o = _flash(cfg, q, k, v, seg)
+    q, k, v = (pad_axis(pad_axis(x, 3, Dp), 1, cfg.Tp) for x in (q_BTHD, k_BSKD, v_BSKD))
+    o = _flash(cfg, q, k, v, cfg.pad_segments(segment_ids_BT))
     return o[:, :T, :, :D]
 
 

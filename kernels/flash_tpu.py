@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
+from .common import MASK_VALUE, check_attention_inputs, pad_axis, round_up
 from .errors import AttentionInputError, UnsupportedAttentionError
 from .flash_vjp import flash_with_vjp
 from .tiles import FlashTiling
@@ -59,22 +59,10 @@ def flash_attention_tpu(
             f"pallas TPU attention: block_q={bq}, block_k={bk} must be multiples of 8 "
             "and one must divide the other"
         )
-    Tp = round_up(T, max(bq, bk))
-    cfg = FlashTiling(
-        T=T,
-        Tp=Tp,
-        G=H // K,
-        block_q=bq,
-        block_k=bk,
-        causal=bool(causal),
-        scale=default_scale(D, scale),
-        has_seg=segment_ids_BT is not None,
-    )
-    q, k, v = (pad_axis(x, 1, Tp).transpose(0, 2, 1, 3) for x in (q_BTHD, k_BSKD, v_BSKD))
-    seg = None
-    if segment_ids_BT is not None:
-        seg = pad_axis(segment_ids_BT.astype(jnp.int32), 1, Tp, value=-1)
-    o_BHTD = _flash(cfg, q, k, v, seg)
+    has_seg = segment_ids_BT is not None
+    cfg = FlashTiling.of(T, H, K, D, bq, bk, causal=causal, scale=scale, has_seg=has_seg)
+    q, k, v = (pad_axis(x, 1, cfg.Tp).transpose(0, 2, 1, 3) for x in (q_BTHD, k_BSKD, v_BSKD))
+    o_BHTD = _flash(cfg, q, k, v, cfg.pad_segments(segment_ids_BT))
     return o_BHTD.transpose(0, 2, 1, 3)[:, :T]
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .common import MASK_VALUE
+from .common import MASK_VALUE, default_scale, pad_axis, round_up
 
 F32 = jnp.float32
 
@@ -26,6 +26,40 @@ class FlashTiling:
     causal: bool
     scale: float
     has_seg: bool
+
+    @classmethod
+    def of(
+        cls,
+        T: int,
+        H: int,
+        K: int,
+        D: int,
+        block_q: int,
+        block_k: int,
+        *,
+        causal: bool,
+        scale: float | None,
+        has_seg: bool,
+        **extra,
+    ):
+        """The tiling of a [B, T, H, D] query over K kv heads: T padded to the larger block."""
+        return cls(
+            T=T,
+            Tp=round_up(T, max(block_q, block_k)),
+            G=H // K,
+            block_q=block_q,
+            block_k=block_k,
+            causal=bool(causal),
+            scale=default_scale(D, scale),
+            has_seg=has_seg,
+            **extra,
+        )
+
+    def pad_segments(self, segment_ids_BT: jax.Array | None) -> jax.Array | None:
+        """Segment ids int32 [B, Tp]; the padded tail is -1, a segment no real token is in."""
+        if segment_ids_BT is None:
+            return None
+        return pad_axis(segment_ids_BT.astype(jnp.int32), 1, self.Tp, value=-1)
 
     @property
     def nq(self) -> int:
