@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
+from .common import MASK_VALUE, check_attention_inputs, pad_axis
 from .errors import AttentionInputError, UnsupportedAttentionError
 from .flash_vjp import flash_with_vjp
 from .launch import triton_call
-from .tiles import F32, dot_nn, dot_nt, dot_tn, masked, tile_mask
+from .tiles import F32, FlashTiling, dot_nn, dot_nt, dot_tn, masked, tile_mask
 
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128)
 # 64 x 64 tiles: q, k, v, o tiles of 64 x 128 bf16 plus a 64 x 64 f32 score tile fit the
@@ -35,20 +35,8 @@ DEFAULT_BLOCK_K = 64
 
 
 @dataclasses.dataclass(frozen=True)
-class _Cfg:
-    T: int
-    Tp: int
-    G: int
-    block_q: int
-    block_k: int
-    causal: bool
-    scale: float
-    has_seg: bool
+class _Cfg(FlashTiling):
     interpret: bool | None  # None: per lowering platform (launch.triton_call)
-
-    @property
-    def padded(self) -> bool:
-        return self.Tp != self.T
 
 
 def flash_attention_gpu(
@@ -74,23 +62,21 @@ def flash_attention_gpu(
                 f"pallas GPU attention: {name}={b} must be a power of 2 >= 16"
             )
     Dp = 1 << (D - 1).bit_length()
-    Tp = round_up(T, max(block_q, block_k))
-    cfg = _Cfg(
-        T=T,
-        Tp=Tp,
-        G=H // K,
-        block_q=block_q,
-        block_k=block_k,
-        causal=bool(causal),
-        scale=default_scale(D, scale),
-        has_seg=segment_ids_BT is not None,
+    has_seg = segment_ids_BT is not None
+    cfg = _Cfg.of(
+        T,
+        H,
+        K,
+        D,
+        block_q,
+        block_k,
+        causal=causal,
+        scale=scale,
+        has_seg=has_seg,
         interpret=interpret,
     )
-    q, k, v = (pad_axis(pad_axis(x, 3, Dp), 1, Tp) for x in (q_BTHD, k_BSKD, v_BSKD))
-    seg = None
-    if segment_ids_BT is not None:
-        seg = pad_axis(segment_ids_BT.astype(jnp.int32), 1, Tp, value=-1)
-    o = _flash(cfg, q, k, v, seg)
+    q, k, v = (pad_axis(pad_axis(x, 3, Dp), 1, cfg.Tp) for x in (q_BTHD, k_BSKD, v_BSKD))
+    o = _flash(cfg, q, k, v, cfg.pad_segments(segment_ids_BT))
     return o[:, :T, :, :D]
 
 
@@ -102,6 +88,33 @@ def _seq_spec(block: int, Dp: int, index_map) -> pl.BlockSpec:
     return pl.BlockSpec((pl.squeezed, block, pl.squeezed, Dp), index_map)
 
 
+def _kv_blocks(cfg: _Cfg, i: jax.Array) -> jax.Array | int:
+    """How many kv blocks q block i visits: all of them, or up to the diagonal when causal."""
+    if not cfg.causal:
+        return cfg.nk
+    return jnp.minimum(pl.cdiv((i + 1) * cfg.block_q, cfg.block_k), cfg.nk)
+
+
+def _kv_tile(cfg: _Cfg, j, k_ref, v_ref, kseg_ref, q_pos_R, qseg_R):
+    """kv block j for a q block (forward and dq kernels): its k and v tiles and the mask of
+    the (q rows x kv columns) scores (causal, padded tail, segments)."""
+    bk = cfg.block_k
+    start = pl.multiple_of(j * bk, bk)
+    k_CD = k_ref[pl.ds(start, bk), :]
+    v_CD = v_ref[pl.ds(start, bk), :]
+    kseg_C = kseg_ref[pl.ds(start, bk)] if cfg.has_seg else None
+    mask = tile_mask(
+        q_pos_R,
+        start + jnp.arange(bk),
+        causal=cfg.causal,
+        kv_len=cfg.T,
+        padded=cfg.padded,
+        qseg_R=qseg_R,
+        kseg_C=kseg_C,
+    )
+    return k_CD, v_CD, mask
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -110,7 +123,8 @@ def _fwd_kernel(cfg: _Cfg, *refs):
         q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
     else:
         q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    bq, bk = cfg.block_q, cfg.block_k
+        qseg_ref = kseg_ref = None
+    bq = cfg.block_q
     i = pl.program_id(2)
     q_RD = q_ref[...]
     q_pos = i * bq + jnp.arange(bq)
@@ -118,19 +132,7 @@ def _fwd_kernel(cfg: _Cfg, *refs):
 
     def body(j, carry):
         m_R, l_R, acc_RD = carry
-        start = pl.multiple_of(j * bk, bk)
-        k_CD = k_ref[pl.ds(start, bk), :]
-        v_CD = v_ref[pl.ds(start, bk), :]
-        kseg = kseg_ref[pl.ds(start, bk)] if cfg.has_seg else None
-        mask = tile_mask(
-            q_pos,
-            start + jnp.arange(bk),
-            causal=cfg.causal,
-            kv_len=cfg.T,
-            padded=cfg.padded,
-            qseg_R=qseg,
-            kseg_C=kseg,
-        )
+        k_CD, v_CD, mask = _kv_tile(cfg, j, k_ref, v_ref, kseg_ref, q_pos, qseg)
         s_RC = masked(dot_nt(q_RD, k_CD) * cfg.scale, mask)
         m_new = jnp.maximum(m_R, jnp.max(s_RC, axis=1))
         alpha = jnp.exp(m_R - m_new)
@@ -139,8 +141,7 @@ def _fwd_kernel(cfg: _Cfg, *refs):
         acc_RD = alpha[:, None] * acc_RD + dot_nn(p_RC.astype(v_CD.dtype), v_CD)
         return m_new, l_new, acc_RD
 
-    nk = cfg.Tp // bk
-    hi = jnp.minimum(pl.cdiv((i + 1) * bq, bk), nk) if cfg.causal else nk
+    hi = _kv_blocks(cfg, i)
     carry = (
         jnp.full((bq,), MASK_VALUE, F32),
         jnp.zeros((bq,), F32),
@@ -191,7 +192,8 @@ def _dq_kernel(cfg: _Cfg, *refs):
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
     else:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    bq, bk = cfg.block_q, cfg.block_k
+        qseg_ref = kseg_ref = None
+    bq = cfg.block_q
     i = pl.program_id(2)
     q_RD, do_RD = q_ref[...], do_ref[...]
     lse_R, delta_R = lse_ref[...], delta_ref[...]
@@ -199,25 +201,12 @@ def _dq_kernel(cfg: _Cfg, *refs):
     qseg = qseg_ref[...] if cfg.has_seg else None
 
     def body(j, dq_RD):
-        start = pl.multiple_of(j * bk, bk)
-        k_CD = k_ref[pl.ds(start, bk), :]
-        v_CD = v_ref[pl.ds(start, bk), :]
-        kseg = kseg_ref[pl.ds(start, bk)] if cfg.has_seg else None
-        mask = tile_mask(
-            q_pos,
-            start + jnp.arange(bk),
-            causal=cfg.causal,
-            kv_len=cfg.T,
-            padded=cfg.padded,
-            qseg_R=qseg,
-            kseg_C=kseg,
-        )
+        k_CD, v_CD, mask = _kv_tile(cfg, j, k_ref, v_ref, kseg_ref, q_pos, qseg)
         p_RC = masked(jnp.exp(dot_nt(q_RD, k_CD) * cfg.scale - lse_R[:, None]), mask, 0.0)
         ds_RC = p_RC * (dot_nt(do_RD, v_CD) - delta_R[:, None])
         return dq_RD + dot_nn(ds_RC.astype(k_CD.dtype), k_CD)
 
-    nk = cfg.Tp // bk
-    hi = jnp.minimum(pl.cdiv((i + 1) * bq, bk), nk) if cfg.causal else nk
+    hi = _kv_blocks(cfg, i)
     dq_RD = jax.lax.fori_loop(0, hi, body, jnp.zeros(q_RD.shape, F32))
     dq_ref[...] = (dq_RD * cfg.scale).astype(dq_ref.dtype)
 
@@ -232,7 +221,6 @@ def _dkdv_kernel(cfg: _Cfg, *refs):
     k_CD, v_CD = k_ref[...], v_ref[...]
     k_pos = j * bk + jnp.arange(bk)
     kseg = kseg_ref[...] if cfg.has_seg else None
-    nq = cfg.Tp // bq
     lo = (j * bk) // bq if cfg.causal else 0
 
     def q_block(g, i, carry):
@@ -259,7 +247,7 @@ def _dkdv_kernel(cfg: _Cfg, *refs):
         return dk_CD, dv_CD
 
     def per_head(g, carry):
-        return jax.lax.fori_loop(lo, nq, functools.partial(q_block, g), carry)
+        return jax.lax.fori_loop(lo, cfg.nq, functools.partial(q_block, g), carry)
 
     zeros = jnp.zeros(k_CD.shape, F32)
     dk_CD, dv_CD = jax.lax.fori_loop(0, cfg.G, per_head, (zeros, zeros))

@@ -15,7 +15,6 @@ On CPU the kernels run inside `pltpu.force_tpu_interpret_mode()`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -23,9 +22,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
+from .common import MASK_VALUE, check_attention_inputs, pad_axis, round_up
 from .errors import AttentionInputError, UnsupportedAttentionError
 from .flash_vjp import flash_with_vjp
+from .tiles import FlashTiling
 
 F32 = jnp.float32
 SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -33,30 +33,6 @@ SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
 # 512 x 128 bf16 (~1 MiB) stay well inside the 16-32 MiB scoped VMEM; 128-multiples match
 # the MXU (128 x 128 on v4/v5e, 256 x 256 on v6e). See docs/kernels.md.
 DEFAULT_BLOCK = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    T: int
-    Tp: int
-    G: int
-    block_q: int
-    block_k: int
-    causal: bool
-    scale: float
-    has_seg: bool
-
-    @property
-    def nq(self) -> int:
-        return self.Tp // self.block_q
-
-    @property
-    def nk(self) -> int:
-        return self.Tp // self.block_k
-
-    @property
-    def padded(self) -> bool:
-        return self.Tp != self.T
 
 
 def flash_attention_tpu(
@@ -83,44 +59,32 @@ def flash_attention_tpu(
             f"pallas TPU attention: block_q={bq}, block_k={bk} must be multiples of 8 "
             "and one must divide the other"
         )
-    Tp = round_up(T, max(bq, bk))
-    cfg = _Cfg(
-        T=T,
-        Tp=Tp,
-        G=H // K,
-        block_q=bq,
-        block_k=bk,
-        causal=bool(causal),
-        scale=default_scale(D, scale),
-        has_seg=segment_ids_BT is not None,
-    )
-    q, k, v = (pad_axis(x, 1, Tp).transpose(0, 2, 1, 3) for x in (q_BTHD, k_BSKD, v_BSKD))
-    seg = None
-    if segment_ids_BT is not None:
-        seg = pad_axis(segment_ids_BT.astype(jnp.int32), 1, Tp, value=-1)
-    o_BHTD = _flash(cfg, q, k, v, seg)
+    has_seg = segment_ids_BT is not None
+    cfg = FlashTiling.of(T, H, K, D, bq, bk, causal=causal, scale=scale, has_seg=has_seg)
+    q, k, v = (pad_axis(x, 1, cfg.Tp).transpose(0, 2, 1, 3) for x in (q_BTHD, k_BSKD, v_BSKD))
+    o_BHTD = _flash(cfg, q, k, v, cfg.pad_segments(segment_ids_BT))
     return o_BHTD.transpose(0, 2, 1, 3)[:, :T]
 
 
 # ----------------------------------------------------------------------------- tiles
 
 
-def _visible(cfg: _Cfg, i, j):
+def _visible(cfg: FlashTiling, i, j):
     """Does q block i see any key of kv block j?"""
     if not cfg.causal:
         return True
     return j * cfg.block_k <= i * cfg.block_q + cfg.block_q - 1
 
 
-def _last_k_block(cfg: _Cfg, i):
+def _last_k_block(cfg: FlashTiling, i):
     return ((i + 1) * cfg.block_q - 1) // cfg.block_k
 
 
-def _first_q_block(cfg: _Cfg, j):
+def _first_q_block(cfg: FlashTiling, j):
     return (j * cfg.block_k) // cfg.block_q
 
 
-def _mask(cfg: _Cfg, i, j, qseg_ref, kseg_ref):
+def _mask(cfg: FlashTiling, i, j, qseg_ref, kseg_ref):
     """Bool [bq, bk] or None, from 2-D iotas (the TPU-friendly form)."""
     shape = (cfg.block_q, cfg.block_k)
     mask = None
@@ -173,7 +137,7 @@ def _seg_args(seg):
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(cfg: _Cfg, *refs):
+def _fwd_kernel(cfg: FlashTiling, *refs):
     (q_ref, k_ref, v_ref), qseg_ref, kseg_ref, rest = _split(cfg, refs, 3)
     o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
     i, j = pl.program_id(2), pl.program_id(3)
@@ -206,7 +170,7 @@ def _fwd_kernel(cfg: _Cfg, *refs):
         lse_ref[...] = m_sc[...] + jnp.log(l_R1)
 
 
-def _fwd_call(cfg: _Cfg, q, k, v, seg):
+def _fwd_call(cfg: FlashTiling, q, k, v, seg):
     B, H, Tp, D = q.shape
     G, bq, bk = cfg.G, cfg.block_q, cfg.block_k
 
@@ -251,7 +215,7 @@ def _fwd_call(cfg: _Cfg, q, k, v, seg):
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(cfg: _Cfg, *refs):
+def _dq_kernel(cfg: FlashTiling, *refs):
     ins, qseg_ref, kseg_ref, rest = _split(cfg, refs, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     dq_ref, dq_sc = rest
@@ -276,7 +240,7 @@ def _dq_kernel(cfg: _Cfg, *refs):
         dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(cfg: _Cfg, *refs):
+def _dkdv_kernel(cfg: FlashTiling, *refs):
     ins, qseg_ref, kseg_ref, rest = _split(cfg, refs, 6)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
     dk_ref, dv_ref, dk_sc, dv_sc = rest
@@ -303,7 +267,7 @@ def _dkdv_kernel(cfg: _Cfg, *refs):
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _bwd_calls(cfg: _Cfg, q, k, v, seg, o, lse, do):
+def _bwd_calls(cfg: FlashTiling, q, k, v, seg, o, lse, do):
     B, H, _Tp, D = q.shape
     K = k.shape[1]
     G, bq, bk = cfg.G, cfg.block_q, cfg.block_k

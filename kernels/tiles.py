@@ -2,12 +2,76 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from .common import MASK_VALUE
+from .common import MASK_VALUE, default_scale, pad_axis, round_up
 
 F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class FlashTiling:
+    """Static geometry of a flash-attention launch (GPU and TPU kernels): the sequence T
+    padded to Tp, G query heads per kv head, the tile edges and the masking. Frozen, so
+    hashable: kernels take it through functools.partial."""
+
+    T: int
+    Tp: int
+    G: int
+    block_q: int
+    block_k: int
+    causal: bool
+    scale: float
+    has_seg: bool
+
+    @classmethod
+    def of(
+        cls,
+        T: int,
+        H: int,
+        K: int,
+        D: int,
+        block_q: int,
+        block_k: int,
+        *,
+        causal: bool,
+        scale: float | None,
+        has_seg: bool,
+        **extra,
+    ):
+        """The tiling of a [B, T, H, D] query over K kv heads: T padded to the larger block."""
+        return cls(
+            T=T,
+            Tp=round_up(T, max(block_q, block_k)),
+            G=H // K,
+            block_q=block_q,
+            block_k=block_k,
+            causal=bool(causal),
+            scale=default_scale(D, scale),
+            has_seg=has_seg,
+            **extra,
+        )
+
+    def pad_segments(self, segment_ids_BT: jax.Array | None) -> jax.Array | None:
+        """Segment ids int32 [B, Tp]; the padded tail is -1, a segment no real token is in."""
+        if segment_ids_BT is None:
+            return None
+        return pad_axis(segment_ids_BT.astype(jnp.int32), 1, self.Tp, value=-1)
+
+    @property
+    def nq(self) -> int:
+        return self.Tp // self.block_q
+
+    @property
+    def nk(self) -> int:
+        return self.Tp // self.block_k
+
+    @property
+    def padded(self) -> bool:
+        return self.Tp != self.T
 
 
 def tile_mask(

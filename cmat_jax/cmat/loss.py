@@ -50,9 +50,11 @@ from flax import nnx
 from cmat_jax.model.lora import NONE_SLOT
 from cmat_jax.training.losses import (
     DEFAULT_CHUNK_TOKENS,
+    StepLoss,
     chunk_length,
-    chunked_token_logp,
     finalize_metrics,
+    token_logp,
+    token_logp_and_hidden,
 )
 
 MODES = ("rwr", "pg", "ppo")
@@ -179,27 +181,19 @@ def chunked_entropy(
 def _model_logp_entropy(
     model: nnx.Module,
     batch: Mapping[str, jax.Array],
-    adapter_ids_B: jax.Array,
     *,
     entropy: bool,
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> tuple[jax.Array, jax.Array | None]:
     """(logp [B, T], entropy [B, T] or None) of the targets under each row's adapter."""
-    h_BTD, _ = model.hidden(
-        batch["inputs"],
-        positions_BT=batch.get("positions"),
-        segment_ids_BT=batch.get("segment_ids"),
-        adapter_ids_B=adapter_ids_B,
-        dropout_rng=dropout_rng,
-    )
-    w_DV = model.head_weight_DV()
-    cdt = model.config.compute_dtype
-    logp_BT = chunked_token_logp(
-        h_BTD, w_DV, batch["targets"], compute_dtype=cdt, chunk_tokens=chunk_tokens
+    logp_BT, h_BTD = token_logp_and_hidden(
+        model, batch, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
     )
     if not entropy:
         return logp_BT, None
+    cdt = model.config.compute_dtype
+    w_DV = model.head_weight_DV()
     return logp_BT, chunked_entropy(h_BTD, w_DV, compute_dtype=cdt, chunk_tokens=chunk_tokens)
 
 
@@ -208,7 +202,7 @@ def _logp_jit(graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: b
     model = nnx.merge(graphdef, params, frozen)
     B = batch["inputs"].shape[0]
     ids = jnp.full((B,), NONE_SLOT, jnp.int32) if use_none else batch["adapter_ids"]
-    return _model_logp_entropy(model, batch, ids, entropy=False, chunk_tokens=chunk_tokens)[0]
+    return token_logp(model, batch, adapter_ids_B=ids, chunk_tokens=chunk_tokens)
 
 
 def _model_batch(batch: Mapping[str, Any], *extra: str) -> dict[str, jax.Array]:
@@ -260,28 +254,17 @@ def _per_token(x: jax.Array, like_BT: jax.Array) -> jax.Array:
     return x[:, None] * jnp.ones_like(like_BT) if x.ndim == 1 else x
 
 
-def cmat_loss_sums(
-    trainable: Any,
-    frozen: Any,
+def _cmat_model_sums(
+    model: nnx.Module,
     batch: Mapping[str, jax.Array],
     cfg: LossConfig,
-    *,
-    graphdef: Any,
-    dropout_rng: jax.Array | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    dropout_rng: jax.Array | None,
+    chunk_tokens: int,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(Σ m·objective, masked sums of every metric incl. "tokens" = Σ m): the additive form
     of `cmat_loss`, summed over micro-batches before the one division."""
-    model = nnx.merge(graphdef, trainable, frozen)
-    if dropout_rng is not None and model.lora.config.dropout == 0:
-        dropout_rng = None
     logp_BT, ent_BT = _model_logp_entropy(
-        model,
-        batch,
-        batch["adapter_ids"],
-        entropy=cfg.entropy,
-        dropout_rng=dropout_rng,
-        chunk_tokens=chunk_tokens,
+        model, batch, entropy=cfg.entropy, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
     )
     valid_BT = jnp.asarray(batch["loss_mask"]) > 0
     m_BT = valid_BT.astype(jnp.float32)
@@ -337,15 +320,8 @@ def cmat_loss(
     an nnx.State or its pure dict). Bind `graphdef` with functools.partial for the 4-argument
     form. Metrics: loss, policy_loss, kl, ratio, clip_frac, entropy, nll, weighted_nll,
     anchor_nll, tokens, anchor_tokens (those whose inputs are in the batch)."""
-    objective, sums = cmat_loss_sums(
-        trainable,
-        frozen,
-        batch,
-        cfg,
-        graphdef=graphdef,
-        dropout_rng=dropout_rng,
-        chunk_tokens=chunk_tokens,
-    )
+    loss = CMATLoss(cfg, chunk_tokens=chunk_tokens)
+    objective, sums = loss.sums(graphdef, trainable, frozen, batch, dropout_rng)
     return objective / jnp.maximum(sums["tokens"], 1.0), finalize_metrics(sums)
 
 
@@ -382,32 +358,19 @@ def validate_batch(batch: Mapping[str, Any], cfg: LossConfig) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class CMATLoss:
+class CMATLoss(StepLoss):
     """`cmat_loss` as the train step's pluggable loss (`training.step.TrainStep(loss=...)`,
-    interface of `training.losses.TokenCE`): its additive sums, the CMAT batch fields, and
+    interface `training.losses.StepLoss`): its additive sums, the CMAT batch fields, and
     `validate_batch` before jit."""
 
     cfg: LossConfig = LossConfig()
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     batch_keys: tuple[str, ...] = BATCH_KEYS
 
-    def sums(
-        self,
-        graphdef: Any,
-        params: Any,
-        frozen: Any,
-        batch: Mapping[str, jax.Array],
-        rng: jax.Array | None,
+    def model_sums(
+        self, model: nnx.Module, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        return cmat_loss_sums(
-            params,
-            frozen,
-            batch,
-            self.cfg,
-            graphdef=graphdef,
-            dropout_rng=rng,
-            chunk_tokens=self.chunk_tokens,
-        )
+        return _cmat_model_sums(model, batch, self.cfg, dropout_rng, self.chunk_tokens)
 
     def validate(self, batch: Mapping[str, Any]) -> None:
         validate_batch(batch, self.cfg)

@@ -8,7 +8,7 @@ Inside a segment, `targets[t] = tokens[t+1]`; the segment's last position predic
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -76,39 +76,63 @@ class FirstFitPacker:
 
 
 Example = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, loss_mask, weights
+Segment = tuple[np.ndarray, Mapping[str, np.ndarray]]  # tokens [n], per-token columns [n]
+
+
+def build_packed_batch(
+    rows: Sequence[Sequence[Segment]],
+    seq_len: int,
+    pad_id: int,
+    columns: Mapping[str, type],
+    *,
+    keep_last_input: bool,
+    who: str,
+) -> dict[str, np.ndarray]:
+    """Rows of token segments -> inputs, targets, segment_ids, positions and `columns` [B, T].
+
+    The one place training rows become arrays (SFT conversations and CMAT rows alike). Segment
+    s (1..n) of a row takes a contiguous span; padding is segment 0 at the end. A segment of n
+    tokens predicts n - 1 targets (`targets = tokens[1:]`), and each per-token column (aligned
+    with its tokens, keyed by the token it scores) is written at those target positions, so
+    nothing predicts across a boundary. `keep_last_input` also gives the segment's last token
+    an input position that predicts nothing (span n instead of n - 1).
+    """
+    B, T = len(rows), seq_len
+    out = {
+        "inputs": np.full((B, T), pad_id, np.int32),
+        "targets": np.full((B, T), pad_id, np.int32),
+        "segment_ids": np.zeros((B, T), np.int32),
+        "positions": np.zeros((B, T), np.int32),
+    }
+    out |= {k: np.zeros((B, T), dtype) for k, dtype in columns.items()}
+    for b, row in enumerate(rows):
+        o = 0
+        for s, (tokens, per_token) in enumerate(row, start=1):
+            n_targets = len(tokens) - 1
+            span = len(tokens) if keep_last_input else n_targets
+            if o + span > T:
+                raise DataError(f"{who}: row {b} overflows seq_len {T}")
+            out["inputs"][b, o : o + span] = tokens[:span]
+            out["targets"][b, o : o + n_targets] = tokens[1:]
+            for k in columns:
+                out[k][b, o : o + n_targets] = per_token[k][1:]
+            out["segment_ids"][b, o : o + span] = s
+            out["positions"][b, o : o + span] = np.arange(span, dtype=np.int32)
+            o += span
+    return out
 
 
 def assemble_rows(
     rows: Sequence[Sequence[Example]], seq_len: int, pad_id: int, *, emit_weights: bool = False
 ) -> dict[str, np.ndarray]:
-    """Packed rows -> inputs, targets, loss_mask (on targets), segment_ids, positions [B, T]."""
-    B, T = len(rows), seq_len
-    inputs = np.full((B, T), pad_id, np.int32)
-    targets = np.full((B, T), pad_id, np.int32)
-    loss_mask = np.zeros((B, T), bool)
-    loss_weights = np.zeros((B, T), np.float32)
-    segment_ids = np.zeros((B, T), np.int32)
-    positions = np.zeros((B, T), np.int32)
-    for b, row in enumerate(rows):
-        o = 0
-        for s, (tok, mask, w) in enumerate(row, start=1):
-            n = len(tok)
-            if o + n > T:
-                raise DataError(f"packer: row {b} overflows seq_len {T}")
-            inputs[b, o : o + n] = tok
-            targets[b, o : o + n - 1] = tok[1:]
-            loss_mask[b, o : o + n - 1] = mask[1:]
-            loss_weights[b, o : o + n - 1] = w[1:]
-            segment_ids[b, o : o + n] = s
-            positions[b, o : o + n] = np.arange(n, dtype=np.int32)
-            o += n
-    batch = {
-        "inputs": inputs,
-        "targets": targets,
-        "loss_mask": loss_mask,
-        "segment_ids": segment_ids,
-        "positions": positions,
-    }
-    if emit_weights:
-        batch["loss_weights"] = loss_weights
-    return batch
+    """Packed SFT rows -> inputs, targets, loss_mask (on targets), segment_ids, positions
+    [B, T] (and loss_weights): each conversation keeps its last token as an input."""
+    columns = (
+        {"loss_mask": bool, "loss_weights": np.float32} if emit_weights else {"loss_mask": bool}
+    )
+    segments = [
+        [(tok, {"loss_mask": mask, "loss_weights": w}) for tok, mask, w in row] for row in rows
+    ]
+    return build_packed_batch(
+        segments, seq_len, pad_id, columns, keep_last_input=True, who="packer"
+    )

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,24 +101,31 @@ def parse_record(record: Any, where: str, fmt: Format = "auto") -> Conversation:
     return Conversation(tuple(messages), where)
 
 
-def _turn_list(record: dict, key: str, where: str) -> list:
+def _turns(record: dict, key: str, where: str) -> Iterator[tuple[str, dict]]:
+    """`(where: key[i], turn)` for each turn of the list `record[key]` (each must be an object)."""
     turns = record.get(key)
     if not isinstance(turns, list):
         raise DataError(f"{where}: field '{key}' must be a list of turns")
-    return turns
+    for i, turn in enumerate(turns):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at} must be an object")
+        yield at, turn
+
+
+def _message(
+    turn: dict, at: str, role_key: str, roles: dict[str, str], content_key: str
+) -> Message:
+    role = _role(turn, role_key, roles, at)
+    content = _content(turn.get(content_key), f"{at}.{content_key}")
+    return Message(role, content, _weight(turn, at))
 
 
 def _parse_messages(record: dict, where: str) -> list[Message]:
-    out = []
-    for i, turn in enumerate(_turn_list(record, "messages", where)):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{at} must be an object")
-        role = _role(turn, "role", _MESSAGES_ROLES, at)
-        content = _content(turn.get("content"), at + ".content")
-        weight = _weight(turn, at)
-        out.append(Message(role, content, weight))
-    return out
+    return [
+        _message(turn, at, "role", _MESSAGES_ROLES, "content")
+        for at, turn in _turns(record, "messages", where)
+    ]
 
 
 def _parse_sharegpt(record: dict, where: str) -> list[Message]:
@@ -125,20 +133,15 @@ def _parse_sharegpt(record: dict, where: str) -> list[Message]:
     system = record.get("system")
     if system is not None:
         out.append(Message("system", _content(system, f"{where}: system")))
-    for i, turn in enumerate(_turn_list(record, "conversations", where)):
-        at = f"{where}: conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise DataError(f"{at} must be an object")
-        role = _role(turn, "from", _SHAREGPT_ROLES, at)
-        content = _content(turn.get("value"), at + ".value")
-        weight = _weight(turn, at)
+    for at, turn in _turns(record, "conversations", where):
+        message = _message(turn, at, "from", _SHAREGPT_ROLES, "value")
         if "loss" in turn:  # AgentInstruct: per-turn `loss: true|false`
             loss = turn["loss"]
             if not isinstance(loss, bool) and loss is not None:
                 raise DataError(f"{at}.loss must be true, false or null, got {loss!r}")
             if loss is False:
-                weight = 0.0
-        out.append(Message(role, content, weight))
+                message = replace(message, weight=0.0)
+        out.append(message)
     return out
 
 

@@ -6,8 +6,9 @@ every per-token array is taken at the target positions (keyed by the token it sc
 packed first fit into sequences of `seq_len` positions, one LoRA slot per sequence, with segment
 ids and restarting positions so attention and RoPE see each row alone.
 
-(SFT conversations are packed by `data.packing`, whose segments also hold each conversation's
-last token; both layouts give the same per-token log-probs.)
+Both these rows and SFT conversations become arrays in `data.packing.build_packed_batch`; SFT
+segments also hold each conversation's last token (both layouts give the same per-token
+log-probs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+
+from cmat_jax.data.packing import build_packed_batch
 
 PER_TOKEN_FIELDS = ("loss_mask", "advantage", "weight", "behavior_logp")
 
@@ -76,37 +79,23 @@ def pack_rows(rows: Sequence[TrainRow], seq_len: int) -> list[list[TrainRow]]:
 def packed_batch(
     packs: Sequence[Sequence[TrainRow]], seq_len: int, pad_id: int = 0
 ) -> dict[str, np.ndarray]:
-    """`pack_rows` sequences -> a [B, seq_len] batch with segment_ids (1.. per row, 0 = padding)
-    and positions restarting at 0 in every row; each row contributes inputs = tokens[:-1],
-    targets = tokens[1:] (nothing predicts across a boundary). An empty pack is an all-padding
-    sequence."""
-    B = len(packs)
-    out = {
-        "inputs": np.full((B, seq_len), pad_id, np.int32),
-        "targets": np.full((B, seq_len), pad_id, np.int32),
-        "segment_ids": np.zeros((B, seq_len), np.int32),
-        "positions": np.zeros((B, seq_len), np.int32),
-        "adapter_ids": np.zeros((B,), np.int32),
-    }
-    for k in (*PER_TOKEN_FIELDS, "anchor"):
-        out[k] = np.zeros((B, seq_len), np.float32)
-    for b, pack in enumerate(packs):
-        o = 0
-        for s, r in enumerate(pack, start=1):
-            n = len(r.tokens) - 1
-            if o + n > seq_len:
-                raise ValueError(f"packed_batch: sequence {b} overflows seq_len {seq_len}")
-            out["inputs"][b, o : o + n] = r.tokens[:-1]
-            out["targets"][b, o : o + n] = r.tokens[1:]
-            for k in PER_TOKEN_FIELDS:
-                out[k][b, o : o + n] = getattr(r, k)[1:]
-            out["anchor"][b, o : o + n] = float(r.anchor)
-            out["segment_ids"][b, o : o + n] = s
-            out["positions"][b, o : o + n] = np.arange(n, dtype=np.int32)
-            o += n
-        if pack:
-            out["adapter_ids"][b] = pack[0].adapter_id
+    """`pack_rows` sequences -> a [B, seq_len] batch (`build_packed_batch`: segment_ids 1.. per
+    row, 0 = padding, positions restarting at 0) with the per-token fields, the anchor flag and
+    the sequence's adapter id; each row takes inputs = tokens[:-1], targets = tokens[1:]. An
+    empty pack is an all-padding sequence."""
+    segments = [[(r.tokens, _per_token(r)) for r in pack] for pack in packs]
+    columns = dict.fromkeys((*PER_TOKEN_FIELDS, "anchor"), np.float32)
+    out = build_packed_batch(
+        segments, seq_len, pad_id, columns, keep_last_input=False, who="packed_batch"
+    )
+    out["adapter_ids"] = np.array([pack[0].adapter_id if pack else 0 for pack in packs], np.int32)
     return out
+
+
+def _per_token(r: TrainRow) -> dict[str, np.ndarray]:
+    cols = {k: getattr(r, k) for k in PER_TOKEN_FIELDS}
+    cols["anchor"] = np.full(len(r.tokens), float(r.anchor), np.float32)
+    return cols
 
 
 def rows_to_batch(rows: Sequence[TrainRow], seq_len: int, pad_id: int = 0) -> dict[str, np.ndarray]:

@@ -229,6 +229,17 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}: no checkpoint for step {step} (have {steps})")
         return step
 
+    def _restore_as(self, step: int, args: Any, mismatch: str) -> Any:
+        """`self._manager.restore`; orbax's structure errors become one CheckpointError line
+        that names the step directory and says what does not match."""
+        try:
+            return self._manager.restore(step, args=args)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{self.directory / str(step)}: {mismatch} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
+
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict, dict]:
         """`(state, data_state, meta)` of `step` (default: newest complete checkpoint).
 
@@ -243,13 +254,9 @@ class Checkpointer:
             data=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
-        try:
-            out = self._manager.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"{self.directory / str(step)}: checkpoint does not match this run's model, "
-                f"LoRA or optimizer config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
+        out = self._restore_as(
+            step, args, "checkpoint does not match this run's model, LoRA or optimizer config"
+        )
         state = type(target)(**{name: out["lora"]}, **out["train"])
         return state, dict(out["data"] or {}), dict(out["meta"] or {})
 
@@ -262,11 +269,5 @@ class Checkpointer:
             lora=ocp.args.StandardRestore(target),
             meta=ocp.args.JsonRestore(),
         )
-        try:
-            out = self._manager.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"{self.directory / str(step)}: LoRA params do not match the run's LoRA config "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
+        out = self._restore_as(step, args, "LoRA params do not match the run's LoRA config")
         return out["lora"], dict(out["meta"] or {})

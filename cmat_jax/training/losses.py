@@ -147,7 +147,25 @@ def token_logp(
     `(graphdef, lora_params, frozen)` with pure dicts). `adapter_ids_B` overrides
     `batch["adapter_ids"]` (pass `jnp.full((B,), -1)` for the reference model's logp).
     """
-    model = _as_model(model_or_parts)
+    return token_logp_and_hidden(
+        _as_model(model_or_parts),
+        batch,
+        adapter_ids_B=adapter_ids_B,
+        dropout_rng=dropout_rng,
+        chunk_tokens=chunk_tokens,
+    )[0]
+
+
+def token_logp_and_hidden(
+    model: nnx.Module,
+    batch: Mapping[str, jax.Array],
+    *,
+    adapter_ids_B: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[jax.Array, jax.Array]:
+    """(`token_logp` [B, T], the final hidden states [B, T, D] it came from), for losses that
+    also read other per-token statistics (entropy) off the same forward pass."""
     ids = batch.get("adapter_ids") if adapter_ids_B is None else adapter_ids_B
     h_BTD, _ = model.hidden(
         batch["inputs"],
@@ -156,13 +174,14 @@ def token_logp(
         adapter_ids_B=ids,
         dropout_rng=dropout_rng,
     )
-    return chunked_token_logp(
+    logp_BT = chunked_token_logp(
         h_BTD,
         model.head_weight_DV(),
         batch["targets"],
         compute_dtype=model.config.compute_dtype,
         chunk_tokens=chunk_tokens,
     )
+    return logp_BT, h_BTD
 
 
 # ----------------------------------------------------------------------------- pluggable losses
@@ -183,19 +202,13 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenCE:
-    """The SFT loss: token-mean NLL of the targets over `loss_mask`.
-
-    Every loss of the train step (this one, `cmat_jax.cmat.loss.CMATLoss`) has this interface:
+class StepLoss:
+    """The interface of every loss of the train step (`TokenCE`, `cmat_jax.cmat.loss.CMATLoss`):
     `sums(graphdef, params, frozen, batch, rng) -> (objective sum, metric sums incl. "tokens")`
     — additive over micro-batches, so gradient accumulation sums them and divides once by the
     tokens — plus `batch_keys` (fields the jitted step receives) and `validate(batch)` (a
-    ValueError naming the field, before jit). Frozen dataclasses: hashable, one compiled step
-    per loss."""
-
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-    batch_keys: tuple[str, ...] = BATCH_KEYS
+    ValueError naming the field, before jit). Subclasses are frozen dataclasses (hashable: one
+    compiled step per loss) that implement `model_sums` on the merged model."""
 
     def sums(
         self,
@@ -206,8 +219,29 @@ class TokenCE:
         rng: jax.Array | None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         model = nnx.merge(graphdef, params, frozen)
-        drop = rng if model.lora.config.dropout > 0 else None
-        logp_BT = token_logp(model, batch, dropout_rng=drop, chunk_tokens=self.chunk_tokens)
+        dropout_rng = rng if model.lora.config.dropout > 0 else None
+        return self.model_sums(model, batch, dropout_rng)
+
+    def model_sums(
+        self, model: nnx.Module, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        raise NotImplementedError
+
+    def validate(self, batch: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCE(StepLoss):
+    """The SFT loss: token-mean NLL of the targets over `loss_mask`."""
+
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    batch_keys: tuple[str, ...] = BATCH_KEYS
+
+    def model_sums(
+        self, model: nnx.Module, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        logp_BT = token_logp(model, batch, dropout_rng=dropout_rng, chunk_tokens=self.chunk_tokens)
         nll, ntok = nll_sum(logp_BT, batch["loss_mask"])
         return nll, {"loss": jax.lax.stop_gradient(nll), "tokens": ntok}
 

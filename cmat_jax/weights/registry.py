@@ -75,6 +75,15 @@ _SMOLLM2 = WheelGGUF(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
 
+# Llama-2-7B's layer shape, which CodeLlama-7B keeps (it changes vocab, context and RoPE base).
+_LLAMA2_7B_SHAPE = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+}
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -104,14 +113,7 @@ PRESETS: dict[str, Preset] = {
             hf_repo="meta-llama/Llama-2-7b-hf",
             description="Llama-2-7B",
             tokenizer="tokenizer.model",
-            hf_config=_llama_config(
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=32,
-                max_position_embeddings=4096,
-            ),
+            hf_config=_llama_config(**_LLAMA2_7B_SHAPE, max_position_embeddings=4096),
         ),
         Preset(
             name="codellama-7b",
@@ -119,12 +121,8 @@ PRESETS: dict[str, Preset] = {
             description="CodeLlama-7B",
             tokenizer="tokenizer.model",
             hf_config=_llama_config(
+                **_LLAMA2_7B_SHAPE,
                 vocab_size=32016,
-                hidden_size=4096,
-                intermediate_size=11008,
-                num_hidden_layers=32,
-                num_attention_heads=32,
-                num_key_value_heads=32,
                 max_position_embeddings=16384,
                 rope_theta=1000000.0,
             ),
