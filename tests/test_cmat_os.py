@@ -89,6 +89,13 @@ def test_os_expert_rows_and_checker_labels_come_from_the_sandbox(tiny_model):
     checker = [r for r in rows if r.role == "checker"]
     assert len(asst) == 4 and checker and {bool(r.label) for r in checker} >= {False}
     assert all(r.loss_mask.sum() > 0 for r in asst)  # the expert's own replies fit the row
+    # A mixed job's agent tuning: both experts' episodes, drawn by the seeded task mix.
+    mixed = tiny_job(tiny_model, "unused", "db,os", seed=3, sft_examples=4, sft_seq_len=2304)
+    drawn = [name for name, _ in mixed_tasks(mixed, 4, mixed.seed + SFT_SEED_OFFSET)]
+    assert set(drawn) == {"db", "os"}
+    roles = {name: TASKS[name].roles() for name in ("db", "os")}
+    rows = expert_rows(tok, mixed, {"assistant": 0, "checker": 1}, roles)
+    assert len([r for r in rows if r.role == "assistant"]) == 4
 
 
 def test_synthetic_os_streams_never_hold_a_dev_problem():
@@ -134,8 +141,9 @@ def test_cmat_job_on_the_os_task(tiny_model, tmp_path):
 
 def test_mixed_db_os_job_reports_each_task(tiny_model, tmp_path):
     out = tmp_path / "run"
-    job = tiny_job(tiny_model, out, "db,os", seed=3, tasks_per_round=2, group_size=1,
-                   eval_tasks=2, use_reflection=False, dev_data="auto", os_dev_data="auto")  # fmt: skip
+    # Agent tuning's mix is test_os_expert_rows_...'s; here the rounds and the evaluation.
+    job = tiny_job(tiny_model, out, "db,os", seed=3, sft_steps=0, tasks_per_round=2,
+                   group_size=1, eval_tasks=2, use_reflection=False, dev_stages=())  # fmt: skip
     names = [name for name, _ in mixed_tasks(job, 2, job.seed)]
     held = [name for name, _ in mixed_tasks(job, 2, job.seed + EVAL_SEED_OFFSET)]
     assert set(names) == set(held) == {"db", "os"}  # this seed's round and held-out mix both
@@ -151,8 +159,29 @@ def test_mixed_db_os_job_reports_each_task(tiny_model, tmp_path):
                                                             "os": held.count("os")}  # fmt: skip
     assert "overall_cat_accuracy" in syn["tasks"]["db"]
     assert "label_accuracy" in syn["tasks"]["os"]
-    dev = final["stages"]["cmat"]["dev"]["tasks"]
-    assert dev["db"]["n"] == dev["os"]["n"] == 1
-    assert "overall_cat_accuracy" in dev["db"] and "accuracy" in dev["os"]
     for name in ("db", "os"):
         assert (out / "eval" / "cmat" / "a" / name / "episodes.jsonl").is_file()
+
+
+def test_assistant_head_keeps_each_tasks_own_prompt():
+    from cmat_jax.cmat import roles as R
+    from cmat_jax.cmat.memory import ShortTermMemory
+    from cmat_jax.envs.os_task import first_messages
+
+    db = TASKS["db"].roles()
+    first = [{"role": "system", "content": "env"}, {"role": "user", "content": "Q?"}]
+    assert R.assistant_head(db.assistant, first, ["lesson"]) == R.assistant_messages(
+        db.assistant, "Q?", (), ["lesson"]
+    )
+    os_first = first_messages("Count the files in /tmp.")
+    head = R.assistant_head(TASKS["os"].roles().assistant, os_first, ["Use ls -1."])
+    assert head[:-1] == os_first[:-1]  # the instructions and one-shot example, unchanged
+    assert head[-1]["content"].startswith("Lessons from earlier attempts")
+    assert head[-1]["content"].endswith(os_first[-1]["content"])  # the problem comes last
+    stm = ShortTermMemory(head, lambda t: len(t.split()), 10_000)
+    stm.add_step("Think: count.\n\nAct: bash\n\n```bash\nls -1 /tmp | wc -l\n```", "3")
+    stm.add_step("Think: done.\n\nAct: answer(3)", "")
+    summary = stm.summary()
+    assert "ls -1 /tmp | wc -l" in summary and "answer 3" in summary
+    lesson = R.clean_reflection("Count with wc. Act: bash\n```bash\nls\n```")
+    assert lesson == "Count with wc."

@@ -186,6 +186,11 @@ def make_roles(
         }
     elif assistant_prompt is not None:
         prompts = {**prompts, "assistant": assistant_prompt}
+    elif not prompts["assistant"]:
+        raise ValueError(
+            f"make_roles: task family {task_family!r} takes its Assistant prompt from its "
+            "environment's instructions; pass assistant_prompt"
+        )
     for name, slot in (
         ("user_slot", user_slot),
         ("assistant_slot", assistant_slot),

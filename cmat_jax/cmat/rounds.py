@@ -158,14 +158,20 @@ def _run_round(
         rollout_s=t_roll,
         train_s=time.perf_counter() - t - t_roll,
         loss=float(np.mean([h["loss"] for h in hist])) if hist else None,
-        kl=float(np.mean([h["kl"] for h in hist])) if hist else None,
+        # no "kl" metric without the KL term (kl_coef 0)
+        kl=float(np.mean([h["kl"] for h in hist])) if hist and "kl" in hist[0] else None,
     )
     r.write_round(st)
     r.log(
         f"round {rnd + 1}/{job.rounds}: reward {st['mean_reward']:.3f}, "
         f"success {st['success_rate']:.3f}, "
         f"checker P/R {st['checker_precision']}/{st['checker_recall']}, {len(rows)} rows, "
-        f"{time.perf_counter() - t:.0f}s"
+        + "".join(
+            f"{name} success {st[f'{name}/success_rate']:.3f}, "
+            for name in r.tasks
+            if f"{name}/success_rate" in st
+        )
+        + f"{time.perf_counter() - t:.0f}s"
     )
     return st, res, hist
 
