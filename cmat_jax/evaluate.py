@@ -1,4 +1,9 @@
-"""Evaluate an agent on DBBench: ``python -m cmat_jax.evaluate --model M --data FILE.jsonl --out DIR``.
+"""Evaluate an agent on an AgentBench task: ``python -m cmat_jax.evaluate --model M --data FILE --out DIR``.
+
+``--task dbbench`` (default): a DBBench JSONL file; ``--task os``: an OS interaction problem
+file (``--script-dir``: where its scripts are), each episode in a fresh sandbox, the round
+limit fixed at the protocol's 8. Each task's environment, loader, oracle and metrics come from
+:mod:`cmat_jax.tasks`; everything below is the same for every task.
 
 One protocol serves this CLI and the CMAT job's evaluations (:func:`evaluate_agent`): greedy
 episodes through the CMAT ``RolloutEngine`` with the Assistant's slot, optionally the Checker
@@ -49,8 +54,8 @@ from cmat_jax.cli import (
     parse,
     run_cli,
 )
-from cmat_jax.envs.agents import Agent, NullAgent, oracle_agent
-from cmat_jax.envs.dbbench import DBBenchEnv, DBTask, dbbench_metrics, load_tasks
+from cmat_jax.envs.agents import Agent, NullAgent
+from cmat_jax.envs.dbbench import DBBenchEnv, DBTask, dbbench_metrics
 from cmat_jax.envs.sql_backend import SQLBackend
 from cmat_jax.eval_journal import RESUMABLE_SETTINGS, EvalJournal, check_output_dir
 
@@ -145,18 +150,17 @@ RUN_EVAL_FIELDS = {
 
 
 def eval_roles(
-    assistant_slot: str = "none", checker_slot: str = "none", reflector_slot: str | None = None
+    assistant_slot: str = "none",
+    checker_slot: str = "none",
+    reflector_slot: str | None = None,
+    task: str = "db",
 ) -> Any:
-    """The DBBench roles on the given adapter slots ("none" = the frozen base; the Reflector
-    defaults to the Assistant's slot)."""
-    from cmat_jax.cmat import roles as R
-    from cmat_jax.envs.dbbench import SYSTEM_PROMPT
+    """A task's roles (`cmat_jax.tasks`, default DB) on the given adapter slots ("none" = the
+    frozen base; the Reflector defaults to the Assistant's slot)."""
+    from cmat_jax.tasks import task_spec
 
     reflector = reflector_slot or assistant_slot
-    roles = R.make_roles(
-        "dbbench", assistant_prompt=SYSTEM_PROMPT, checker_slot=checker_slot,
-        reflector_slot=reflector,
-    )  # fmt: skip
+    roles = task_spec(task).roles(checker_slot=checker_slot, reflector_slot=reflector)
     # make_roles guards training against an untrainable Assistant; evaluating the frozen base
     # (zero-shot) is exactly the Assistant on slot "none".
     return dataclasses.replace(
@@ -185,6 +189,8 @@ def evaluate_agent(
     on_done: Callable[[int], None] | None = None,
     mesh: Any = None,
     journal: EvalJournal | None = None,
+    env_factory: Callable[[], Any] | None = None,
+    metrics: Callable[[Any], dict[str, Any]] = dbbench_metrics,
 ) -> dict[str, Any]:
     """Greedy evaluation of ``model`` (its adapters on the slots ``roles`` name) on ``tasks``.
 
@@ -194,6 +200,8 @@ def evaluate_agent(
     ``journal``: every finished chunk of episodes is journaled there and chunks it already
     holds are taken from it instead of run (the long-term memory lives beside it), so an
     interrupted evaluation resumes to the same results (see :mod:`cmat_jax.eval_journal`).
+    ``env_factory`` builds another task's environments (``cmat_jax.tasks``; default: the DB
+    task's on ``backend``) and ``metrics`` scores their outputs.
     Returns the results dict of :func:`score`, with
     the engine counters of the first attempt under ``engine``.
     """
@@ -206,8 +214,8 @@ def evaluate_agent(
 
     if not tasks:
         raise UsageError("evaluation: no tasks to evaluate")
-    own_backend = backend is None
-    if backend is None:
+    own_backend = backend is None and env_factory is None
+    if own_backend:
         from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
         backend = SQLiteBackend(time_limit_s=3.0)
@@ -235,10 +243,13 @@ def evaluate_agent(
     trials: list[list[dict[str, Any]]] = []
     counters: dict[str, Any] = {}
     records: list[Any] = []
-    envs: list[DBBenchEnv] = []  # the engine's envs of the current chunk, in task order
+    envs: list[Any] = []  # the engine's envs of the current chunk, in task order
 
-    def make_env() -> DBBenchEnv:
-        envs.append(DBBenchEnv(backend, max_rounds=p.max_rounds))
+    def make_env() -> Any:
+        if env_factory is not None:
+            envs.append(env_factory())
+        else:
+            envs.append(DBBenchEnv(backend, max_rounds=p.max_rounds))
         return envs[-1]
 
     t0 = time.perf_counter()
@@ -314,7 +325,7 @@ def evaluate_agent(
         shutil.rmtree(work, ignore_errors=True)
         if own_backend:
             backend.close()
-    results = score(tasks, trials, p.reflexion_trials)
+    results = score(tasks, trials, p.reflexion_trials, metrics)
     results["engine"] = {**counters, **summarize(records, cmat_cfg)}
     results["eval_wall_s"] = round(time.perf_counter() - t0, 3)
     if episodes_path is not None:
@@ -356,14 +367,17 @@ def _solved(line: dict[str, Any]) -> bool:
 
 
 def score(
-    tasks: Sequence[DBTask], trials: Sequence[Sequence[dict[str, Any]]], reflexion_trials: int
+    tasks: Sequence[Any],
+    trials: Sequence[Sequence[dict[str, Any]]],
+    reflexion_trials: int,
+    metrics: Callable[[Any], dict[str, Any]] = dbbench_metrics,
 ) -> dict[str, Any]:
-    """The headline numbers of the first attempt (AgentBench's per-type accuracies,
-    ``overall_cat_accuracy``, ``success_rate``), the status counts, and with reflexion the
-    pass@N numbers over all attempts."""
+    """The headline numbers of the first attempt (the task's ``metrics``: for DB AgentBench's
+    per-type accuracies and ``overall_cat_accuracy``; ``success_rate``), the status counts, and
+    with reflexion the pass@N numbers over all attempts."""
     first = {line["task_id"]: line for line in trials[0]} if trials else {}
     firsts = [first.get(t.task_id) for t in tasks]
-    results: dict[str, Any] = dict(dbbench_metrics((x or {}).get("output") for x in firsts))
+    results: dict[str, Any] = dict(metrics((x or {}).get("output") for x in firsts))
     results["success_rate"] = sum(x is not None and _solved(x) for x in firsts) / max(len(tasks), 1)
     results["n"] = len(tasks)
     results["episodes"] = sum(len(t) for t in trials)
@@ -381,7 +395,7 @@ def score(
             f"{reflexion_trials} attempts succeeded (later attempts see reflections)",
             "trials": reflexion_trials,
             "success_rate": sum(x is not None and _solved(x) for x in finals) / max(len(tasks), 1),
-            **dbbench_metrics((x or {}).get("output") for x in finals),
+            **metrics((x or {}).get("output") for x in finals),
         }
     return results
 
@@ -475,7 +489,12 @@ def run_episodes(
 
 
 def _run_trials(
-    tasks: Sequence[DBTask], agent: Agent, backend: SQLBackend, p: EvalProtocol, bar: Any
+    tasks: Sequence[Any],
+    agent: Agent,
+    backend: SQLBackend | None,
+    p: EvalProtocol,
+    bar: Any,
+    make_env: Callable[[], Any] | None = None,
 ) -> list[list[dict[str, Any]]]:
     """Attempts of an ``Agent``: unsolved items are retried, with the agent's reflections (when
     it has ``reflect``) added to the next attempt's instructions."""
@@ -488,7 +507,7 @@ def _run_trials(
             bar.set_description(f"trial {trial + 1}")
         lines = run_episodes(
             todo, agent, backend, batch_size=p.max_batch, max_rounds=p.max_rounds, trial=trial,
-            notes=notes, on_done=lambda _line: bar.update(1),
+            notes=notes, on_done=lambda _line: bar.update(1), make_env=make_env,
         )  # fmt: skip
         trials.append(lines)
         failed = [line for line in lines if not _solved(line)]
@@ -626,33 +645,29 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     """Run the evaluation ``cfg`` describes (``agent``: a scripted Agent in place of
     --agent); writes DIR/results.json and DIR/episodes.jsonl only once everything is loaded."""
     from cmat_jax.run_loader import load_source
+    from cmat_jax.tasks import task_spec
 
-    if cfg.task == "os":
-        if cfg.resume:
-            raise UsageError("--resume: --task os evaluations are not journaled")
-        from cmat_jax.envs.os_eval import evaluate_os  # it builds on run_episodes (a cycle)
-
-        return evaluate_os(cfg, agent)
+    spec = task_spec(cfg.task)
     _check_config(cfg)
-    protocol = cfg.protocol()  # checks the flags before anything is loaded
-    tasks = load_tasks(cfg.data, limit=cfg.limit)
+    protocol = _task_protocol(cfg, cfg.protocol())  # checks the flags before anything loads
+    tasks = spec.load(Path(cfg.data), cfg.script_dir, cfg.limit)
     if not tasks:
         raise UsageError(f"--data: {cfg.data}: no tasks")
     lm = None
     if agent is None:
         if cfg.agent == "oracle":
-            agent = oracle_agent(tasks)
+            agent = spec.oracle(tasks)
         elif cfg.agent == "null":
             agent = NullAgent()
         else:
             lm = load_source(
                 cfg.model, cfg.step, dtype=cfg.dtype, attention_impl=cfg.attention_impl
             )
-            protocol = cfg.protocol(lm.run_config)
+            protocol = _task_protocol(cfg, cfg.protocol(lm.run_config))
             assistant = lm.slot(cfg.slot)
             checker = "checker" if "checker" in lm.slots else "none"
             reflector = lm.slot(lm.run_config.get("reflector_slot", assistant), "reflector_slot")
-            roles = eval_roles(assistant, checker, reflector)
+            roles = eval_roles(assistant, checker, reflector, task=spec.name)
     out = Path(cfg.out)
     settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
     journal = None
@@ -660,7 +675,9 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
         data_sha256 = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
         journal_settings = {**settings, "model_info": lm.info(), "data_sha256": data_sha256}
         journal = EvalJournal(out, journal_settings, resume=cfg.resume, overwrite=cfg.overwrite)
-    backend = _make_backend(cfg)
+    # The DB task runs on the chosen SQL backend; other tasks build their own environments.
+    backend = _make_backend(cfg) if spec.name == "db" else None
+    env_factory, close_envs = (None, None) if backend else spec.open_envs(protocol.max_rounds)
     if journal is not None:
         journal.start()
 
@@ -672,21 +689,26 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
                 lm.model, lm.tokenizer, tasks, protocol, roles=roles, backend=backend,
                 ltm_path=lm.run_dir / "ltm.sqlite" if lm.run_dir else None,
                 episodes_path=out / "episodes.jsonl", on_done=bar.update, journal=journal,
+                env_factory=env_factory, metrics=spec.metrics,
             )  # fmt: skip
             results["model_info"] = {
                 **lm.info(), "assistant_slot": assistant, "checker_slot": checker,
             }  # fmt: skip
         else:
-            trials = _run_trials(tasks, agent, backend, protocol, bar)
-            results = score(tasks, trials, protocol.reflexion_trials)
+            trials = _run_trials(tasks, agent, backend, protocol, bar, env_factory)
+            results = score(tasks, trials, protocol.reflexion_trials, spec.metrics)
             results["eval_wall_s"] = round(time.perf_counter() - t0, 3)
             write_episodes(out / "episodes.jsonl", trials)
     finally:
         bar.close()
-        backend.close()
+        if backend is not None:
+            backend.close()
+        if close_envs is not None:
+            close_envs()
     wall = time.perf_counter() - t0
     results["wall_s"] = round(wall, 3)
     results["episodes_per_minute"] = round(results["episodes"] / wall * 60, 1) if wall > 0 else None
+    results["round_limit"] = protocol.max_rounds
     results["settings"] = {  # what was evaluated, not how this process ran (resumed or not)
         k: str(v) if isinstance(v, Path) else v
         for k, v in settings.items()
@@ -696,6 +718,16 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     if journal is not None:
         journal.finish()
     return results
+
+
+def _task_protocol(cfg: EvalConfig, protocol: EvalProtocol) -> EvalProtocol:
+    """A task whose protocol fixes the round limit (OS: 8) keeps it unless --max-rounds."""
+    from cmat_jax.tasks import task_spec
+
+    limit = task_spec(cfg.task).round_limit
+    if limit is None or cfg.max_rounds is not None:
+        return protocol
+    return dataclasses.replace(protocol, max_rounds=limit)
 
 
 def _counts(items: Any) -> dict[str, int]:

@@ -10,6 +10,13 @@ the whole AgentBench DB dev split after agent tuning and after CMAT, each withou
 with it, and with reflexion retries (pass@2); the held-out synthetic tasks without the Checker
 and with pass@2 (`--synthetic-checker` adds their with-Checker run, `--eval-base --dev-stages
 base agent_tuning cmat` the base model's row). Measured numbers: docs/results.md.
+
+`cmat-os` is the default job on the AgentBench OS task (`--task os`, docs/os_task.md): agent
+tuning on the scripted expert's sandboxed episodes of synthetic OS problems, one CMAT round of
+sandbox episodes, and evaluation on held-out synthetic problems and the 26 OS dev problems at
+the protocol's 8 rounds. Its rows are 1024 tokens (the task's instructions and one-shot example
+take ~570 SmolLM2 tokens, an expert episode at most ~950), so it trains fewer, longer rows than
+the DB job to stay within its time.
 """
 
 import dataclasses
@@ -83,4 +90,20 @@ CMAT_FULL = dataclasses.replace(
     max_batch=32,
 )
 
-PRESETS = {"cmat-default": CMAT_DEFAULT, "cmat-full": CMAT_FULL}
+CMAT_OS = dataclasses.replace(
+    CMAT_DEFAULT,
+    out="runs/cmat-os",
+    task="os",
+    sft_examples=96,
+    sft_steps=14,
+    sft_seq_len=1024,
+    seq_len=1024,
+    anchor_rows=8,
+    stm_token_budget=1024,
+    eval_tasks=12,
+    eval_max_context=1536,
+    eval_max_rounds=8,
+    dev_limit=None,
+)
+
+PRESETS = {"cmat-default": CMAT_DEFAULT, "cmat-full": CMAT_FULL, "cmat-os": CMAT_OS}

@@ -49,7 +49,7 @@ def worker(model_dir: str, out: str, mesh: str, coordinator: str, num_processes:
     from cmat_jax.cmat.job import CMATJob
     from cmat_jax.cmat.rounds import run_round
     from cmat_jax.cmat.session import CMATRun
-    from cmat_jax.envs.sqlite_backend import SQLiteBackend
+    from cmat_jax.tasks import TASKS
     from cmat_jax.train import LoRAArgs, MeshArgs
 
     job = CMATJob(
@@ -76,11 +76,11 @@ def worker(model_dir: str, out: str, mesh: str, coordinator: str, num_processes:
         export=False,
     )
     r = CMATRun(job)
-    backend = SQLiteBackend(time_limit_s=3.0)
+    make_env, close = TASKS["db"].open_envs(job.train_max_rounds)
     try:
-        stats, res, hist = run_round(r, 0, backend, [])
+        stats, res, hist = run_round(r, 0, {"db": make_env}, [])
     finally:
-        backend.close()
+        close()
     params = r.trainer.state.params
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)

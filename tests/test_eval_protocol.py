@@ -62,7 +62,7 @@ def test_run_dir_evaluation_equals_the_jobs_number(cmat_run, checker, split):
     assert (run / "ltm.sqlite").is_file()  # the round wrote memory; both evaluations read it
     held_out = loop.synth_tasks(job, job.eval_tasks, job.seed + loop.EVAL_SEED_OFFSET)
     data = root / "held_out.jsonl"
-    data.write_text("".join(json.dumps(t.to_record()) + "\n" for t in held_out))
+    data.write_text("".join(json.dumps(st.task.to_record()) + "\n" for _, st in held_out))
     out = root / f"eval-{split}"
     argv = ["--model", str(run), "--data", str(data), "--out", str(out), "--no-progress"]
     res = main(argv + (["--checker"] if checker else []))

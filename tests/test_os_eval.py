@@ -34,7 +34,7 @@ def test_dev_split_oracle_and_null(tmp_path, agent, want):
     assert res["label_counts"]["file"] == 14 and res["label_counts"]["user"] == 8
     saved = json.loads((out / "results.json").read_text())
     assert saved["accuracy"] == want and saved["round_limit"] == 8
-    lines = [json.loads(x) for x in (out / "transcripts.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
     assert len(lines) == 26 and {tr["family"] for tr in lines} == {"os"}
     assert all(tr["reward"] == want and tr["output"]["correct"] == bool(want) for tr in lines)
     statuses = {tr["status"] for tr in lines}

@@ -34,9 +34,9 @@ from cmat_jax.cmat.loop import AGENT_TUNING_LOSS
 from cmat_jax.cmat.rounds import run_round, synth_tasks
 from cmat_jax.cmat.session import CMATRun
 from cmat_jax.envs.dbbench import load_tasks
-from cmat_jax.envs.sqlite_backend import SQLiteBackend
 from cmat_jax.paired_stats import compare_paired
 from cmat_jax.run_dir import RunDir, config_differences
+from cmat_jax.tasks import TASKS
 from cmat_jax.training.checkpoint import Checkpointer
 
 ARMS = ("cmat", "sft")
@@ -116,12 +116,12 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     )
     # The same evaluation items for every arm and seed.
     held_out = synth_tasks(job, job.eval_tasks, job.seed + EVAL_SEED_OFFSET)
-    dev = load_tasks(cfg.dev_data, limit=cfg.dev_limit) if cfg.dev_data else None
+    dev = {"db": load_tasks(cfg.dev_data, limit=cfg.dev_limit)} if cfg.dev_data else None
     cfg.out.mkdir(parents=True)
     out: dict[str, Any] = {
         "job": resolved_config(dataclasses.replace(job, out=str(cfg.out))),
         "dev_data": str(cfg.dev_data) if cfg.dev_data else None,
-        "dev_items": len(dev) if dev else 0,
+        "dev_items": len(dev["db"]) if dev else 0,
         "held_out_synthetic_tasks": len(held_out),
         "seeds": arm_seeds(job, cfg.seeds),
     }
@@ -160,7 +160,7 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     return out
 
 
-def agent_tuning(job: CMATJob, run_dir: Path, held_out: list, dev: list | None) -> dict:
+def agent_tuning(job: CMATJob, run_dir: Path, held_out: list, dev: dict | None) -> dict:
     """The job's stage 2 (as `loop.run_cmat` runs it) into `run_dir`, its evaluation, and the
     checkpoint the arms start from."""
     r = CMATRun(dataclasses.replace(job, out=str(run_dir)))
@@ -208,7 +208,7 @@ def run_arm(
     at_dir: Path,
     run_dir: Path,
     held_out: list,
-    dev: list | None,
+    dev: dict | None,
     steps: int | None = None,
 ) -> dict[str, Any]:
     """One arm for one seed from the agent-tuning checkpoint: train, evaluate, and what it did
@@ -229,14 +229,16 @@ def run_arm(
                 pool = [
                     x for x in expert_rows(r.tok, r.job, r.slots, r.roles) if x.role == "assistant"
                 ]
-            backend = SQLiteBackend(time_limit_s=3.0)
+            opened = {name: TASKS[name].open_envs(job.train_max_rounds) for name in r.tasks}
+            envs = {name: make for name, (make, _) in opened.items()}
             task_ids: list[str] = []
             try:
                 for rnd in range(job.rounds):
-                    _, res, _ = run_round(r, rnd, backend, pool)
+                    _, res, _ = run_round(r, rnd, envs, pool)
                     task_ids += [e.task_id for e in res.episodes]
             finally:
-                backend.close()
+                for _, close in opened.values():
+                    close()
             data_digest = None
         else:
             data = expert_rows(r.tok, r.job, r.slots, r.roles)

@@ -1,9 +1,11 @@
-"""Agent-tuning data (the TinyAgent stage): scripted-expert DB trajectories as training rows for
-the Assistant and implied verdicts for the Checker, and the SFT-anchor rows drawn from them."""
+"""Agent-tuning data (the TinyAgent stage): scripted-expert trajectories of the job's tasks
+(`cmat_jax.tasks`) as training rows for the Assistant and the Checker's labelled items, and the
+SFT-anchor rows drawn from them."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -13,41 +15,25 @@ from cmat_jax.cmat.job import SFT_SEED_OFFSET, CMATJob
 from cmat_jax.cmat.rollout import checker_prompt_ids
 from cmat_jax.data import parse_record, read_jsonl, tokenize_conversation
 from cmat_jax.data.rows import TrainRow
-from cmat_jax.envs.dbbench import DBBenchEnv
-from cmat_jax.envs.dbbench_synth import expert_episode, generate_tasks
-from cmat_jax.envs.sqlite_backend import SQLiteBackend
+from cmat_jax.tasks import TASKS, by_task, mixed_tasks
 
 
-def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any) -> list:
+def expert_rows(
+    tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Mapping[str, R.RoleSet]
+) -> list:
     """Agent-tuning rows: the Assistant on expert trajectories (assistant tokens), the Checker
-    on each expert step's verdict (reject when it errored, else accept)."""
+    on the items each task's expert labels (`ExpertEpisode.checker_items`). `roles`: each
+    task's role set, by task name."""
     sft_len = job.sft_row_len
     rows: list[TrainRow] = []
     convs = []
     checker_items = []
-    env = DBBenchEnv(SQLiteBackend())
     seed = job.seed + SFT_SEED_OFFSET
-    for st in generate_tasks(
-        job.sft_examples,
-        seed,
-        wikisql_share=job.synth_wikisql_share,
-        benchmark_share=job.synth_benchmark_share,
-    ):
-        tr = expert_episode(st, env, seed)
-        if tr["reward"] != 1.0:
-            continue
-        msgs = tr["messages"]
-        convs.append(parse_record({"messages": msgs}, f"expert:{st.task.task_id}"))
-        steps = tr["steps"]
-        history: list[dict[str, str]] = []
-        a_idx = 0
-        for m in msgs[2:]:
-            if m["role"] == "assistant":
-                err = bool(steps[a_idx]["error"]) if a_idx < len(steps) else False
-                checker_items.append((st.task.prompt, list(history), m["content"], not err))
-                a_idx += 1
-            history.append(m)
-    env.close()
+    for name, items in by_task(mixed_tasks(job, job.sft_examples, seed)).items():
+        for ep in TASKS[name].expert(items, seed):
+            convs.append(parse_record({"messages": ep.messages}, f"expert:{ep.task_id}"))
+            for history, proposal, good in ep.checker_items:
+                checker_items.append((name, ep.task_text, history, proposal, good))
     for path in job.sft_data:
         for where, rec in read_jsonl(path):
             convs.append(parse_record(rec, where))
@@ -74,17 +60,17 @@ def expert_rows(tokenizer: Any, job: CMATJob, slots: dict[str, int], roles: Any)
         # prompt for one trained token), expert mistakes (reject) and at most twice as many
         # good steps (accept).
         rng = np.random.default_rng(seed)
-        bad = [c for c in checker_items if not c[3]]
-        good_items = [c for c in checker_items if c[3]]
+        bad = [c for c in checker_items if not c[4]]
+        good_items = [c for c in checker_items if c[4]]
         rng.shuffle(good_items)
         cap = max(2, len(rows) // 2)
         n_bad = min(len(bad), cap // 2)
         n_good = min(len(good_items), cap - n_bad, 2 * max(n_bad, 1))
         chosen = bad[:n_bad] + good_items[:n_good]
         ids = R.verdict_token_ids(tokenizer)
-        for task_text, history, proposal, good in chosen:
+        for name, task_text, history, proposal, good in chosen:
             prompt = checker_prompt_ids(
-                tokenizer, roles.checker, task_text, history, proposal, sft_len
+                tokenizer, roles[name].checker, task_text, history, proposal, sft_len
             )
             toks = np.asarray([*prompt, ids[0] if good else ids[1]], np.int32)
             one = np.zeros(len(toks), np.float32)

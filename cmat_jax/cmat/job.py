@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 from cmat_jax.cli import AttentionImpl
+from cmat_jax.tasks import TASKS, parse_task_list
 from cmat_jax.train import LoRAArgs, MeshArgs, _absolute_if_path
 
-DEV_DATA_RELATIVE = Path("tests") / "data" / "agentbench_dbbench" / "dev.jsonl"
 EVAL_SEED_OFFSET = 1_000_003  # held-out synthetic tasks: a seed no training stage uses
 SFT_SEED_OFFSET = 7_919
 
@@ -32,6 +32,13 @@ class CMATJob:
     """Start from a preset in configs/ (explicit flags override it)."""
     seed: int = 0
     """Seeds adapters, task draws and sampling."""
+    task: str = "db"
+    """Tasks to train and evaluate on, comma-separated: db (AgentBench DB on SQLite), os
+    (AgentBench OS interaction in the sandbox; `python -m cmat_jax.envs.os_sandbox setup`
+    first), or both (db,os: every stream mixes them, metrics are reported per task)."""
+    task_weights: tuple[float, ...] = ()
+    """Relative shares of --task's tasks in the mixed streams (agent tuning, rounds, held-out
+    tasks), in --task's order; empty = even."""
     param_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     """dtype of the frozen base parameters."""
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
@@ -178,6 +185,12 @@ class CMATJob:
     dev_data: str = "auto"
     """AgentBench DB dev JSONL; 'auto' = tests/data/agentbench_dbbench/dev.jsonl of a source
     checkout when it exists (none in a wheel install); '' = none."""
+    os_dev_data: str = "auto"
+    """AgentBench OS dev problem file (--task os); 'auto' = tests/data/agentbench_os/dev.json
+    of a source checkout when it exists; '' = none."""
+    os_dev_script_dir: str = ""
+    """Folder the OS dev file's script paths are relative to ('' = 'auto''s scripts/dev, else
+    the file's folder)."""
     dev_limit: int | None = None
     """Evaluate only the first N dev items (None = all)."""
     dev_stages: tuple[str, ...] = ("agent_tuning", "cmat")
@@ -273,6 +286,14 @@ class CMATJob:
                             ("--synth-benchmark-share", self.synth_benchmark_share)):  # fmt: skip
             if not 0.0 <= share <= 1.0:
                 raise ValueError(f"{flag} must be in [0, 1], got {share}")
+        names = parse_task_list(self.task)
+        if self.task_weights and len(self.task_weights) != len(names):
+            raise ValueError(
+                f"--task-weights: {len(self.task_weights)} weights for {len(names)} tasks "
+                f"({self.task})"
+            )
+        if any(not (math.isfinite(w) and w > 0) for w in self.task_weights):
+            raise ValueError(f"--task-weights must be finite and > 0, got {self.task_weights}")
         bad = set(self.dev_stages) - {"base", "agent_tuning", "cmat"}
         if bad:
             raise ValueError(f"--dev-stages: unknown stage(s) {sorted(bad)}")
@@ -285,6 +306,8 @@ def resolved_config(job: CMATJob) -> dict:
         sft_data=tuple(_absolute_if_path(d) for d in job.sft_data),
         out=str(Path(job.out).expanduser().resolve()),
         dev_data=str(resolve_dev_data(job.dev_data) or ""),
+        os_dev_data=str(resolve_os_dev(job)[0] or ""),
+        os_dev_script_dir=str(resolve_os_dev(job)[1] or ""),
     )
     # JSON round trip: tuples become lists, as they read back from DIR/config.json on resume.
     return json.loads(json.dumps({"job": "cmat", "slot": "assistant", **dataclasses.asdict(job)}))
@@ -292,8 +315,7 @@ def resolved_config(job: CMATJob) -> dict:
 
 def resolve_dev_data(dev_data: str) -> Path | None:
     if dev_data == "auto":
-        repo = Path(__file__).resolve().parents[2]
-        p = (repo / DEV_DATA_RELATIVE).resolve()
+        p = TASKS["db"].dev_default
         return p if p.is_file() else None
     if not dev_data:
         return None
@@ -301,3 +323,40 @@ def resolve_dev_data(dev_data: str) -> Path | None:
     if not p.is_file():
         raise FileNotFoundError(f"--dev-data: {p}: no such file")
     return p
+
+
+def resolve_os_dev(job: CMATJob) -> tuple[Path | None, Path | None]:
+    """(problem file, script dir) of the OS dev split, or (None, None); a job without the OS
+    task has none."""
+    if "os" not in parse_task_list(job.task) or not job.os_dev_data:
+        return None, None
+    spec = TASKS["os"]
+    if job.os_dev_data == "auto":
+        p, sdir = spec.dev_default, spec.dev_scripts
+        if not p.is_file():
+            return None, None
+    else:
+        p = Path(job.os_dev_data).expanduser().resolve()
+        if not p.is_file():
+            raise FileNotFoundError(f"--os-dev-data: {p}: no such file")
+        sdir = p.parent
+    if job.os_dev_script_dir:
+        sdir = Path(job.os_dev_script_dir).expanduser().resolve()
+    if sdir is None or not sdir.is_dir():
+        raise FileNotFoundError(f"--os-dev-script-dir: {sdir}: no such folder")
+    return p, sdir
+
+
+def dev_splits(job: CMATJob) -> dict[str, tuple[Path, Path | None]]:
+    """Each task's dev split, by task name: (file, script dir); tasks without one are left out."""
+    out: dict[str, tuple[Path, Path | None]] = {}
+    for name in parse_task_list(job.task):
+        if name == "db":
+            p = resolve_dev_data(job.dev_data)
+            if p is not None:
+                out[name] = (p, None)
+        elif name == "os":
+            p, sdir = resolve_os_dev(job)
+            if p is not None:
+                out[name] = (p, sdir)
+    return out

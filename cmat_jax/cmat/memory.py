@@ -171,8 +171,9 @@ class ShortTermMemory:
         return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
-_SQL_BLOCK = re.compile(r"```(?:sql)?\s*(.*?)```", re.S | re.I)
-_FINAL = re.compile(r"final answer\s*:\s*(.*)", re.I)
+_CODE_BLOCK = re.compile(r"```(?:sql|bash)?\s*(.*?)```", re.S | re.I)
+_FINAL = re.compile(r"final answer\s*:\s*(.*)|\bAct:\s*answer\((.*)\)", re.I)
+_FINISH = re.compile(r"\bAct:\s*finish", re.I)
 
 
 def _compact(text: str, n: int) -> str:
@@ -181,13 +182,16 @@ def _compact(text: str, n: int) -> str:
 
 
 def _compact_action(action: str) -> str:
-    """The executable part of a proposal: its SQL block or final answer, else its text."""
-    m = _SQL_BLOCK.search(action)
+    """The executable part of a proposal: its SQL / bash block or its answer (DB's "Final
+    Answer:", OS's "Act: answer(...)" or "Act: finish"), else its text."""
+    m = _CODE_BLOCK.search(action)
     if m:
         return _compact(m.group(1), 160)
     m = _FINAL.search(action)
     if m:
-        return "answer " + _compact(m.group(1), 120)
+        return "answer " + _compact(m.group(1) if m.group(1) is not None else m.group(2), 120)
+    if _FINISH.search(action):
+        return "finish"
     return _compact(action, 160)
 
 

@@ -4,23 +4,28 @@ and of the training steps, and the summary table printed at the end."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from cmat_jax.cmat.evaluation import dev_scores
 from cmat_jax.cmat.session import CMATRun
 from cmat_jax.export import ExportArgs, export
 from cmat_jax.run_dir import read_metrics
+from cmat_jax.tasks import TASKS
 
 
 def finish_run(
-    r: CMATRun, results: dict[str, Any], dev_path: Path | None, wall_s: float
+    r: CMATRun, results: dict[str, Any], dev_splits: dict[str, tuple[Path, Any]], wall_s: float
 ) -> dict[str, Any]:
-    """results.json, plots, the exported adapter and the summary table."""
+    """results.json, plots, the exported adapter and the summary table. `dev_splits`: each
+    task's dev file (and script dir)."""
     job = r.job
     out: dict[str, Any] = {"run": str(r.dir), "model": job.model, "wall_s": round(wall_s, 1)}
+    out["tasks"] = list(r.tasks)
     # Where the wall time went: the evaluations (every stage, split and protocol) vs the rest.
     eval_s = sum(
         v.get("eval_wall_s", 0.0)
@@ -36,7 +41,11 @@ def finish_run(
                 results[stage]["synthetic"]["success_rate"]
             )
     out["held_out_synthetic_tasks"] = job.eval_tasks
-    out["dev_data"] = str(dev_path) if dev_path else None
+    if len(r.tasks) == 1:
+        split = dev_splits.get(r.tasks[0])
+        out["dev_data"] = str(split[0]) if split else None
+    else:
+        out["dev_data"] = {name: str(split[0]) for name, split in dev_splits.items()}
     out["stages"] = results
     if job.export:
         try:
@@ -57,7 +66,7 @@ def finish_run(
     except Exception as e:
         out["plots_error"] = f"{type(e).__name__}: {e}"
     (r.dir / "results.json").write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
-    print(summary_table(out), flush=True)
+    print(summary_table(out, r.tasks), flush=True)
     return out
 
 
@@ -110,8 +119,15 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def summary_table(out: dict[str, Any]) -> str:
+def summary_table(out: dict[str, Any], tasks: Sequence[str]) -> str:
     rows = [("stage", "synthetic", "synthetic+checker", "dev", "dev+checker")]
+
+    def dev(res: dict, split: str) -> str:
+        scores = dev_scores(res, tasks, split)
+        if len(tasks) == 1:
+            return _fmt(scores.get(tasks[0]))
+        return " ".join(f"{name} {_fmt(v)}" for name, v in scores.items()) or "-"
+
     for stage, res in out["stages"].items():
 
         def g(k: str, m: str, res: dict = res) -> Any:
@@ -122,13 +138,14 @@ def summary_table(out: dict[str, Any]) -> str:
                 stage,
                 _fmt(g("synthetic", "success_rate")),
                 _fmt(g("synthetic_checker", "success_rate")),
-                _fmt(g("dev", "overall_cat_accuracy")),
-                _fmt(g("dev_checker", "overall_cat_accuracy")),
+                dev(res, "dev"),
+                dev(res, "dev_checker"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     took = f"{out['wall_s']:.0f}s, of which evaluation {out['eval_wall_s']:.0f}s"
-    head = f"CMAT run {out['run']} ({took}): success rate on held-out synthetic tasks, AgentBench DB dev overall_cat_accuracy"
+    metrics = ", ".join(f"{TASKS[n].title} dev {TASKS[n].headline}" for n in tasks)
+    head = f"CMAT run {out['run']} ({took}): success rate on held-out synthetic tasks, {metrics}"
     return "\n".join([head, *lines])

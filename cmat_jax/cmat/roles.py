@@ -108,6 +108,23 @@ condition, and what to do instead."""
 _DB_USER = """You hand out database tasks. State the task in full, with the table it is about
 and what the answer should look like."""
 
+_OS_CHECKER = """You review the next action an agent wants to take at a Linux bash prompt, before
+it is executed. Judge whether the action is correct and moves the task forward: the reply
+ends with one "Act:" line (bash with a ```bash block, finish, or answer(...)), the commands
+do what the task asks on the right files, users or processes, and an answer or finish comes
+only once the outputs so far support it.
+Reply with one line: "Verdict: accept", or "Verdict: reject: " followed by a short reason
+the agent can act on."""
+
+_OS_REFLECTOR = """You are an agent looking back at a Linux task you did not solve at a bash
+prompt. Read the task, your commands and their outputs, find the mistake that cost you the
+task, and write a short lesson (one to three sentences) that would help on the next attempt
+at this or a similar task. Name the concrete error, such as a wrong path, a command that
+counted the wrong thing or an answer given too early, and what to do instead."""
+
+_OS_USER = """You hand out Linux tasks. State the task in full: what to find out or change on
+the system, and what the answer should look like."""
+
 _GENERIC_CHECKER = """You review the next action an agent wants to take, before it is executed.
 Judge whether the action is valid in the environment's format and moves the task forward.
 Reply with one line: "Verdict: accept", or "Verdict: reject: " followed by a short reason
@@ -125,6 +142,14 @@ PROMPTS: dict[str, dict[str, str]] = {
         "assistant": _DB_ASSISTANT,
         "checker": _DB_CHECKER,
         "reflector": _DB_REFLECTOR,
+    },
+    # The OS task's Assistant prompt is the environment's own (AgentBench sends the
+    # instructions in the first user message, with no system message): pass assistant_prompt.
+    "os": {
+        "user": _OS_USER,
+        "assistant": "",
+        "checker": _OS_CHECKER,
+        "reflector": _OS_REFLECTOR,
     },
 }
 
@@ -161,6 +186,11 @@ def make_roles(
         }
     elif assistant_prompt is not None:
         prompts = {**prompts, "assistant": assistant_prompt}
+    elif not prompts["assistant"]:
+        raise ValueError(
+            f"make_roles: task family {task_family!r} takes its Assistant prompt from its "
+            "environment's instructions; pass assistant_prompt"
+        )
     for name, slot in (
         ("user_slot", user_slot),
         ("assistant_slot", assistant_slot),
@@ -213,6 +243,22 @@ def assistant_messages(
         {"role": "user", "content": user_message(task_text, ltm_snippets)},
         *history,
     ]
+
+
+def assistant_head(
+    role: Role, first_messages: Sequence[Message], ltm_snippets: Sequence[str] = ()
+) -> list[Message]:
+    """The Assistant's prompt at an episode's start, from the environment's first messages: a
+    system message becomes the role's system prompt, the task (the last user message) gets any
+    long-term-memory lessons (`user_message`), and any example turns before it (the OS task's
+    one-shot episode) stay as they are. For the DB task (system + task) this is
+    `assistant_messages(role, task, (), ltm_snippets)`."""
+    msgs = [dict(m) for m in first_messages]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    msgs[last]["content"] = user_message(msgs[last]["content"], ltm_snippets)
+    if msgs[0]["role"] == "system":
+        msgs[0]["content"] = role.system_prompt
+    return msgs
 
 
 def render_history(history: Sequence[Message]) -> str:
@@ -299,7 +345,7 @@ def reflector_messages(
 _LESSON_LABEL = re.compile(r"^\s*(?:\*\*)?(?:lesson|reflection)s?(?:\*\*)?\s*[:\-]\s*", re.I)
 
 
-_ACTION_START = re.compile(r"Action:|```|Final Answer:")
+_ACTION_START = re.compile(r"Action:|```|Final Answer:|\bAct:")
 
 
 def clean_reflection(text: str, max_chars: int = 400) -> str:

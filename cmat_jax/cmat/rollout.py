@@ -245,9 +245,9 @@ class _Episode:
 
 
 def task_identity(task: Any, first_messages: Sequence[dict[str, str]]) -> tuple[str, str]:
-    """(task_id, task_text): the task's `task_id` attribute (else its text) and the first user
-    message of the env's reset messages."""
-    text = next((m["content"] for m in first_messages if m.get("role") == "user"), "")
+    """(task_id, task_text): the task's `task_id` attribute (else its text) and the last user
+    message of the env's reset messages (the task; example turns come before it)."""
+    text = next((m["content"] for m in reversed(first_messages) if m.get("role") == "user"), "")
     tid = getattr(task, "task_id", None)
     return (str(tid) if tid is not None else text[:200]), text
 
@@ -402,7 +402,7 @@ class RolloutEngine:
                 similar=self.cfg.ltm_similar,
             )
             ep.snippets = [r.snippet for r in got]
-        head = R.assistant_messages(self.roles.assistant, ep.task_text, (), ep.snippets)
+        head = R.assistant_head(self.roles.assistant, first, ep.snippets)
         budget = min(self.cfg.stm_token_budget, self.max_len - self.rcfg.max_new_tokens)
         ep.stm = ShortTermMemory(head, self.chat.count, budget)
         ep.chains.append(_Chain(self.chat.head(head), [], []))

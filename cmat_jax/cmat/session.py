@@ -28,9 +28,9 @@ from cmat_jax.cmat.job import CMATJob, resolved_config
 from cmat_jax.cmat.loss import CMATLoss, LossConfig, reference_logp
 from cmat_jax.cmat.memory import LongTermMemory
 from cmat_jax.data.rows import TrainRow, pack_rows, packed_batch
-from cmat_jax.envs.dbbench import SYSTEM_PROMPT
 from cmat_jax.faults import fault_point
 from cmat_jax.run_dir import MetricsLogger, RunDir
+from cmat_jax.tasks import TASKS, parse_task_list
 from cmat_jax.training.checkpoint import CheckpointConfig, Checkpointer
 from cmat_jax.training.step import OptimConfig, make_optimizer, make_schedule, then_constant
 from cmat_jax.training.trainer import Trainer
@@ -90,9 +90,11 @@ class CMATRun:
         self.log(f"run directory {self.dir}" + (" (resuming)" if resuming else ""))
         self.log(f"loaded {job.model} in {time.perf_counter() - t:.0f}s")
         self.slots = {s: i for i, s in enumerate(self.lora_cfg.slots)}
-        self.roles = R.make_roles(
-            "dbbench", assistant_prompt=SYSTEM_PROMPT, reflector_slot=job.reflector_slot
-        )
+        self.tasks = parse_task_list(job.task)
+        # Each task's roles: its prompts on the job's adapter slots.
+        self.roles: dict[str, R.RoleSet] = {
+            name: TASKS[name].roles(reflector_slot=job.reflector_slot) for name in self.tasks
+        }
         self.trainer = Trainer(
             self.model,
             make_cmat_optimizer(job),
