@@ -672,8 +672,7 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
     journal = None
     if lm is not None:  # scripted agents run in seconds: they are not journaled
-        data_sha256 = hashlib.sha256(Path(cfg.data).read_bytes()).hexdigest()
-        journal_settings = {**settings, "model_info": lm.info(), "data_sha256": data_sha256}
+        journal_settings = {**settings, "model_info": lm.info(), "data_sha256": _inputs_sha256(cfg)}
         journal = EvalJournal(out, journal_settings, resume=cfg.resume, overwrite=cfg.overwrite)
     # The DB task runs on the chosen SQL backend; other tasks build their own environments.
     backend = _make_backend(cfg) if spec.name == "db" else None
@@ -718,6 +717,15 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
     if journal is not None:
         journal.finish()
     return results
+
+
+def _inputs_sha256(cfg: EvalConfig) -> str:
+    """What the tasks are read from: the data file and, for the OS task, its scripts."""
+    h = hashlib.sha256(Path(cfg.data).read_bytes())
+    if cfg.script_dir:
+        for f in sorted(p for p in Path(cfg.script_dir).rglob("*") if p.is_file()):
+            h.update(str(f.relative_to(cfg.script_dir)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _task_protocol(cfg: EvalConfig, protocol: EvalProtocol) -> EvalProtocol:

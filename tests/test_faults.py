@@ -23,6 +23,7 @@ from cmat_jax.faults import FAULT_ENV
 from cmat_jax.run_dir import read_metrics
 from cmat_jax.training.checkpoint import completed_steps
 from tests.fixtures_hf import save_tiny_model_dir
+from tests.os_fixtures import OS_DEV, OS_SCRIPTS, os_image  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -421,3 +422,29 @@ def test_evaluate_sigkill_resumes_to_the_uninterrupted_result(tiny_model, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["episodes.jsonl", "results.json"]
     with pytest.raises(FileExistsError, match=r"results\.json exists; pass --overwrite"):
         main(args)
+
+
+@pytest.mark.usefixtures("os_image")
+def test_os_evaluate_sigkill_resumes_to_the_uninterrupted_result(tiny_model, tmp_path):
+    # The OS task's evaluation runs through the same chunk loop, so the same journal resumes it.
+    cache = tmp_path / "xla_cache"
+    flags = ["--task", "os", "--data", str(OS_DEV), "--script-dir", str(OS_SCRIPTS),
+             "--model", str(tiny_model), "--limit", "3", "--max-new-tokens", "8",
+             "--max-rounds", "2", "--dtype", "float32", "--batch-size", "2",
+             "--max-context", "1536", "--live-episodes", "1", "--no-progress"]  # fmt: skip
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "cmat_jax.evaluate", *flags, "--out", str(out), *extra]
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    r = _run(cmd(ref), _env(cache))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(_jsonl(ref / "episodes.jsonl")) == 3
+    r = _run(cmd(out), _env(cache, "eval_journal_append:2"))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert [(x["trial"], x["unit"]) for x in _jsonl(out / "journal.jsonl")[1:]] == [(0, 0)]
+    # The finished chunk is taken from the journal: a 3rd append would kill the process.
+    r = _run(cmd(out, "--resume"), _env(cache, "eval_journal_append:3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "episodes.jsonl").read_bytes() == (ref / "episodes.jsonl").read_bytes()
+    assert _results(out) == _results(ref)
