@@ -1,4 +1,5 @@
-"""Console-script entry points (`cmat-train`, `cmat-evaluate`, `cmat-chat`, `cmat-export`).
+"""Console-script entry points (`cmat-train`, `cmat-evaluate`, `cmat-chat`, `cmat-export`,
+`cmat-sandbox`).
 
 Each runs its tool's `main` through `run_cli`, exactly as `python -m cmat_jax.<tool>` does, so
 user errors are one line on stderr with exit code 2.
@@ -32,3 +33,9 @@ def chat() -> None:
 
 def export() -> None:
     _run("export")
+
+
+def sandbox() -> None:
+    from cmat_jax.envs.os_sandbox import main
+
+    raise SystemExit(main())  # its exit status: 2 with one error line when no sandbox can run

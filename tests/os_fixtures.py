@@ -1,5 +1,5 @@
 """Shared set-up of the OS-task tests: the cached sandbox image, built through the same code as
-``python -m cmat_jax.envs.os_sandbox setup`` when missing (a failure to build or isolate fails
+``python -m cmat_jax.sandbox setup`` when missing (a failure to build or isolate fails
 the test with the sandbox's own error: never skipped, never run unsandboxed)."""
 
 from __future__ import annotations

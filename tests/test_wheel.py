@@ -21,7 +21,7 @@ from cmat_jax.envs.dbbench_synth import write_tasks_jsonl
 from tests.fixtures_hf import save_tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("cmat-train", "cmat-evaluate", "cmat-chat", "cmat-export")
+SCRIPTS = ("cmat-train", "cmat-evaluate", "cmat-chat", "cmat-export", "cmat-sandbox")
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

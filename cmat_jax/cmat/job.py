@@ -34,7 +34,7 @@ class CMATJob:
     """Seeds adapters, task draws and sampling."""
     task: str = "db"
     """Tasks to train and evaluate on, comma-separated: db (AgentBench DB on SQLite), os
-    (AgentBench OS interaction in the sandbox; `python -m cmat_jax.envs.os_sandbox setup`
+    (AgentBench OS interaction in the sandbox; `python -m cmat_jax.sandbox setup`
     first), or both (db,os: every stream mixes them, metrics are reported per task)."""
     task_weights: tuple[float, ...] = ()
     """Relative shares of --task's tasks in the mixed streams (agent tuning, rounds, held-out

@@ -5,8 +5,8 @@ into a cached root filesystem (``~/.cache/cmat_jax/os_sandbox/<image>``) with th
 AgentBench's images: python3, pip, git, vim, curl, wget, unzip, zip, tree (+ procps); the
 ``packages`` image adds npm and is built only when a task asks for it. Set up once with::
 
-    python -m cmat_jax.envs.os_sandbox setup            # the default image (0.5-2.5 min)
-    python -m cmat_jax.envs.os_sandbox setup --image packages
+    python -m cmat_jax.sandbox setup            # the default image (0.5-2.5 min)
+    python -m cmat_jax.sandbox setup --image packages
 
 Each :class:`Sandbox` (one per episode) is:
 
@@ -377,7 +377,7 @@ class Sandbox:
         meta = rootfs_meta(self.image)
         if meta is None:
             raise SandboxUnavailable(
-                f"no OS image {self.image!r} at {rootfs}: run `python -m cmat_jax.envs.os_sandbox "
+                f"no OS image {self.image!r} at {rootfs}: run `python -m cmat_jax.sandbox "
                 f"setup --image {self.image}`"
             )
         uid_base, gid_base, how = _id_range()
@@ -385,13 +385,11 @@ class Sandbox:
             raise SandboxUnavailable(
                 f"{rootfs} belongs to host ids {meta['id_base']}, this user maps root to "
                 f"{[uid_base, gid_base]}: "
-                f"rebuild it (python -m cmat_jax.envs.os_sandbox setup --image {self.image})"
+                f"rebuild it (python -m cmat_jax.sandbox setup --image {self.image})"
             )
         bwrap = shutil.which("bwrap")
         if bwrap is None:
-            raise SandboxUnavailable(
-                "bwrap not found: run `python -m cmat_jax.envs.os_sandbox setup`"
-            )
+            raise SandboxUnavailable("bwrap not found: run `python -m cmat_jax.sandbox setup`")
         lim = self.limits
         code_fd = os.memfd_create("cmat-os-supervisor", 0)  # inheritable: no MFD_CLOEXEC
         os.write(code_fd, (_HERE / "os_supervisor.py").read_bytes())
@@ -570,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(
-        prog="python -m cmat_jax.envs.os_sandbox", description=__doc__.split("\n\n")[0]
+        prog="python -m cmat_jax.sandbox", description=__doc__.split("\n\n")[0]
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser(
@@ -597,7 +595,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
