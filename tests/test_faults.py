@@ -208,11 +208,18 @@ def _umount(target: Path) -> None:
     subprocess.run(["umount", "-l", str(target)], check=False)
 
 
+_FILLER = "filler"
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 4 MiB tmpfs (a disk a test can fill; a tiny run's checkpoint is ~250 KiB)."""
+    """A 16 MiB tmpfs: a disk a test can fill (a tiny run's checkpoint is ~350 KiB). Its
+    filler file is created now, while the disk is empty: how much a file costs a tmpfs
+    (page or large-folio blocks) differs between kernels, and filling must not need a
+    new inode or directory block once the run has written its files."""
     mnt = tmp_path / "disk"
-    _mount(["-t", "tmpfs", "-o", "size=4m", "tmpfs"], mnt)
+    _mount(["-t", "tmpfs", "-o", "size=16m", "tmpfs"], mnt)
+    (mnt / _FILLER).touch()
     try:
         yield mnt
     finally:
@@ -234,9 +241,9 @@ def read_only_dir(tmp_path):
 
 
 def _fill(disk: Path) -> Path:
-    """Write a file until the disk is full; returns it."""
-    filler = disk / "filler"
-    with filler.open("wb") as f:
+    """Append to the disk's filler file until the disk is full; returns the file."""
+    filler = disk / _FILLER
+    with filler.open("ab") as f:
         try:
             while True:
                 f.write(b"\0" * (1 << 16))
