@@ -8,7 +8,7 @@ Inside a segment, `targets[t] = tokens[t+1]`; the segment's last position predic
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,16 +19,24 @@ Row = list[Ref]
 
 
 class FirstFitPacker:
-    """Keeps up to `max_open` partly filled rows; each example goes into the first that fits.
+    """Keeps up to `max_open` partly filled rows; each example goes into the first that fits
+    (and, with `key`, whose examples share its key: e.g. one LoRA slot per row).
 
     When none fits and all slots are taken, the fullest open row is closed (emitted) to make
     room. Closed rows queue in `ready` in closing order. State = plain lists of ints.
     """
 
-    def __init__(self, seq_len: int, max_open: int, length: Callable[[Ref], int]):
+    def __init__(
+        self,
+        seq_len: int,
+        max_open: int,
+        length: Callable[[Ref], int],
+        key: Callable[[Ref], Hashable] | None = None,
+    ):
         self.seq_len = seq_len
         self.max_open = max_open
         self._length = length
+        self._key = key
         self.open: list[Row] = []
         self._fill: list[int] = []
         self.ready: deque[Row] = deque()
@@ -38,7 +46,9 @@ class FirstFitPacker:
         if not 0 < n <= self.seq_len:
             raise DataError(f"packer: example {ref} has {n} tokens, row length is {self.seq_len}")
         for r, fill in enumerate(self._fill):
-            if fill + n <= self.seq_len:
+            if fill + n <= self.seq_len and (
+                self._key is None or self._key(self.open[r][0]) == self._key(ref)
+            ):
                 self.open[r].append(ref)
                 self._fill[r] += n
                 if self._fill[r] == self.seq_len:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cmat_jax.data.packing import build_packed_batch
+from cmat_jax.data.packing import FirstFitPacker, build_packed_batch
 
 PER_TOKEN_FIELDS = ("loss_mask", "advantage", "weight", "behavior_logp")
 
@@ -57,23 +57,21 @@ def _check_fits(rows: Sequence[TrainRow], seq_len: int, who: str) -> None:
 
 
 def pack_rows(rows: Sequence[TrainRow], seq_len: int) -> list[list[TrainRow]]:
-    """First-fit packing of rows into sequences of `seq_len` positions (a row of n tokens takes
-    n - 1), one adapter per sequence (the LoRA slot is per sequence). Rows are taken in the
-    given order; a row that fits nowhere opens a new sequence."""
+    """First-fit packing (`FirstFitPacker`, no limit on open sequences) of rows into sequences
+    of `seq_len` positions (a row of n tokens takes n - 1), one adapter per sequence (the LoRA
+    slot is per sequence). Rows are taken in the given order; a row that fits nowhere opens a
+    new sequence; sequences come out in the order they were opened."""
     _check_fits(rows, seq_len, "pack_rows")
-    packs: list[list[TrainRow]] = []
-    fill: list[int] = []
-    for r in rows:
-        n = len(r.tokens) - 1
-        for i, pack in enumerate(packs):
-            if pack[0].adapter_id == r.adapter_id and fill[i] + n <= seq_len:
-                pack.append(r)
-                fill[i] += n
-                break
-        else:
-            packs.append([r])
-            fill.append(n)
-    return packs
+    packer = FirstFitPacker(
+        seq_len,
+        max_open=len(rows) + 1,
+        length=lambda ref: len(rows[ref[1]].tokens) - 1,
+        key=lambda ref: rows[ref[1]].adapter_id,
+    )
+    for i in range(len(rows)):
+        packer.add((0, i))
+    packs = sorted([*packer.ready, *packer.open], key=lambda pack: pack[0][1])
+    return [[rows[i] for _, i in pack] for pack in packs]
 
 
 def packed_batch(
