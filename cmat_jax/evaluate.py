@@ -1,6 +1,6 @@
 """Evaluate an agent on an AgentBench task: ``python -m cmat_jax.evaluate --model M --data FILE --out DIR``.
 
-``--task dbbench`` (default): a DBBench JSONL file; ``--task os``: an OS interaction problem
+``--task db`` (default): an AgentBench DB JSONL file; ``--task os``: an OS interaction problem
 file (``--script-dir``: where its scripts are), each episode in a fresh sandbox, the round
 limit fixed at the protocol's 8. Each task's environment, loader, oracle and metrics come from
 :mod:`cmat_jax.tasks`; everything below is the same for every task.
@@ -540,8 +540,9 @@ class EvalConfig:
     slot: str | None = None
     """With a run directory: the Assistant's adapter slot (default: the slot the run trained;
     "none" = the base model)."""
-    task: Literal["dbbench", "os"] = "dbbench"
-    """Task family of --data: AgentBench DB (JSONL) or OS interaction (a JSON problem file)."""
+    task: Literal["db", "os", "dbbench"] = "db"
+    """Task of --data, named as `train cmat --task` names it: db, AgentBench DB (a JSONL file;
+    `dbbench` is its other name), or os, OS interaction (a JSON problem file)."""
     script_dir: Path | None = None
     """--task os: the folder the problem file's script paths are relative to (default: the
     problem file's folder)."""

@@ -20,7 +20,7 @@ DEV = DBBENCH_DEV
 
 def test_cli_oracle_and_null(tmp_path):
     out = tmp_path / "oracle"
-    res = main(["--task", "dbbench", "--data", str(DEV), "--out", str(out), "--agent", "oracle",
+    res = main(["--task", "db", "--data", str(DEV), "--out", str(out), "--agent", "oracle",
                 "--batch-size", "16", "--no-progress"])  # fmt: skip
     saved = json.loads((out / "results.json").read_text())
     assert saved == res and saved["n"] == 60 and saved["overall_cat_accuracy"] == 1.0
@@ -32,8 +32,8 @@ def test_cli_oracle_and_null(tmp_path):
     assert len(lines) == 60 and all(tr["reward"] == 1.0 and tr["trial"] == 1 for tr in lines)
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["--data", str(DEV), "--out", str(out), "--agent", "null", "--no-progress"])
-    res = main(["--data", str(DEV), "--out", str(out), "--agent", "null", "--overwrite",
-                "--limit", "10", "--no-progress"])  # fmt: skip
+    res = main(["--task", "dbbench", "--data", str(DEV), "--out", str(out), "--agent", "null",
+                "--overwrite", "--limit", "10", "--no-progress"])  # fmt: skip  # its other name
     assert res["n"] == 10 and res["overall_cat_accuracy"] == 0.0
 
 
