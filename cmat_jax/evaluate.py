@@ -670,7 +670,8 @@ def evaluate(cfg: EvalConfig, agent: Agent | None = None) -> dict[str, Any]:
             reflector = lm.slot(lm.run_config.get("reflector_slot", assistant), "reflector_slot")
             roles = eval_roles(assistant, checker, reflector, task=spec.name)
     out = Path(cfg.out)
-    settings = {**dataclasses.asdict(cfg), **dataclasses.asdict(protocol)}
+    # One name per task in the settings (a resume under the task's other name is the same run).
+    settings = {**dataclasses.asdict(cfg), "task": spec.name, **dataclasses.asdict(protocol)}
     journal = None
     if lm is not None:  # scripted agents run in seconds: they are not journaled
         journal_settings = {**settings, "model_info": lm.info(), "data_sha256": _inputs_sha256(cfg)}
