@@ -171,20 +171,30 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, global_step=int(step))
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            try:
-                self._tb.close()
-            except OSError as e:
-                # A full disk: the events are a view of metrics.jsonl, so say so and go on
-                # (the error that stops the run, if any, is the one to report). Mark the
-                # writers closed, or tensorboardX's exit hook retries the flush and prints a
-                # traceback after that error.
-                for writer in getattr(self._tb, "all_writers", {}).values():
-                    writer.event_writer._closed = True
-                print(f"warning: {self._tb.logdir}: TensorBoard events not flushed ({e.strerror})",
-                      file=sys.stderr)  # fmt: skip
+        if self._file is None:
+            return
+        try:
+            self._file.close()  # on a full disk this raises (the caller reports it) ...
+        finally:
+            self._close_tb()  # ... and the TensorBoard writer thread is still stopped
             self._file = self._tb = None
+
+    def _close_tb(self) -> None:
+        try:
+            self._tb.close()
+        except OSError as e:
+            # A full disk: the events are a view of metrics.jsonl, so say so and go on (the
+            # error that stops the run, if any, is the one to report). Stop each writer's
+            # thread and mark it closed, or at exit tensorboardX's hook retries the flush and
+            # the thread dies on its torn-down queue, each printing a traceback after it.
+            for writer in getattr(self._tb, "all_writers", {}).values():
+                events = writer.event_writer
+                worker = getattr(events, "_worker", None)
+                if worker is not None:
+                    worker.stop()
+                events._closed = True
+            print(f"warning: {self._tb.logdir}: TensorBoard events not flushed ({e.strerror})",
+                  file=sys.stderr)  # fmt: skip
 
 
 def read_metrics(path: str | Path) -> list[dict]:
