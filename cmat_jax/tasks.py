@@ -354,3 +354,31 @@ def by_task(items: Sequence[tuple[str, Any]]) -> dict[str, list]:
     for name, task in items:
         out.setdefault(name, []).append(task)
     return out
+
+
+def stratified_sample(
+    items: Sequence[Any], n: int, seed: int, stratum: Callable[[Any], str]
+) -> list[Any]:
+    """`n` of `items` drawn at random (seed `seed`) in proportion to their strata, in file order.
+
+    A dev subset for quick comparisons: the first N items of a split are not a sample of it
+    (AgentBench DB's first 30 dev items hold no UPDATE). Each stratum gets its floor share of
+    `n` and the largest remainders the rest (ties to the larger stratum, then by name), so every
+    stratum with a share >= 1 is represented; `n >= len(items)` returns them all.
+    """
+    if n < 1:
+        raise ValueError(f"sample size must be >= 1, got {n}")
+    if n >= len(items):
+        return list(items)
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(stratum(item), []).append(i)
+    names = sorted(groups)
+    quota = {s: n * len(groups[s]) / len(items) for s in names}
+    take = {s: int(quota[s]) for s in names}
+    by_remainder = sorted(names, key=lambda s: (-(quota[s] - take[s]), -len(groups[s]), s))
+    for s in by_remainder[: n - sum(take.values())]:
+        take[s] += 1
+    rng = random.Random(seed)
+    chosen = [i for s in names for i in rng.sample(groups[s], take[s])]
+    return [items[i] for i in sorted(chosen)]

@@ -15,6 +15,7 @@ import pytest
 
 from cmat_jax.cli import run_cli
 from cmat_jax.cmat.compare import SCORES, validate
+from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.paired_stats import (
     betainc,
     compare_paired,
@@ -24,6 +25,7 @@ from cmat_jax.paired_stats import (
     sign_test_p,
     t_two_sided_p,
 )
+from cmat_jax.tasks import stratified_sample
 from tests.fixtures_hf import save_tiny_model_dir
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
@@ -102,7 +104,7 @@ def test_compare_arms_end_to_end(tmp_path, capsys):
         "--no-drop-failed-groups",  # a random model fails every group; train its rows anyway
         "--no-progress",
     ]  # fmt: skip
-    argv = ["--out", str(out), "--seeds", "2", "--limit", "2", "--dev-data", str(DEV)]
+    argv = ["--out", str(out), "--seeds", "2", "--sample", "2", "--dev-data", str(DEV)]
     result = tool.main(argv + job_flags)
     printed = capsys.readouterr().out.strip().splitlines()
 
@@ -110,6 +112,8 @@ def test_compare_arms_end_to_end(tmp_path, capsys):
     assert saved["plot"] == str(out / "compare.png") and (out / "compare.png").stat().st_size > 0
     assert saved == json.loads(json.dumps(result))
     assert saved["seeds"] == [1, 2] and saved["dev_items"] == 2
+    sampled = stratified_sample(load_tasks(DEV), 2, 0, lambda t: t.type)
+    assert saved["dev_task_ids"] == [t.task_id for t in sampled]
     cmat, sft = saved["runs"]["cmat"], saved["runs"]["sft"]
     at = saved["agent_tuning"]
     assert at["steps"] == 2 and set(at["scores"]) == set(SCORES)
@@ -186,6 +190,8 @@ def test_bad_input_exits_2_before_writing(tmp_path, capsys):
         (["--checkpoint", str(tmp_path)], "--checkpoint"),
         (["--dev-limit", "3"], "--dev-limit"),
         (["--limit", "0"], "--limit"),
+        (["--sample", "0"], "--sample"),
+        (["--sample", "3", "--limit", "3"], "exclude each other"),
     ):
         with pytest.raises(SystemExit) as e:
             run_cli(lambda extra=extra: tool.main(["--out", str(out), *extra]))
@@ -193,3 +199,27 @@ def test_bad_input_exits_2_before_writing(tmp_path, capsys):
         assert e.value.code == 2 and err.out == ""
         assert len(err.err.strip().splitlines()) == 1 and msg in err.err
         assert not out.exists()
+
+
+def test_stratified_dev_sample():
+    """A seeded subset in proportion to the split's query types, in file order; the first N
+    items are not one (the in-repo dev split's first 30 hold no UPDATE)."""
+    tasks = load_tasks(DEV)
+    kind = lambda t: t.type
+    counts = {k: sum(kind(t) == k for t in tasks) for k in {kind(t) for t in tasks}}
+    assert counts.get("UPDATE", 0) > 0 and not any(kind(t) == "UPDATE" for t in tasks[:30])
+    n = 30
+    for seed in range(5):
+        sub = stratified_sample(tasks, n, seed, kind)
+        assert len(sub) == n and len({t.task_id for t in sub}) == n
+        order = [tasks.index(t) for t in sub]
+        assert order == sorted(order)
+        for k, c in counts.items():
+            share = n * c / len(tasks)  # every type within one item of its share
+            got = sum(kind(t) == k for t in sub)
+            assert math.floor(share) <= got <= math.ceil(share), (k, got, share)
+    assert stratified_sample(tasks, n, 3, kind) == stratified_sample(tasks, n, 3, kind)
+    assert stratified_sample(tasks, n, 3, kind) != stratified_sample(tasks, n, 4, kind)
+    assert stratified_sample(tasks, len(tasks) + 5, 0, kind) == tasks
+    with pytest.raises(ValueError, match="sample size"):
+        stratified_sample(tasks, 0, 0, kind)

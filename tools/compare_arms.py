@@ -1,6 +1,6 @@
 """Seeded comparison: CMAT rounds vs an equal-compute continuation of agent tuning (issue 26).
 
-    python tools/compare_arms.py --out runs/compare [--seeds 3] [--limit 20] \
+    python tools/compare_arms.py --out runs/compare [--seeds 3] [--limit 20 | --sample 30] \
         [--checkpoint RUN_DIR] [--dev-data FILE] [CMAT JOB FLAGS, e.g. --preset cmat-full]
 
 Any flag this tool does not own is a flag of `python -m cmat_jax.train cmat` (default preset:
@@ -42,6 +42,10 @@ def parse(argv: list[str]) -> CompareConfig:
     ap.add_argument("--checkpoint", help="CMAT run dir holding the job's agent-tuning checkpoint")
     ap.add_argument("--dev-data", default=str(DEV_DEFAULT), help="AgentBench DB JSONL ('' = none)")
     ap.add_argument("--limit", type=int, help="first N dev items (default: all)")
+    ap.add_argument(
+        "--sample", type=int, help="N dev items drawn in proportion to their query types"
+    )
+    ap.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
     args, rest = ap.parse_known_args(argv)
     for owned in ("--dev-limit", "--resume"):
         if flag_value(rest, owned) is not None or owned in rest:
@@ -58,6 +62,8 @@ def parse(argv: list[str]) -> CompareConfig:
         checkpoint=Path(args.checkpoint).expanduser().resolve() if args.checkpoint else None,
         dev_data=Path(args.dev_data).expanduser().resolve() if args.dev_data else None,
         dev_limit=args.limit,
+        dev_sample=args.sample,
+        dev_sample_seed=args.sample_seed,
     )
 
 

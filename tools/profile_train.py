@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--attention", default="chunked")
     p.add_argument("--remat", default="none")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--only", default="", help="comma list of pieces to time")
     args = p.parse_args()
 
@@ -61,15 +62,15 @@ def main() -> None:
 
     cfg = ModelConfig(
         **SMOLLM2_135M,
-        param_dtype="bfloat16",
-        compute_dtype="bfloat16",
+        param_dtype=args.dtype,
+        compute_dtype=args.dtype,
         attention_impl=args.attention,
         remat=args.remat,
     )
     model = llama.Llama(cfg, rngs=nnx.Rngs(0))
     model.add_lora(LoRAConfig(rank=16, alpha=32.0, targets=TARGETS), rngs=nnx.Rngs(1))
     opt = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0), total_steps=100)
-    graphdef, frozen, state = init_train_state(model, opt, seed=0)
+    graphdef, frozen, state = init_train_state(model, opt, seed=0, base_dtype=args.dtype)
     B, T, D, L = args.batch, args.seq, cfg.hidden_size, cfg.num_layers
     key = jax.random.key(0)
     ids = jax.random.randint(key, (B, T), 0, cfg.vocab_size)
@@ -110,8 +111,8 @@ def main() -> None:
 
     piece("ce_fwd_bwd", jax.jit(jax.grad(ce)), h)
 
-    q = jax.random.normal(key, (B, T, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
-    kv = jax.random.normal(key, (B, T, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+    q = jax.random.normal(key, (B, T, cfg.num_heads, cfg.head_dim), args.dtype)
+    kv = jax.random.normal(key, (B, T, cfg.num_kv_heads, cfg.head_dim), args.dtype)
     for impl in ("xla", "chunked"):
 
         def attn(q, k, v, impl=impl):
@@ -126,7 +127,7 @@ def main() -> None:
 
     step = make_train_step(graphdef, opt, donate=False)
     if not only or "train_step" in only:
-        step(state, frozen, batch)
+        jax.block_until_ready(step(state, frozen, batch))  # compile and run once, untimed
         t = time.perf_counter()
         for _ in range(args.repeats):
             jax.block_until_ready(step(state, frozen, batch))

@@ -36,7 +36,7 @@ from cmat_jax.cmat.session import CMATRun
 from cmat_jax.envs.dbbench import load_tasks
 from cmat_jax.paired_stats import compare_paired
 from cmat_jax.run_dir import RunDir, config_differences
-from cmat_jax.tasks import TASKS
+from cmat_jax.tasks import TASKS, stratified_sample
 from cmat_jax.training.checkpoint import Checkpointer
 
 ARMS = ("cmat", "sft")
@@ -62,6 +62,9 @@ class CompareConfig:
     """A CMAT run directory holding the job's agent-tuning checkpoint (None = produce one)."""
     dev_data: Path | None = None
     dev_limit: int | None = None
+    dev_sample: int | None = None
+    """Evaluate on this many dev items drawn per query type (`tasks.stratified_sample`)."""
+    dev_sample_seed: int = 0
 
 
 def arm_seeds(job: CMATJob, n: int) -> list[int]:
@@ -77,6 +80,10 @@ def validate(cfg: CompareConfig) -> None:
         raise FileExistsError(f"--out {cfg.out}: already exists; choose a new directory")
     if cfg.dev_limit is not None and cfg.dev_limit < 1:
         raise ValueError(f"--limit must be >= 1, got {cfg.dev_limit}")
+    if cfg.dev_sample is not None and cfg.dev_sample < 1:
+        raise ValueError(f"--sample must be >= 1, got {cfg.dev_sample}")
+    if cfg.dev_sample is not None and cfg.dev_limit is not None:
+        raise ValueError("--sample and --limit exclude each other: choose one dev subset")
     if cfg.dev_data is not None and not cfg.dev_data.is_file():
         raise FileNotFoundError(f"--dev-data {cfg.dev_data}: no such file")
     job = cfg.job
@@ -103,6 +110,15 @@ def validate(cfg: CompareConfig) -> None:
         agent_tuning_step(cfg.checkpoint)
 
 
+def dev_items(cfg: CompareConfig) -> list:
+    """The dev items every arm and seed is evaluated on: the first `dev_limit`, a stratified
+    sample of `dev_sample` by query type, or the whole split."""
+    tasks = load_tasks(cfg.dev_data, limit=cfg.dev_limit)
+    if cfg.dev_sample is None:
+        return tasks
+    return stratified_sample(tasks, cfg.dev_sample, cfg.dev_sample_seed, lambda t: t.type)
+
+
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     """Agent tuning (unless given), both arms for every seed, statistics, JSON and plot."""
     validate(cfg)
@@ -116,12 +132,13 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     )
     # The same evaluation items for every arm and seed.
     held_out = synth_tasks(job, job.eval_tasks, job.seed + EVAL_SEED_OFFSET)
-    dev = {"db": load_tasks(cfg.dev_data, limit=cfg.dev_limit)} if cfg.dev_data else None
+    dev = {"db": dev_items(cfg)} if cfg.dev_data else None
     cfg.out.mkdir(parents=True)
     out: dict[str, Any] = {
         "job": resolved_config(dataclasses.replace(job, out=str(cfg.out))),
         "dev_data": str(cfg.dev_data) if cfg.dev_data else None,
         "dev_items": len(dev["db"]) if dev else 0,
+        "dev_task_ids": [t.task_id for t in dev["db"]] if dev else [],
         "held_out_synthetic_tasks": len(held_out),
         "seeds": arm_seeds(job, cfg.seeds),
     }
