@@ -11,7 +11,12 @@ from flax import nnx
 from cmat_jax.model.config import ModelConfig
 from cmat_jax.model.llama import Llama
 from cmat_jax.model.lora import LoRAConfig
-from cmat_jax.training.losses import chunked_token_logp, full_token_logp, nll_sum
+from cmat_jax.training.losses import (
+    chunked_token_logp,
+    chunked_token_logp_entropy,
+    full_token_logp,
+    nll_sum,
+)
 from cmat_jax.training.step import (
     OptimConfig,
     TrainState,
@@ -82,6 +87,38 @@ def test_chunked_ce_matches_full_logits():
     np.testing.assert_allclose(float(v_c), float(v_f), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(gh_c), np.asarray(gh_f), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw_c), np.asarray(gw_f), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_logp_entropy_one_pass():
+    """The fused pass gives the same log-probs and gradients as `chunked_token_logp`, and the
+    entropy of the full softmax (numpy, float64) with no gradient through it."""
+    B, T, D, V, chunk_tokens = 2, 13, 16, 40, 8
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    h = jax.random.normal(k1, (B, T, D)) * 2.0
+    w = jax.random.normal(k2, (D, V))
+    tgt = jax.random.randint(k3, (B, T), 0, V)
+    kw = dict(compute_dtype=jnp.float32, chunk_tokens=chunk_tokens)
+    logp, ent = jax.jit(lambda h, w: chunked_token_logp_entropy(h, w, tgt, **kw))(h, w)
+    logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(ent), -(p * np.log(p)).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(logp), np.asarray(chunked_token_logp(h, w, tgt, **kw)), rtol=1e-6, atol=1e-6
+    )
+
+    def loss(h, w, fused):
+        if fused:
+            lp, e = chunked_token_logp_entropy(h, w, tgt, **kw)
+            return -jnp.sum(lp) + 0.0 * jnp.sum(e)
+        return -jnp.sum(chunked_token_logp(h, w, tgt, **kw))
+
+    g_fused = jax.grad(loss, (0, 1))(h, w, True)
+    g_plain = jax.grad(loss, (0, 1))(h, w, False)
+    for a, b in zip(g_fused, g_plain, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    ent_sum = lambda h: jnp.sum(chunked_token_logp_entropy(h, w, tgt, **kw)[1])
+    assert not np.any(np.asarray(jax.grad(ent_sum)(h)))
 
 
 def test_schedule_warmup_then_cosine_to_min():

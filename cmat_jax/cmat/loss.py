@@ -30,9 +30,9 @@ Batch (all per-token arrays [B, T] are aligned with `targets`: position t scores
   anchor                bool [B] or [B, T]  (when anchor_coef > 0)
 Values at masked-out positions are ignored (they may be padding garbage, even inf).
 
-Per-token log-probs come from the chunked cross-entropy of `cmat_jax.training.losses` (custom VJP) and
-the entropy metric from a chunked no-grad pass (`chunked_entropy`), so no [B, T, V] float32
-logits array is ever formed.
+Per-token log-probs and the entropy metric (no gradient) come from one chunked pass over the LM
+head (`cmat_jax.training.losses.chunked_token_logp_entropy`, custom VJP), so no [B, T, V]
+float32 logits array is ever formed.
 """
 
 from __future__ import annotations
@@ -51,10 +51,9 @@ from cmat_jax.model.lora import NONE_SLOT
 from cmat_jax.training.losses import (
     DEFAULT_CHUNK_TOKENS,
     StepLoss,
-    chunk_length,
     finalize_metrics,
     token_logp,
-    token_logp_and_hidden,
+    token_logp_entropy,
 )
 
 MODES = ("rwr", "pg", "ppo")
@@ -68,8 +67,8 @@ BATCH_KEYS = ("inputs", "targets", "adapter_ids", *PER_TOKEN_KEYS, *PER_ROW_OR_T
 class LossConfig:
     """mode: rwr | pg | ppo. clip_eps: ε of the PPO clip (also the clip-fraction threshold
     |ρ−1| > ε in every mode). kl_coef: κ on the k3 KL to the "none" slot. anchor_coef: λ on the
-    NLL of anchor rows. entropy: compute the policy-entropy metric (one extra forward pass over
-    the LM head). The RWR temperature τ is not here: the weights `w_i = softmax_g(R_i/τ)·G`
+    NLL of anchor rows. entropy: compute the policy-entropy metric (a sum over the vocabulary
+    in the LM-head pass the log-probs already make). The RWR temperature τ is not here: the weights `w_i = softmax_g(R_i/τ)·G`
     arrive precomputed (`feedback.rwr_weights` with CMATConfig.tau)."""
 
     mode: str = "rwr"
@@ -145,58 +144,6 @@ def cmat_token_loss(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossCon
 # ----------------------------------------------------------------------------- log-probs
 
 
-def chunked_entropy(
-    h_BTD: jax.Array,
-    w_DV: jax.Array,
-    *,
-    compute_dtype: Any = jnp.bfloat16,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> jax.Array:
-    """Entropy of softmax(h @ w) per position, float32 [B, T], one chunk of logits at a time.
-
-    A metric: no gradient flows through it. It is a second forward pass over the LM head
-    because `losses.chunked_token_logp` (whose custom VJP we reuse for the gradient) returns
-    only log-probs.
-    """
-    B, T, D = h_BTD.shape
-    C = chunk_length(B, T, chunk_tokens)
-    n = -(-T // C)
-    cdt = jnp.dtype(compute_dtype)
-    w_DV = jax.lax.stop_gradient(w_DV).astype(cdt)
-    h_BTD = jax.lax.stop_gradient(h_BTD).astype(cdt)
-    if n * C != T:
-        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, n * C - T), (0, 0)))
-    h_NBCD = h_BTD.reshape(B, n, C, D).transpose(1, 0, 2, 3)
-
-    def chunk(h_BCD: jax.Array) -> jax.Array:
-        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
-        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-        p_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
-        return lse_BC - jnp.sum(p_BCV * logits_BCV, axis=-1)
-
-    ent_NBC = jax.lax.map(chunk, h_NBCD)
-    return ent_NBC.transpose(1, 0, 2).reshape(B, n * C)[:, :T]
-
-
-def _model_logp_entropy(
-    model: nnx.Module,
-    batch: Mapping[str, jax.Array],
-    *,
-    entropy: bool,
-    dropout_rng: jax.Array | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array | None]:
-    """(logp [B, T], entropy [B, T] or None) of the targets under each row's adapter."""
-    logp_BT, h_BTD = token_logp_and_hidden(
-        model, batch, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
-    )
-    if not entropy:
-        return logp_BT, None
-    cdt = model.config.compute_dtype
-    w_DV = model.head_weight_DV()
-    return logp_BT, chunked_entropy(h_BTD, w_DV, compute_dtype=cdt, chunk_tokens=chunk_tokens)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_tokens", "use_none"))
 def _logp_jit(graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: bool):
     model = nnx.merge(graphdef, params, frozen)
@@ -263,7 +210,7 @@ def _cmat_model_sums(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(Σ m·objective, masked sums of every metric incl. "tokens" = Σ m): the additive form
     of `cmat_loss`, summed over micro-batches before the one division."""
-    logp_BT, ent_BT = _model_logp_entropy(
+    logp_BT, ent_BT = token_logp_entropy(
         model, batch, entropy=cfg.entropy, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
     )
     valid_BT = jnp.asarray(batch["loss_mask"]) > 0

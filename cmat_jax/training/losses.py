@@ -42,7 +42,26 @@ def chunked_token_logp(
     V = w_DV.shape[1]
     C = chunk_length(B, T, chunk_tokens)
     t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
-    return _chunked_logp(C, jnp.dtype(compute_dtype).name, h_BTD, w_DV, t_BT)
+    return _chunked_logp(C, jnp.dtype(compute_dtype).name, False, h_BTD, w_DV, t_BT)[0]
+
+
+def chunked_token_logp_entropy(
+    h_BTD: jax.Array,
+    w_DV: jax.Array,
+    targets_BT: jax.Array,
+    *,
+    compute_dtype: Any = jnp.bfloat16,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[jax.Array, jax.Array]:
+    """(`chunked_token_logp`, the entropy of softmax(h @ w) per position), both f32 [B, T], from
+    one pass over the LM head. The entropy is a metric: it carries no gradient (the backward
+    pass ignores its cotangent), so wrap any use of it in `stop_gradient`."""
+    B, T, _ = h_BTD.shape
+    V = w_DV.shape[1]
+    C = chunk_length(B, T, chunk_tokens)
+    t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
+    logp_BT, ent_BT = _chunked_logp(C, jnp.dtype(compute_dtype).name, True, h_BTD, w_DV, t_BT)
+    return logp_BT, jax.lax.stop_gradient(ent_BT)
 
 
 def _to_chunks(x_BT: jax.Array, C: int) -> jax.Array:
@@ -63,16 +82,28 @@ def _chunk_logits(h_BCD: jax.Array, w_DV: jax.Array) -> jax.Array:
     return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
 
 
+def _lse_entropy(logits_BCV: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(logsumexp, entropy) of each row of logits from one exp pass: with e = exp(l - max) and
+    s = Σ e, lse = max + log s and H = lse - Σ e·l / s. Exp over [C, V] dominates this
+    step's LM-head cost on CPU, so a second pass for the entropy alone is what this avoids."""
+    m_BC = jax.lax.stop_gradient(jnp.max(logits_BCV, axis=-1))
+    e_BCV = jnp.exp(logits_BCV - m_BC[..., None])
+    s_BC = jnp.sum(e_BCV, axis=-1)
+    lse_BC = m_BC + jnp.log(s_BC)
+    return lse_BC, lse_BC - jnp.sum(e_BCV * logits_BCV, axis=-1) / s_BC
+
+
 # A custom VJP so the backward pass (a) recomputes one chunk's logits at a time from the saved
 # f32 logsumexp and (b) feeds the matmuls compute-dtype cotangents: autodiff would pair the f32
 # cotangent with the bf16 weight, a mixed dot that runs at f32 speed on CPU (~2x slower).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _chunked_logp(C: int, cdt: str, h_BTD, w_DV, t_BT):
-    return _chunked_logp_fwd(C, cdt, h_BTD, w_DV, t_BT)[0]
+# Outputs (logp [B, T], entropy [B, T], or [B, 0] without `with_entropy`).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _chunked_logp(C: int, cdt: str, with_entropy: bool, h_BTD, w_DV, t_BT):
+    return _chunked_logp_fwd(C, cdt, with_entropy, h_BTD, w_DV, t_BT)[0]
 
 
-def _chunked_logp_fwd(C, cdt, h_BTD, w_DV, t_BT):
-    T = h_BTD.shape[1]
+def _chunked_logp_fwd(C, cdt, with_entropy, h_BTD, w_DV, t_BT):
+    B, T = t_BT.shape
     w_c = w_DV.astype(cdt)  # one cast outside the loop (a no-op for a bf16 base)
     h_NBCD = _to_chunks(h_BTD.astype(cdt), C)
     t_NBC = _to_chunks(t_BT, C)
@@ -80,16 +111,22 @@ def _chunked_logp_fwd(C, cdt, h_BTD, w_DV, t_BT):
     def chunk(_, xs):
         h_BCD, t_BC = xs
         logits_BCV = _chunk_logits(h_BCD, w_c)
-        lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+        if with_entropy:
+            lse_BC, ent_BC = _lse_entropy(logits_BCV)
+        else:
+            lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+            ent_BC = jnp.zeros((lse_BC.shape[0], 0), jnp.float32)
         tgt_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        return None, (tgt_BC - lse_BC, lse_BC)
+        return None, (tgt_BC - lse_BC, lse_BC, ent_BC)
 
-    _, (logp_NBC, lse_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
+    _, (logp_NBC, lse_NBC, ent_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
     res = (h_NBCD, w_c, t_NBC, lse_NBC, jnp.zeros((0,), h_BTD.dtype), jnp.zeros((0,), w_DV.dtype))
-    return _from_chunks(logp_NBC, T), res
+    ent_BT = _from_chunks(ent_NBC, T) if with_entropy else jnp.zeros((B, 0), jnp.float32)
+    return (_from_chunks(logp_NBC, T), ent_BT), res
 
 
-def _chunked_logp_bwd(C, cdt, res, g_BT):
+def _chunked_logp_bwd(C, cdt, with_entropy, res, g):
+    g_BT = g[0]  # the entropy's cotangent is dropped: it is a metric (see the public wrapper)
     h_NBCD, w_c, t_NBC, lse_NBC, h_tag, w_tag = res
     T = g_BT.shape[1]
     V = w_c.shape[1]
@@ -147,25 +184,27 @@ def token_logp(
     `(graphdef, lora_params, frozen)` with pure dicts). `adapter_ids_B` overrides
     `batch["adapter_ids"]` (pass `jnp.full((B,), -1)` for the reference model's logp).
     """
-    return token_logp_and_hidden(
+    return token_logp_entropy(
         _as_model(model_or_parts),
         batch,
+        entropy=False,
         adapter_ids_B=adapter_ids_B,
         dropout_rng=dropout_rng,
         chunk_tokens=chunk_tokens,
     )[0]
 
 
-def token_logp_and_hidden(
+def token_logp_entropy(
     model: nnx.Module,
     batch: Mapping[str, jax.Array],
     *,
+    entropy: bool,
     adapter_ids_B: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-) -> tuple[jax.Array, jax.Array]:
-    """(`token_logp` [B, T], the final hidden states [B, T, D] it came from), for losses that
-    also read other per-token statistics (entropy) off the same forward pass."""
+) -> tuple[jax.Array, jax.Array | None]:
+    """(`token_logp` [B, T], the policy's entropy [B, T] (no gradient) or None without
+    `entropy`), from one forward pass and one pass over the LM head."""
     ids = batch.get("adapter_ids") if adapter_ids_B is None else adapter_ids_B
     h_BTD, _ = model.hidden(
         batch["inputs"],
@@ -174,14 +213,11 @@ def token_logp_and_hidden(
         adapter_ids_B=ids,
         dropout_rng=dropout_rng,
     )
-    logp_BT = chunked_token_logp(
-        h_BTD,
-        model.head_weight_DV(),
-        batch["targets"],
-        compute_dtype=model.config.compute_dtype,
-        chunk_tokens=chunk_tokens,
-    )
-    return logp_BT, h_BTD
+    kw = dict(compute_dtype=model.config.compute_dtype, chunk_tokens=chunk_tokens)
+    w_DV = model.head_weight_DV()
+    if entropy:
+        return chunked_token_logp_entropy(h_BTD, w_DV, batch["targets"], **kw)
+    return chunked_token_logp(h_BTD, w_DV, batch["targets"], **kw), None
 
 
 # ----------------------------------------------------------------------------- pluggable losses
