@@ -38,11 +38,7 @@ def chunked_token_logp(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> jax.Array:
     """log softmax(h @ w)[target] per position, float32 [B, T]."""
-    B, T, _ = h_BTD.shape
-    V = w_DV.shape[1]
-    C = chunk_length(B, T, chunk_tokens)
-    t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
-    return _chunked_logp(C, jnp.dtype(compute_dtype).name, False, h_BTD, w_DV, t_BT)[0]
+    return _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, False)[0]
 
 
 def chunked_token_logp_entropy(
@@ -55,13 +51,16 @@ def chunked_token_logp_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """(`chunked_token_logp`, the entropy of softmax(h @ w) per position), both f32 [B, T], from
     one pass over the LM head. The entropy is a metric: it carries no gradient (the backward
-    pass ignores its cotangent), so wrap any use of it in `stop_gradient`."""
-    B, T, _ = h_BTD.shape
-    V = w_DV.shape[1]
-    C = chunk_length(B, T, chunk_tokens)
-    t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, V - 1)
-    logp_BT, ent_BT = _chunked_logp(C, jnp.dtype(compute_dtype).name, True, h_BTD, w_DV, t_BT)
+    pass ignores its cotangent)."""
+    logp_BT, ent_BT = _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, True)
     return logp_BT, jax.lax.stop_gradient(ent_BT)
+
+
+def _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, with_entropy):
+    B, T, _ = h_BTD.shape
+    C = chunk_length(B, T, chunk_tokens)
+    t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, w_DV.shape[1] - 1)
+    return _chunked_logp(C, jnp.dtype(compute_dtype).name, with_entropy, h_BTD, w_DV, t_BT)
 
 
 def _to_chunks(x_BT: jax.Array, C: int) -> jax.Array:
