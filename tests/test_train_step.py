@@ -121,6 +121,43 @@ def test_chunked_logp_entropy_one_pass():
     assert not np.any(np.asarray(jax.grad(ent_sum)(h)))
 
 
+def test_chunked_logp_only_where_used():
+    """With `where_BT` the pass returns the unmasked log-probs and entropies there and 0
+    elsewhere, with the same gradients of any masked objective; a row with no used position and
+    used positions spread across chunks included. The skipping is a `cond` in the program."""
+    B, T, D, V, chunk_tokens = 3, 21, 16, 40, 12  # 4 positions per chunk, the last one padded
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    h = jax.random.normal(k1, (B, T, D)) * 2.0
+    w = jax.random.normal(k2, (D, V))
+    tgt = jax.random.randint(k3, (B, T), 0, V)
+    where = np.zeros((B, T), bool)
+    where[0, [3, 9, 10, 20]] = True  # scattered: compacted into the first chunk
+    where[2, 5:] = True  # most of a row: several chunks live
+    kw = dict(compute_dtype=jnp.float32, chunk_tokens=chunk_tokens)
+    full_lp, full_ent = chunked_token_logp_entropy(h, w, tgt, **kw)
+    lp, ent = jax.jit(lambda h, w: chunked_token_logp_entropy(h, w, tgt, where_BT=where, **kw))(
+        h, w
+    )
+    for got, want in ((lp, full_lp), (ent, full_ent)):
+        np.testing.assert_allclose(
+            np.asarray(got), np.where(where, np.asarray(want), 0.0), rtol=1e-6, atol=1e-6
+        )
+    weights = jax.random.uniform(jax.random.key(3), (B, T)) * where
+
+    def objective(h, w, masked):
+        lp = chunked_token_logp(h, w, tgt, where_BT=where if masked else None, **kw)
+        return -jnp.sum(weights * lp)
+
+    g_masked = jax.jit(jax.grad(objective, (0, 1)), static_argnums=2)(h, w, True)
+    g_full = jax.grad(objective, (0, 1))(h, w, False)
+    for a, b in zip(g_masked, g_full, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(g_masked[0])[~where])
+    jaxpr = str(jax.make_jaxpr(jax.grad(objective, (0, 1)), static_argnums=2)(h, w, True))
+    assert jaxpr.count("cond[") >= 2  # forward and backward chunk loops
+    assert "cond[" not in str(jax.make_jaxpr(objective, static_argnums=2)(h, w, False))
+
+
 def test_schedule_warmup_then_cosine_to_min():
     cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
     s = make_schedule(cfg, 20)

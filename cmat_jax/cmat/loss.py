@@ -149,7 +149,9 @@ def _logp_jit(graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: b
     model = nnx.merge(graphdef, params, frozen)
     B = batch["inputs"].shape[0]
     ids = jnp.full((B,), NONE_SLOT, jnp.int32) if use_none else batch["adapter_ids"]
-    return token_logp(model, batch, adapter_ids_B=ids, chunk_tokens=chunk_tokens)
+    return token_logp(
+        model, batch, adapter_ids_B=ids, chunk_tokens=chunk_tokens, masked="loss_mask" in batch
+    )
 
 
 def _model_batch(batch: Mapping[str, Any], *extra: str) -> dict[str, jax.Array]:
@@ -166,10 +168,16 @@ def reference_logp(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> jax.Array:
     """`ref_logp [B, T]` f32: log-probs of the targets under the adapter "none" (the frozen
-    base) — a jitted no-grad forward, run once per round. `params` are the LoRA params (any
+    base) — a jitted no-grad forward, run once per round; only where `loss_mask` is set when
+    the batch has one (0 elsewhere: the loss reads no other). `params` are the LoRA params (any
     value: slot "none" ignores them; they only complete the graph)."""
     return _logp_jit(
-        graphdef, params, frozen, _model_batch(batch), chunk_tokens=chunk_tokens, use_none=True
+        graphdef,
+        params,
+        frozen,
+        _model_batch(batch, "loss_mask"),
+        chunk_tokens=chunk_tokens,
+        use_none=True,
     )
 
 
@@ -182,12 +190,13 @@ def policy_logp(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> jax.Array:
     """log-probs [B, T] under each row's adapter (`batch["adapter_ids"]`), no grad: the
-    teacher-forced `behavior_logp` for PPO when the sampler's own log-probs are not exact."""
+    teacher-forced `behavior_logp` for PPO when the sampler's own log-probs are not exact;
+    masked like `reference_logp`."""
     return _logp_jit(
         graphdef,
         params,
         frozen,
-        _model_batch(batch, "adapter_ids"),
+        _model_batch(batch, "adapter_ids", "loss_mask"),
         chunk_tokens=chunk_tokens,
         use_none=False,
     )
@@ -211,7 +220,12 @@ def _cmat_model_sums(
     """(Σ m·objective, masked sums of every metric incl. "tokens" = Σ m): the additive form
     of `cmat_loss`, summed over micro-batches before the one division."""
     logp_BT, ent_BT = token_logp_entropy(
-        model, batch, entropy=cfg.entropy, dropout_rng=dropout_rng, chunk_tokens=chunk_tokens
+        model,
+        batch,
+        entropy=cfg.entropy,
+        dropout_rng=dropout_rng,
+        chunk_tokens=chunk_tokens,
+        masked=True,
     )
     valid_BT = jnp.asarray(batch["loss_mask"]) > 0
     m_BT = valid_BT.astype(jnp.float32)

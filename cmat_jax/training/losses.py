@@ -6,6 +6,11 @@ target logit, and keeps only `logp [B, C]` and the f32 logsumexp. The backward p
 recomputes one chunk's logits at a time; the head-weight gradient is accumulated in the same
 loop and dropped by XLA when the head is frozen (LoRA).
 
+Given `where_BT` (the positions whose log-probs are used, e.g. the loss mask), each row's used
+positions are moved to its front before chunking and a chunk with none of them skips the LM head
+(`lax.cond`) in both passes: an agent's rows train a few hundred reply tokens under a prompt of
+~600, and the head ([V = 49152] x D for SmolLM2) is then computed where the loss needs it only.
+
 Batch layout shared by the SFT and CMAT steps: `inputs, targets, loss_mask [B, T]`, optional
 `segment_ids, positions [B, T]` and `adapter_ids [B]` (int32, -1 = base model).
 """
@@ -36,9 +41,11 @@ def chunked_token_logp(
     *,
     compute_dtype: Any = jnp.bfloat16,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    where_BT: jax.Array | None = None,
 ) -> jax.Array:
-    """log softmax(h @ w)[target] per position, float32 [B, T]."""
-    return _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, False)[0]
+    """log softmax(h @ w)[target] per position, float32 [B, T]; with `where_BT` (bool [B, T])
+    only there, 0 elsewhere."""
+    return _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, False, where_BT)[0]
 
 
 def chunked_token_logp_entropy(
@@ -48,19 +55,36 @@ def chunked_token_logp_entropy(
     *,
     compute_dtype: Any = jnp.bfloat16,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    where_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(`chunked_token_logp`, the entropy of softmax(h @ w) per position), both f32 [B, T], from
-    one pass over the LM head. The entropy is a metric: it carries no gradient (the backward
-    pass ignores its cotangent)."""
-    logp_BT, ent_BT = _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, True)
+    one pass over the LM head (with `where_BT`: both 0 outside it). The entropy is a metric: it
+    carries no gradient (the backward pass ignores its cotangent)."""
+    logp_BT, ent_BT = _logp_pass(
+        h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, True, where_BT
+    )
     return logp_BT, jax.lax.stop_gradient(ent_BT)
 
 
-def _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, with_entropy):
+def _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, with_entropy, where_BT):
     B, T, _ = h_BTD.shape
     C = chunk_length(B, T, chunk_tokens)
+    cdt = jnp.dtype(compute_dtype).name
     t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, w_DV.shape[1] - 1)
-    return _chunked_logp(C, jnp.dtype(compute_dtype).name, with_entropy, h_BTD, w_DV, t_BT)
+    if where_BT is None:
+        live_BT = jnp.ones((B, T), bool)
+        return _chunked_logp(C, cdt, with_entropy, False, h_BTD, w_DV, t_BT, live_BT)
+    # Used positions first in each row (stable: in order), so they fill the leading chunks and
+    # the rest are skipped. Per row, not across the batch: a batch-sharded h stays local.
+    where_BT = jnp.asarray(where_BT).astype(bool)
+    order_BT = jnp.argsort(~where_BT, axis=1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order_BT.reshape(B, T, *(1,) * (x.ndim - 2)), axis=1)
+    outs = _chunked_logp(C, cdt, with_entropy, True, take(h_BTD), w_DV, take(t_BT), take(where_BT))
+    back_BT = jnp.argsort(order_BT, axis=1)
+    return tuple(
+        jnp.where(where_BT, jnp.take_along_axis(x, back_BT, axis=1), 0.0) if x.shape[1] else x
+        for x in outs
+    )
 
 
 def _to_chunks(x_BT: jax.Array, C: int) -> jax.Array:
@@ -95,56 +119,85 @@ def _lse_entropy(logits_BCV: jax.Array) -> tuple[jax.Array, jax.Array]:
 # A custom VJP so the backward pass (a) recomputes one chunk's logits at a time from the saved
 # f32 logsumexp and (b) feeds the matmuls compute-dtype cotangents: autodiff would pair the f32
 # cotangent with the bf16 weight, a mixed dot that runs at f32 speed on CPU (~2x slower).
-# Outputs (logp [B, T], entropy [B, T], or [B, 0] without `with_entropy`).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _chunked_logp(C: int, cdt: str, with_entropy: bool, h_BTD, w_DV, t_BT):
-    return _chunked_logp_fwd(C, cdt, with_entropy, h_BTD, w_DV, t_BT)[0]
+# Outputs (logp [B, T], entropy [B, T], or [B, 0] without `with_entropy`). With `skip`, a chunk
+# with no `live` position skips the head in both passes (its outputs and gradients are 0).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _chunked_logp(C: int, cdt: str, with_entropy: bool, skip: bool, h_BTD, w_DV, t_BT, live_BT):
+    return _chunked_logp_fwd(C, cdt, with_entropy, skip, h_BTD, w_DV, t_BT, live_BT)[0]
 
 
-def _chunked_logp_fwd(C, cdt, with_entropy, h_BTD, w_DV, t_BT):
+def _if_live(skip: bool, live_BC: jax.Array, compute, dead_value):
+    """compute(), or — with `skip` and no live position in the chunk — `dead_value` (zeros of
+    compute's output structure) without running it."""
+    if not skip:
+        return compute()
+    return jax.lax.cond(jnp.any(live_BC), compute, lambda: dead_value)
+
+
+def _chunked_logp_fwd(C, cdt, with_entropy, skip, h_BTD, w_DV, t_BT, live_BT):
     B, T = t_BT.shape
     w_c = w_DV.astype(cdt)  # one cast outside the loop (a no-op for a bf16 base)
     h_NBCD = _to_chunks(h_BTD.astype(cdt), C)
     t_NBC = _to_chunks(t_BT, C)
+    live_NBC = _to_chunks(live_BT, C)
+    zeros_BC = jnp.zeros(h_NBCD.shape[1:3], jnp.float32)
+    ent_dead = zeros_BC if with_entropy else jnp.zeros((B, 0), jnp.float32)
 
     def chunk(_, xs):
-        h_BCD, t_BC = xs
-        logits_BCV = _chunk_logits(h_BCD, w_c)
-        if with_entropy:
-            lse_BC, ent_BC = _lse_entropy(logits_BCV)
-        else:
-            lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
-            ent_BC = jnp.zeros((lse_BC.shape[0], 0), jnp.float32)
-        tgt_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
-        return None, (tgt_BC - lse_BC, lse_BC, ent_BC)
+        h_BCD, t_BC, live_BC = xs
 
-    _, (logp_NBC, lse_NBC, ent_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC))
-    res = (h_NBCD, w_c, t_NBC, lse_NBC, jnp.zeros((0,), h_BTD.dtype), jnp.zeros((0,), w_DV.dtype))
+        def compute():
+            logits_BCV = _chunk_logits(h_BCD, w_c)
+            if with_entropy:
+                lse_BC, ent_BC = _lse_entropy(logits_BCV)
+            else:
+                lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+                ent_BC = jnp.zeros((lse_BC.shape[0], 0), jnp.float32)
+            tgt_BC = jnp.take_along_axis(logits_BCV, t_BC[..., None], axis=-1)[..., 0]
+            return tgt_BC - lse_BC, lse_BC, ent_BC
+
+        return None, _if_live(skip, live_BC, compute, (zeros_BC, zeros_BC, ent_dead))
+
+    _, (logp_NBC, lse_NBC, ent_NBC) = jax.lax.scan(chunk, None, (h_NBCD, t_NBC, live_NBC))
+    res = (
+        h_NBCD,
+        w_c,
+        t_NBC,
+        live_NBC,
+        lse_NBC,
+        jnp.zeros((0,), h_BTD.dtype),
+        jnp.zeros((0,), w_DV.dtype),
+    )
     ent_BT = _from_chunks(ent_NBC, T) if with_entropy else jnp.zeros((B, 0), jnp.float32)
     return (_from_chunks(logp_NBC, T), ent_BT), res
 
 
-def _chunked_logp_bwd(C, cdt, with_entropy, res, g):
+def _chunked_logp_bwd(C, cdt, with_entropy, skip, res, g):
     g_BT = g[0]  # the entropy's cotangent is dropped: it is a metric (see the public wrapper)
-    h_NBCD, w_c, t_NBC, lse_NBC, h_tag, w_tag = res
+    h_NBCD, w_c, t_NBC, live_NBC, lse_NBC, h_tag, w_tag = res
     T = g_BT.shape[1]
     V = w_c.shape[1]
     g_NBC = _to_chunks(g_BT.astype(jnp.float32), C)
 
     def chunk(dw_DV, xs):
-        h_BCD, t_BC, lse_BC, g_BC = xs
-        p_BCV = jnp.exp(_chunk_logits(h_BCD, w_c) - lse_BC[..., None])
-        onehot_BCV = t_BC[..., None] == jnp.arange(V, dtype=jnp.int32)
-        # d logp[t] / d logits = onehot(t) - softmax
-        dl_BCV = (g_BC[..., None] * (onehot_BCV.astype(jnp.float32) - p_BCV)).astype(cdt)
-        dh_BCD = jnp.einsum("bcv,dv->bcd", dl_BCV, w_c, preferred_element_type=jnp.float32)
-        dw_DV = dw_DV + jnp.einsum("bcd,bcv->dv", h_BCD, dl_BCV, preferred_element_type=jnp.float32)
-        return dw_DV, dh_BCD
+        h_BCD, t_BC, live_BC, lse_BC, g_BC = xs
+
+        def compute():
+            p_BCV = jnp.exp(_chunk_logits(h_BCD, w_c) - lse_BC[..., None])
+            onehot_BCV = t_BC[..., None] == jnp.arange(V, dtype=jnp.int32)
+            # d logp[t] / d logits = onehot(t) - softmax
+            dl_BCV = (g_BC[..., None] * (onehot_BCV.astype(jnp.float32) - p_BCV)).astype(cdt)
+            dh_BCD = jnp.einsum("bcv,dv->bcd", dl_BCV, w_c, preferred_element_type=jnp.float32)
+            dw = jnp.einsum("bcd,bcv->dv", h_BCD, dl_BCV, preferred_element_type=jnp.float32)
+            return dw_DV + dw, dh_BCD
+
+        dead = (dw_DV, jnp.zeros(h_BCD.shape, jnp.float32))
+        return _if_live(skip, live_BC, compute, dead)
 
     dw0 = jnp.zeros(w_c.shape, jnp.float32)
-    dw_DV, dh_NBCD = jax.lax.scan(chunk, dw0, (h_NBCD, t_NBC, lse_NBC, g_NBC))
+    dw_DV, dh_NBCD = jax.lax.scan(chunk, dw0, (h_NBCD, t_NBC, live_NBC, lse_NBC, g_NBC))
     dh_BTD = _from_chunks(dh_NBCD, T).astype(h_tag.dtype)
-    return dh_BTD, dw_DV.astype(w_tag.dtype), None
+    return dh_BTD, dw_DV.astype(w_tag.dtype), None, None
 
 
 _chunked_logp.defvjp(_chunked_logp_fwd, _chunked_logp_bwd)
@@ -176,8 +229,10 @@ def token_logp(
     adapter_ids_B: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    masked: bool = False,
 ) -> jax.Array:
-    """log p(targets | inputs) [B, T] f32 under each row's adapter.
+    """log p(targets | inputs) [B, T] f32 under each row's adapter; with `masked`, only where
+    `batch["loss_mask"]` is set (0 elsewhere; the LM head skips what no loss reads).
 
     `model_or_parts`: a Llama, or `(graphdef, *states)` as given to `nnx.merge` (e.g.
     `(graphdef, lora_params, frozen)` with pure dicts). `adapter_ids_B` overrides
@@ -190,6 +245,7 @@ def token_logp(
         adapter_ids_B=adapter_ids_B,
         dropout_rng=dropout_rng,
         chunk_tokens=chunk_tokens,
+        masked=masked,
     )[0]
 
 
@@ -201,9 +257,11 @@ def token_logp_entropy(
     adapter_ids_B: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    masked: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """(`token_logp` [B, T], the policy's entropy [B, T] (no gradient) or None without
-    `entropy`), from one forward pass and one pass over the LM head."""
+    `entropy`), from one forward pass and one pass over the LM head; `masked` as in
+    `token_logp`."""
     ids = batch.get("adapter_ids") if adapter_ids_B is None else adapter_ids_B
     h_BTD, _ = model.hidden(
         batch["inputs"],
@@ -213,6 +271,8 @@ def token_logp_entropy(
         dropout_rng=dropout_rng,
     )
     kw = dict(compute_dtype=model.config.compute_dtype, chunk_tokens=chunk_tokens)
+    if masked:
+        kw["where_BT"] = jnp.asarray(batch["loss_mask"]) > 0
     w_DV = model.head_weight_DV()
     if entropy:
         return chunked_token_logp_entropy(h_BTD, w_DV, batch["targets"], **kw)
@@ -276,7 +336,9 @@ class TokenCE(StepLoss):
     def model_sums(
         self, model: nnx.Module, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        logp_BT = token_logp(model, batch, dropout_rng=dropout_rng, chunk_tokens=self.chunk_tokens)
+        logp_BT = token_logp(
+            model, batch, dropout_rng=dropout_rng, chunk_tokens=self.chunk_tokens, masked=True
+        )
         nll, ntok = nll_sum(logp_BT, batch["loss_mask"])
         return nll, {"loss": jax.lax.stop_gradient(nll), "tokens": ntok}
 
