@@ -16,7 +16,8 @@ tuning on the scripted expert's sandboxed episodes of synthetic OS problems, one
 sandbox episodes, and evaluation on held-out synthetic problems and the 26 OS dev problems at
 the protocol's 8 rounds. Its rows are 1024 tokens (the task's instructions and one-shot example
 take ~570 SmolLM2 tokens, an expert episode at most ~950), so it trains fewer, longer rows than
-the DB job to stay within its time.
+the DB job, and rolls out 3 tasks and evaluates 10 held-out problems to stay near the default
+job's time.
 """
 
 import dataclasses
@@ -98,9 +99,10 @@ CMAT_OS = dataclasses.replace(
     sft_steps=14,
     sft_seq_len=1024,
     seq_len=1024,
+    tasks_per_round=3,
     anchor_rows=8,
     stm_token_budget=1024,
-    eval_tasks=12,
+    eval_tasks=10,
     eval_max_context=1536,
     eval_max_rounds=8,
     dev_limit=None,
