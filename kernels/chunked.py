@@ -19,7 +19,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .common import MASK_VALUE, check_attention_inputs, default_scale, pad_axis, round_up
+from .common import (
+    MASK_VALUE,
+    check_attention_inputs,
+    default_scale,
+    pad_axis,
+    round_up,
+    segments_visible,
+)
 
 F32 = jnp.float32
 
@@ -128,7 +135,7 @@ def _tile_mask(cfg, i, j, qseg_NBR, kseg_NBC, *, diag: bool, tail: bool):
     if cfg.has_seg:
         qs_BR = jax.lax.dynamic_index_in_dim(qseg_NBR, i, 0, keepdims=False)
         ks_BC = jax.lax.dynamic_index_in_dim(kseg_NBC, j, 0, keepdims=False)
-        m = (qs_BR[:, :, None] == ks_BC[:, None, :])[:, None, None]
+        m = segments_visible(qs_BR[:, :, None], ks_BC[:, None, :])[:, None, None]
         mask = m if mask is None else mask & m
     return mask
 
@@ -250,7 +257,7 @@ def _tile_mask_T(cfg, i, j, qseg_NBR, kseg_NBC, *, diag: bool, tail: bool):
     if cfg.has_seg:
         qs_BR = jax.lax.dynamic_index_in_dim(qseg_NBR, i, 0, keepdims=False)
         ks_BC = jax.lax.dynamic_index_in_dim(kseg_NBC, j, 0, keepdims=False)
-        m = (ks_BC[:, :, None, None] == qs_BR[:, None, None, :])[:, None]
+        m = segments_visible(qs_BR[:, None, None, :], ks_BC[:, :, None, None])[:, None]
         mask = m if mask is None else mask & m
     return mask
 

@@ -7,6 +7,9 @@ Masking semantics (all impls agree, tested against `reference.py`):
   sequences use ids 1, 2, ...; padding uses 0, so padding is never attended from a real
   (nonzero) segment. Padding rows attend among themselves, which keeps every row non-empty
   (no NaN); their outputs are meaningless and the loss must mask them.
+* shared prefix: keys of segment `SHARED_SEGMENT` are seen by every query of the row (still
+  causally). A packed row may begin with one prompt prefix that all its segments continue, so
+  the prefix is computed once per row instead of once per segment (`cmat_jax.data.rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from .errors import AttentionInputError
 # A finite "minus infinity": fully masked rows then give exp(MASK - MASK) = 1 (finite garbage,
 # sliced or loss-masked away) instead of NaN, and exp(MASK - real_max) underflows to 0.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+# The segment id of a row's shared prefix (see the module doc); no packer reaches it otherwise.
+SHARED_SEGMENT = 2**31 - 1
+
+
+def segments_visible(qseg: jax.Array, kseg: jax.Array) -> jax.Array:
+    """Bool, broadcast of qseg against kseg: may a query of segment qseg see a key of kseg."""
+    return (qseg == kseg) | (kseg == SHARED_SEGMENT)
 
 
 def check_attention_inputs(

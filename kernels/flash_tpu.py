@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .common import MASK_VALUE, check_attention_inputs, pad_axis, round_up
+from .common import MASK_VALUE, check_attention_inputs, pad_axis, round_up, segments_visible
 from .errors import AttentionInputError, UnsupportedAttentionError
 from .flash_vjp import flash_with_vjp
 from .tiles import FlashTiling
@@ -95,7 +95,7 @@ def _mask(cfg: FlashTiling, i, j, qseg_ref, kseg_ref):
     elif cfg.padded:
         mask = k_pos < cfg.T
     if qseg_ref is not None:
-        same = qseg_ref[...] == kseg_ref[...]  # [bq, 1] == [1, bk]
+        same = segments_visible(qseg_ref[...], kseg_ref[...])  # [bq, 1] x [1, bk]
         mask = same if mask is None else mask & same
     return mask
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .common import MASK_VALUE, check_attention_inputs, check_decode_inputs, default_scale
+from .common import (
+    MASK_VALUE,
+    check_attention_inputs,
+    check_decode_inputs,
+    default_scale,
+    segments_visible,
+)
 
 
 def attention_mask_BTS(
@@ -16,7 +22,7 @@ def attention_mask_BTS(
     if causal:
         mask_BTS &= (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])[None]
     if segment_ids_BT is not None:
-        mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask_BTS &= segments_visible(segment_ids_BT[:, :, None], segment_ids_BT[:, None, :])
     return mask_BTS
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from .common import MASK_VALUE, default_scale, pad_axis, round_up
+from .common import MASK_VALUE, default_scale, pad_axis, round_up, segments_visible
 
 F32 = jnp.float32
 
@@ -97,7 +97,7 @@ def tile_mask(
             mask, jnp.broadcast_to(k_pos_C[None, :] < kv_len, (q_pos_R.shape[0], *k_pos_C.shape))
         )
     if qseg_R is not None:
-        mask = both(mask, qseg_R[:, None] == kseg_C[None, :])
+        mask = both(mask, segments_visible(qseg_R[:, None], kseg_C[None, :]))
     return mask
 
 

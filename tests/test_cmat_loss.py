@@ -8,6 +8,7 @@ The loss under test uses the chunked head (3 chunks, the last one padded).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -490,3 +491,69 @@ def test_packed_rows_score_as_if_each_were_alone():
     np.testing.assert_allclose(float(lp), float(la), rtol=1e-5)
     with pytest.raises(ValueError, match="seq_len"):
         pack_rows([row(14, 0)], seq_len=12)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_shared_prefix_rows_score_as_if_each_were_alone(impl):
+    """Rows opening with one prompt are packed together and the prompt is laid out once per
+    sequence (segment SHARED_SEGMENT, seen by every row after it): each trained token's log-prob,
+    the CMAT loss and its gradient are those of the rows laid out alone."""
+    from cmat_jax_kernels.common import SHARED_SEGMENT
+
+    from cmat_jax.data.rows import (
+        MIN_SHARED_PREFIX,
+        TrainRow,
+        pack_rows,
+        packed_batch,
+        prefix_groups,
+        rows_to_batch,
+    )
+
+    model = _model()
+    model.config = dataclasses.replace(CFG, attention_impl=impl)
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    params, frozen = lora.to_pure_dict(), frozen.to_pure_dict()
+    rng = np.random.default_rng(5)
+    P = MIN_SHARED_PREFIX + 8
+    prompts = {0: rng.integers(0, CFG.vocab_size, P), 1: rng.integers(0, CFG.vocab_size, P)}
+
+    def row(adapter, n_own, anchor=False):
+        own = rng.integers(0, CFG.vocab_size, n_own)
+        toks = np.concatenate([prompts[adapter], own]).astype(np.int32)
+        m = np.zeros(len(toks), np.float32)
+        m[P + 2 :] = rng.random(n_own - 2) < 0.7  # the row's own prompt tail, then its reply
+        w = m * rng.uniform(0.5, 2.0)
+        return TrainRow(toks, m, m * 0.3, w, m * 0, adapter, "assistant", -1, 1.0, anchor=anchor)
+
+    lone = TrainRow(*(np.arange(20, dtype=np.int32) % CFG.vocab_size, *[np.ones(20, np.float32)] * 4),
+                    adapter_id=0, role="assistant", episode=-1, reward=1.0)  # fmt: skip
+    rows = [row(0, 9), row(1, 12), row(0, 6, anchor=True), lone, row(0, 14), row(1, 7)]
+    groups = prefix_groups(rows)
+    assert sorted((sorted(g), n) for g, n in groups) == [([0, 2, 4], P), ([1, 5], P)]
+    seq_len = P + 30
+    packs = pack_rows(rows, seq_len, share_prefixes=True)
+    packed = packed_batch([*packs, []], seq_len, share_prefixes=True)
+    # Without sharing, [0, 2] would not fit one sequence: 2P + 13 positions.
+    assert [[len(r.tokens) - P for r in p] for p in packs] == [[9, 6, 14], [12, 7], [20 - P]]
+    seg = packed["segment_ids"]
+    assert (seg[0, :P] == SHARED_SEGMENT).all() and (seg[1, :P] == SHARED_SEGMENT).all()
+    assert seg[0, P:].tolist() == [1] * 8 + [2] * 5 + [3] * 13 + [0] * 4
+    assert packed["positions"][0, P + 8 : P + 13].tolist() == list(range(P, P + 5))
+    assert not (seg[2] == SHARED_SEGMENT).any()  # a lone row shares nothing
+    logp_packed = np.asarray(policy_logp(graphdef, params, frozen, packed, chunk_tokens=CHUNK))
+    alone = rows_to_batch(rows, seq_len=seq_len)
+    logp_alone = np.asarray(policy_logp(graphdef, params, frozen, alone, chunk_tokens=CHUNK))
+    m_packed, m_alone = packed["loss_mask"] > 0, alone["loss_mask"] > 0
+    assert m_packed.sum() == m_alone.sum()
+    order = [0, 2, 4, 1, 5, 3]  # rows in packing order
+    got = logp_packed[m_packed]
+    want = np.concatenate([logp_alone[i][m_alone[i]] for i in order])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    cfg = LossConfig(mode="rwr", kl_coef=0.0, anchor_coef=0.5, entropy=False)
+    loss_fn = functools.partial(cmat_loss, cfg=cfg, graphdef=graphdef, chunk_tokens=CHUNK)
+    grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, frozen, b)[0])
+    lp, gp = grad_fn(params, {k: jnp.asarray(v) for k, v in packed.items()})
+    la, ga = grad_fn(params, {k: jnp.asarray(v) for k, v in alone.items()})
+    np.testing.assert_allclose(float(lp), float(la), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(ga), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)

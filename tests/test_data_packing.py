@@ -95,3 +95,54 @@ def test_packed_batch_invariants(corpus):
             assert not m[:-1][crossing].any()
             real_tokens += used
     assert real_tokens / (40 * 4 * 96) > 0.8  # first-fit keeps rows dense
+
+
+def test_prefix_groups_pick_the_prompts_worth_sharing():
+    """The trie choice: rows of two task prompts under one adapter share only a short header,
+    so each prompt is its own group; a row's trained tokens are never inside its prefix."""
+    from cmat_jax.data.rows import MIN_SHARED_PREFIX, TrainRow, prefix_groups, shareable_prefix
+
+    rng = np.random.default_rng(0)
+    header = rng.integers(0, 50, 10)
+    db, os_ = rng.integers(50, 100, 60), rng.integers(100, 150, 90)
+
+    def row(prompt, n_own, adapter=0, first_trained=3):
+        toks = np.concatenate([header, prompt, rng.integers(150, 200, n_own)]).astype(np.int32)
+        m = np.zeros(len(toks), np.float32)
+        m[len(header) + len(prompt) + first_trained :] = 1
+        z = np.zeros_like(m)
+        return TrainRow(toks, m, m, m, z, adapter, "assistant", -1, 1.0)
+
+    rows = [row(db, 8), row(os_, 9), row(db, 5), row(os_, 12), row(db, 7), row(db, 6, adapter=1)]
+    # Shareable: everything before the first trained token but the token that predicts it.
+    assert shareable_prefix(rows[0]) == 10 + 60 + 2
+    got = sorted((sorted(g), P) for g, P in prefix_groups(rows))
+    # Own tokens are drawn independently, so a group may share a few more by chance.
+    assert [g for g, _ in got] == [[0, 2, 4], [1, 3]]
+    assert 10 + 60 <= got[0][1] <= 10 + 60 + 2 and 10 + 90 <= got[1][1] <= 10 + 90 + 2
+    # Two rows whose common prefix is too short to be worth a segment: no group.
+    short = [row(db[: MIN_SHARED_PREFIX - 15], 4), row(os_[:20], 4)]
+    assert prefix_groups(short) == []
+
+
+def test_shared_prefix_layout_refuses_rows_that_do_not_share_it():
+    from cmat_jax.data import DataError
+    from cmat_jax.data.packing import build_packed_batch
+
+    seg = lambda toks: (np.array(toks, np.int32), {"m": np.ones(len(toks), np.float32)})
+    b = build_packed_batch(
+        [[seg([1, 2, 3, 7, 8]), seg([1, 2, 4, 9])]], 6, 0, {"m": np.float32},
+        keep_last_input=False, who="t", shared=[2],
+    )  # fmt: skip
+    # The prefix [1, 2] once, then each segment from position 2 on; 3 and 4 are predicted by
+    # the prefix's last position in their own rows, so their targets (never trained) drop out.
+    assert b["inputs"].tolist() == [[1, 2, 3, 7, 4, 0]]
+    assert b["targets"].tolist() == [[0, 0, 7, 8, 9, 0]]
+    assert b["positions"].tolist() == [[0, 1, 2, 3, 2, 0]]
+    assert b["segment_ids"][0, 2:].tolist() == [1, 1, 2, 0]
+    assert b["m"].tolist() == [[0, 0, 1, 1, 1, 0]]
+    with pytest.raises(DataError, match="share 3 leading tokens"):
+        build_packed_batch(
+            [[seg([1, 2, 3, 7, 8]), seg([1, 2, 4, 9])]], 6, 0, {"m": np.float32},
+            keep_last_input=False, who="t", shared=[3],
+        )  # fmt: skip

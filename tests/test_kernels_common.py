@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from cmat_jax_kernels.common import SHARED_SEGMENT
 from cmat_jax_kernels.reference import reference_attention
 
 # Error metric: max |a - ref| / max(1, max |ref|), per output / gradient.
@@ -20,9 +21,11 @@ def make_inputs(B, T, H, K, D, dtype, *, segments: bool, seed: int = 0):
     v = jax.random.normal(ks[2], (B, T, K, D), jnp.float32).astype(dtype)
     do = jax.random.normal(ks[3], (B, T, H, D), jnp.float32).astype(dtype)
     seg = None
-    if segments:  # packed rows: increasing ids with a padded (0) tail on row 0
+    if segments:  # packed rows: increasing ids with a padded (0) tail on row 0, and the
+        # last row opening with a shared prefix every later segment sees
         ids = jnp.sort(jax.random.randint(ks[4], (B, T), 1, 4), axis=1)
         ids = ids.at[0, T - T // 4 :].set(0)
+        ids = ids.at[-1, : max(1, T // 5)].set(SHARED_SEGMENT)
         seg = ids.astype(jnp.int32)
     return q, k, v, do, seg
 

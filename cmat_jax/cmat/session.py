@@ -172,7 +172,8 @@ class CMATRun:
         self, rows: list[TrainRow], steps: int | None, tag: str, loss_cfg: LossConfig, key_seed: int
     ) -> list[dict]:
         """Trainer steps of the CMAT loss over `rows`, packed (`pack_rows`, or one row per
-        sequence) into fixed-shape batches of B sequences; `steps=None` = one pass over the
+        sequence; with `share_prefixes` a common prompt prefix laid out once per sequence) into
+        fixed-shape batches of B sequences; `steps=None` = one pass over the
         rows, else `steps` batches, the rows reshuffled and repacked at every pass. With
         `kl_coef > 0` each batch gets the frozen base's log-probs (`ref_logp`) first."""
         job = self.job
@@ -185,7 +186,9 @@ class CMATRun:
 
         def one_pass() -> list:
             order = [rows[i] for i in rng.permutation(len(rows))]
-            return pack_rows(order, T) if job.pack_rows else [[r] for r in order]
+            if not job.pack_rows:
+                return [[r] for r in order]
+            return pack_rows(order, T, share_prefixes=job.share_prefixes)
 
         packs = one_pass()
         if steps is not None:
@@ -197,7 +200,8 @@ class CMATRun:
         pad_id = int(self.tok.pad_id)
         tr = self.trainer
         for lo in range(0, len(packs), B):
-            batch = tr.put_batch(packed_batch(packs[lo : lo + B], T, pad_id), whole=True)
+            arrays = packed_batch(packs[lo : lo + B], T, pad_id, share_prefixes=job.share_prefixes)
+            batch = tr.put_batch(arrays, whole=True)
             if loss_cfg.kl_coef > 0:
                 batch["ref_logp"] = reference_logp(tr.graphdef, tr.state.params, tr.frozen, batch)
             metrics = tr.step(batch, loss)

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
+from cmat_jax_kernels.common import SHARED_SEGMENT
 
 from cmat_jax.data.errors import DataError
 
@@ -97,6 +98,7 @@ def build_packed_batch(
     *,
     keep_last_input: bool,
     who: str,
+    shared: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows of token segments -> inputs, targets, segment_ids, positions and `columns` [B, T].
 
@@ -106,6 +108,11 @@ def build_packed_batch(
     with its tokens, keyed by the token it scores) is written at those target positions, so
     nothing predicts across a boundary. `keep_last_input` also gives the segment's last token
     an input position that predicts nothing (span n instead of n - 1).
+
+    `shared[b]` = P > 0: every segment of row b begins with the same P tokens. They are laid out
+    once, first, as segment `SHARED_SEGMENT` (seen by all the row's segments; it predicts
+    nothing), and each segment continues from position P with its own tokens[P:]. The caller
+    guarantees that no column is used at the targets this drops (tokens[1..P]).
     """
     B, T = len(rows), seq_len
     out = {
@@ -116,19 +123,28 @@ def build_packed_batch(
     }
     out |= {k: np.zeros((B, T), dtype) for k, dtype in columns.items()}
     for b, row in enumerate(rows):
-        o = 0
+        P = 0 if shared is None else int(shared[b])
+        if P:
+            prefix = row[0][0][:P]
+            if P > T or any(not np.array_equal(tok[:P], prefix) for tok, _ in row):
+                raise DataError(f"{who}: row {b}'s segments do not share {P} leading tokens")
+            out["inputs"][b, :P] = prefix
+            out["segment_ids"][b, :P] = SHARED_SEGMENT
+            out["positions"][b, :P] = np.arange(P, dtype=np.int32)
+        o = P
         for s, (tokens, per_token) in enumerate(row, start=1):
             n_targets = len(tokens) - 1
             span = len(tokens) if keep_last_input else n_targets
-            if o + span > T:
+            if o + span - P > T:
                 raise DataError(f"{who}: row {b} overflows seq_len {T}")
-            out["inputs"][b, o : o + span] = tokens[:span]
-            out["targets"][b, o : o + n_targets] = tokens[1:]
+            n = span - P  # positions this segment takes after the shared prefix
+            out["inputs"][b, o : o + n] = tokens[P:span]
+            out["targets"][b, o : o + n_targets - P] = tokens[P + 1 :]
             for k in columns:
-                out[k][b, o : o + n_targets] = per_token[k][1:]
-            out["segment_ids"][b, o : o + span] = s
-            out["positions"][b, o : o + span] = np.arange(span, dtype=np.int32)
-            o += span
+                out[k][b, o : o + n_targets - P] = per_token[k][P + 1 :]
+            out["segment_ids"][b, o : o + n] = s
+            out["positions"][b, o : o + n] = np.arange(P, span, dtype=np.int32)
+            o += n
     return out
 
 

@@ -56,35 +56,120 @@ def _check_fits(rows: Sequence[TrainRow], seq_len: int, who: str) -> None:
         )
 
 
-def pack_rows(rows: Sequence[TrainRow], seq_len: int) -> list[list[TrainRow]]:
+# Shorter common prefixes are not worth a segment (and would split packing groups for little).
+MIN_SHARED_PREFIX = 32
+
+
+def pack_rows(
+    rows: Sequence[TrainRow], seq_len: int, *, share_prefixes: bool = False
+) -> list[list[TrainRow]]:
     """First-fit packing (`FirstFitPacker`, no limit on open sequences) of rows into sequences
     of `seq_len` positions (a row of n tokens takes n - 1), one adapter per sequence (the LoRA
     slot is per sequence). Rows are taken in the given order; a row that fits nowhere opens a
-    new sequence; sequences come out in the order they were opened."""
+    new sequence; sequences come out in the order they were opened.
+
+    With `share_prefixes`, rows are first grouped by a common prompt prefix (`prefix_groups`)
+    and a group's sequences lay that prefix out once (`packed_batch(share_prefixes=True)`), so
+    a group's row of n tokens takes n - 1 - P positions after the P of the prefix."""
     _check_fits(rows, seq_len, "pack_rows")
-    packer = FirstFitPacker(
-        seq_len,
-        max_open=len(rows) + 1,
-        length=lambda ref: len(rows[ref[1]].tokens) - 1,
-        key=lambda ref: rows[ref[1]].adapter_id,
-    )
-    for i in range(len(rows)):
-        packer.add((0, i))
-    packs = sorted([*packer.ready, *packer.open], key=lambda pack: pack[0][1])
-    return [[rows[i] for _, i in pack] for pack in packs]
+    keys: list[tuple[int, int]] = [(r.adapter_id, -1) for r in rows]
+    shared = {-1: 0}
+    if share_prefixes:
+        for g, (members, P) in enumerate(prefix_groups(rows)):
+            shared[g] = P
+            for i in members:
+                keys[i] = (rows[i].adapter_id, g)
+    packs: list[list[int]] = []
+    for key in dict.fromkeys(keys):  # each key's rows pack on their own, in the given order
+        P = shared[key[1]]
+        length = lambda ref, P=P: len(rows[ref[1]].tokens) - 1 - P
+        packer = FirstFitPacker(seq_len - P, max_open=len(rows) + 1, length=length)
+        for i in (i for i, k in enumerate(keys) if k == key):
+            packer.add((0, i))
+        packs += [[i for _, i in pack] for pack in (*packer.ready, *packer.open)]
+    packs.sort(key=lambda pack: pack[0])
+    return [[rows[i] for i in pack] for pack in packs]
+
+
+def shareable_prefix(row: TrainRow) -> int:
+    """How many leading tokens of `row` may be laid out as a shared prefix: those before its
+    first trained token (the prefix's last position predicts a token it drops), leaving at least
+    one input of its own."""
+    hot = np.flatnonzero(row.loss_mask)
+    first = int(hot[0]) if hot.size else len(row.tokens)
+    return max(0, min(first - 1, len(row.tokens) - 2))
+
+
+def common_prefix(rows: Sequence[TrainRow]) -> int:
+    """The longest prefix of shareable tokens (`shareable_prefix`) all `rows` have in common."""
+    a = rows[0].tokens[: shareable_prefix(rows[0])]
+    for r in rows[1:]:
+        b = r.tokens[: shareable_prefix(r)]
+        m = min(len(a), len(b))
+        diff = np.flatnonzero(a[:m] != b[:m])
+        a = a[: int(diff[0]) if diff.size else m]
+    return len(a)
+
+
+def prefix_groups(rows: Sequence[TrainRow]) -> list[tuple[list[int], int]]:
+    """Groups of row indices (one adapter each) and the prefix length P >= MIN_SHARED_PREFIX
+    they share; rows in no group share nothing worth a segment.
+
+    Chosen on the trie of the rows' shareable prefixes: at each branching point, sharing the
+    common prefix among all rows below it saves (rows - 1) x P positions, splitting saves what
+    the branches save; the larger wins (e.g. a DB and an OS prompt under one adapter share only
+    the chat template, each task's rows their whole instructions)."""
+    views = [r.tokens[: shareable_prefix(r)] for r in rows]
+
+    def solve(idx: list[int]) -> tuple[int, list[tuple[list[int], int]]]:
+        L = common_prefix([rows[i] for i in idx])
+        share = (len(idx) - 1) * L if L >= MIN_SHARED_PREFIX else 0
+        branches: dict[int, list[int]] = {}
+        for i in idx:
+            if len(views[i]) > L:
+                branches.setdefault(int(views[i][L]), []).append(i)
+        saved, groups = 0, []
+        for b in branches.values():
+            if len(b) > 1:
+                s, g = solve(b)
+                saved, groups = saved + s, groups + g
+        if share > 0 and share >= saved:
+            return share, [(idx, L)]
+        return saved, groups
+
+    by_adapter: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_adapter.setdefault(r.adapter_id, []).append(i)
+    return [g for idx in by_adapter.values() if len(idx) > 1 for g in solve(idx)[1]]
 
 
 def packed_batch(
-    packs: Sequence[Sequence[TrainRow]], seq_len: int, pad_id: int = 0
+    packs: Sequence[Sequence[TrainRow]],
+    seq_len: int,
+    pad_id: int = 0,
+    *,
+    share_prefixes: bool = False,
 ) -> dict[str, np.ndarray]:
     """`pack_rows` sequences -> a [B, seq_len] batch (`build_packed_batch`: segment_ids 1.. per
     row, 0 = padding, positions restarting at 0) with the per-token fields, the anchor flag and
     the sequence's adapter id; each row takes inputs = tokens[:-1], targets = tokens[1:]. An
-    empty pack is an all-padding sequence."""
+    empty pack is an all-padding sequence. With `share_prefixes`, a sequence whose rows have a
+    common prefix of >= MIN_SHARED_PREFIX shareable tokens lays it out once (the per-token log-
+    probs of every trained token are those of the rows laid out alone)."""
     segments = [[(r.tokens, _per_token(r)) for r in pack] for pack in packs]
     columns = dict.fromkeys((*PER_TOKEN_FIELDS, "anchor"), np.float32)
+    shared = None
+    if share_prefixes:
+        shared = [common_prefix(p) if len(p) > 1 else 0 for p in packs]
+        shared = [P if P >= MIN_SHARED_PREFIX else 0 for P in shared]
     out = build_packed_batch(
-        segments, seq_len, pad_id, columns, keep_last_input=False, who="packed_batch"
+        segments,
+        seq_len,
+        pad_id,
+        columns,
+        keep_last_input=False,
+        who="packed_batch",
+        shared=shared,
     )
     out["adapter_ids"] = np.array([pack[0].adapter_id if pack else 0 for pack in packs], np.int32)
     return out

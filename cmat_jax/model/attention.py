@@ -16,7 +16,8 @@ over the batch and head axes of `LOGICAL_RULES` (each device attends its own row
 the sequence is not sharded), so no q/k/v is gathered around the custom call.
 
 Masking (same for every impl): causal keeps key s <= query t; segment ids [B, T] keep keys of
-the same segment (0 = padding; see cmat_jax_kernels.common).
+the same segment (0 = padding) and of the row's shared prefix (`SHARED_SEGMENT`); see
+cmat_jax_kernels.common.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ import math
 import jax
 import jax.numpy as jnp
 from cmat_jax_kernels.chunked import chunked_attention
-from cmat_jax_kernels.common import MASK_VALUE, check_attention_inputs, default_scale
+from cmat_jax_kernels.common import (
+    MASK_VALUE,
+    check_attention_inputs,
+    default_scale,
+    segments_visible,
+)
 from cmat_jax_kernels.decode import decode_attention_pallas, decode_attention_xla
 from cmat_jax_kernels.errors import AttentionInputError, UnsupportedAttentionError
 from cmat_jax_kernels.flash_gpu import flash_attention_gpu
@@ -155,7 +161,7 @@ def _xla(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
     if causal:
         mask_BTS &= jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)[None]
     if segment_ids_BT is not None:
-        mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask_BTS &= segments_visible(segment_ids_BT[:, :, None], segment_ids_BT[:, None, :])
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, MASK_VALUE)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
     o_BKGTD = jnp.einsum(
@@ -175,7 +181,7 @@ def _cudnn(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
     _needs_self_attention("cudnn", q_BTHD, k_BSKD)
     mask = None
     if segment_ids_BT is not None:
-        mask = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
+        mask = segments_visible(segment_ids_BT[:, :, None], segment_ids_BT[:, None, :])[:, None]
     try:
         return jax.nn.dot_product_attention(
             q_BTHD,
