@@ -15,9 +15,10 @@ base agent_tuning cmat` the base model's row). Measured numbers: docs/results.md
 tuning on the scripted expert's sandboxed episodes of synthetic OS problems, one CMAT round of
 sandbox episodes, and evaluation on held-out synthetic problems and the 26 OS dev problems at
 the protocol's 8 rounds. Its rows are 1024 tokens (the task's instructions and one-shot example
-take ~570 SmolLM2 tokens, an expert episode at most ~950), so it trains fewer, longer rows than
-the DB job, and rolls out 3 tasks and evaluates 10 held-out problems to stay near the default
-job's time.
+take ~570 SmolLM2 tokens, an expert episode at most ~950). That prompt is laid out once per
+sequence (`share_prefixes`), so a sequence holds ~2.8 rows instead of ~1.3: 4 sequences per
+step carry the rows 8 did without sharing. It rolls out 3 tasks and evaluates 10 held-out
+problems to stay within the default job's time.
 """
 
 import dataclasses
@@ -97,7 +98,10 @@ CMAT_OS = dataclasses.replace(
     task="os",
     sft_examples=96,
     sft_steps=14,
+    share_prefixes=True,
+    sft_batch_size=4,
     sft_seq_len=1024,
+    batch_size=4,
     seq_len=1024,
     tasks_per_round=3,
     anchor_rows=8,

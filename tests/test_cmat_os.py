@@ -108,9 +108,8 @@ def test_synthetic_os_streams_never_hold_a_dev_problem():
 
 def test_cmat_job_on_the_os_task(tiny_model, tmp_path):
     out = tmp_path / "run"
-    job = tiny_job(
-        tiny_model, out, "os", os_dev_data=str(OS_DEV), os_dev_script_dir=str(OS_SCRIPTS)
-    )
+    job = tiny_job(tiny_model, out, "os", os_dev_data=str(OS_DEV), os_dev_script_dir=str(OS_SCRIPTS),
+                   share_prefixes=True)  # fmt: skip  # as cmat-os trains
     final = run_cmat(job)
     rounds = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 1 and rounds[0]["episodes"] == 2 and rounds[0]["env_steps"] > 0
@@ -143,7 +142,8 @@ def test_mixed_db_os_job_reports_each_task(tiny_model, tmp_path):
     out = tmp_path / "run"
     # Agent tuning's mix is test_os_expert_rows_...'s; here the rounds and the evaluation.
     job = tiny_job(tiny_model, out, "db,os", seed=3, sft_steps=0, tasks_per_round=2,
-                   group_size=1, eval_tasks=2, use_reflection=False, dev_stages=())  # fmt: skip
+                   group_size=1, eval_tasks=2, use_reflection=False, dev_stages=(),
+                   share_prefixes=True)  # fmt: skip
     names = [name for name, _ in mixed_tasks(job, 2, job.seed)]
     held = [name for name, _ in mixed_tasks(job, 2, job.seed + EVAL_SEED_OFFSET)]
     assert set(names) == set(held) == {"db", "os"}  # this seed's round and held-out mix both

@@ -79,10 +79,12 @@ class CMATJob:
     pack_rows: bool = True
     """Pack several training rows into each sequence of a batch (agent tuning and CMAT
     updates): a step then carries ~1.3x the rows of the default job instead of padding."""
-    share_prefixes: bool = True
+    share_prefixes: bool = False
     """With `pack_rows`: rows that begin with the same prompt (a task's instructions and one-shot
     example) are packed together and that prefix is laid out once per sequence, seen by each of
-    its rows (`cmat_jax.data.rows.pack_rows`). The loss is the same; a sequence holds more rows."""
+    its rows (`cmat_jax.data.rows.pack_rows`). Each row's loss is the same, but a sequence holds
+    more rows, so a step of `batch_size` sequences trains more rows and a pass takes fewer steps:
+    size the batches for it (`cmat-os` does; docs/design.md)."""
     sft_seq_len: int | None = None
     """Tokens per agent-tuning row (None = seq_len). Longer expert trajectories lose their
     trailing turns, never their start."""
