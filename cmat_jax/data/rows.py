@@ -79,12 +79,15 @@ def pack_rows(
             shared[g] = P
             for i in members:
                 keys[i] = (rows[i].adapter_id, g)
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
     packs: list[list[int]] = []
-    for key in dict.fromkeys(keys):  # each key's rows pack on their own, in the given order
+    for key, members in by_key.items():  # each key's rows pack on their own, in the given order
         P = shared[key[1]]
         length = lambda ref, P=P: len(rows[ref[1]].tokens) - 1 - P
         packer = FirstFitPacker(seq_len - P, max_open=len(rows) + 1, length=length)
-        for i in (i for i, k in enumerate(keys) if k == key):
+        for i in members:
             packer.add((0, i))
         packs += [[i for _, i in pack] for pack in (*packer.ready, *packer.open)]
     packs.sort(key=lambda pack: pack[0])
@@ -102,9 +105,12 @@ def shareable_prefix(row: TrainRow) -> int:
 
 def common_prefix(rows: Sequence[TrainRow]) -> int:
     """The longest prefix of shareable tokens (`shareable_prefix`) all `rows` have in common."""
-    a = rows[0].tokens[: shareable_prefix(rows[0])]
-    for r in rows[1:]:
-        b = r.tokens[: shareable_prefix(r)]
+    return _common_length([r.tokens[: shareable_prefix(r)] for r in rows])
+
+
+def _common_length(seqs: Sequence[np.ndarray]) -> int:
+    a = seqs[0]
+    for b in seqs[1:]:
         m = min(len(a), len(b))
         diff = np.flatnonzero(a[:m] != b[:m])
         a = a[: int(diff[0]) if diff.size else m]
@@ -122,7 +128,7 @@ def prefix_groups(rows: Sequence[TrainRow]) -> list[tuple[list[int], int]]:
     views = [r.tokens[: shareable_prefix(r)] for r in rows]
 
     def solve(idx: list[int]) -> tuple[int, list[tuple[list[int], int]]]:
-        L = common_prefix([rows[i] for i in idx])
+        L = _common_length([views[i] for i in idx])
         share = (len(idx) - 1) * L if L >= MIN_SHARED_PREFIX else 0
         branches: dict[int, list[int]] = {}
         for i in idx:
