@@ -49,6 +49,7 @@ CHUNK = 20  # -> 5 positions per chunk for B=4: 3 chunks, the last padded by 3
 ADAPTERS = np.array([0, 1, -1, 0], np.int32)  # assistant, checker, none, assistant
 EPS = 0.2
 MODES = ("rwr", "pg", "ppo")
+DIRTY = ("advantage", "behavior_logp", "ref_logp")  # garbage at masked-out positions
 
 
 def _model(seed: int = 0) -> Llama:
@@ -99,7 +100,7 @@ def _batch(seed: int = 0, adapters: np.ndarray = ADAPTERS) -> dict[str, np.ndarr
     batch["ref_logp"] = np.asarray(
         reference_logp(graphdef, params, frozen, batch, chunk_tokens=CHUNK)
     )
-    for k, bad in (("advantage", np.nan), ("behavior_logp", -np.inf), ("ref_logp", np.inf)):
+    for k, bad in zip(DIRTY, (np.nan, -np.inf, np.inf), strict=True):
         batch[k] = np.where(mask, batch[k], bad).astype(np.float32)
     return batch
 
@@ -132,12 +133,15 @@ def _numpy_reference(logits_BTV: np.ndarray, batch: dict, cfg: LossConfig) -> di
     d = batch["ref_logp"][m] - logp
     kl = np.exp(d) - d - 1
     per_tok = pol + cfg.kl_coef * kl + cfg.anchor_coef * anchor * (-logp)
+    ratio = {} if cfg.mode == "rwr" else {
+        "ratio": rho.mean(),
+        "clip_frac": (np.abs(rho - 1) > cfg.clip_eps).mean(),
+    }  # fmt: skip
     return {
         "loss": per_tok.mean(),
         "policy_loss": pol.mean(),
         "kl": kl.mean(),
-        "ratio": rho.mean(),
-        "clip_frac": (np.abs(rho - 1) > cfg.clip_eps).mean(),
+        **ratio,
         "entropy": ent.mean(),
         "nll": -logp.mean(),
         "weighted_nll": -(w * logp).mean(),
@@ -152,7 +156,7 @@ def _dense_jnp_loss(params, frozen, batch, cfg: LossConfig):
     zeros instead of garbage at masked-out positions (see `_dense_grad`)."""
     graphdef, _, _ = _parts()
     model = nnx.merge(graphdef, params, frozen)
-    logits = model(batch["inputs"], adapter_ids_B=batch["adapter_ids"])
+    logits = model(batch["inputs"], adapter_ids_B=batch["adapter_ids"]) / cfg.temperature
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
     m = batch["loss_mask"]
     A, beh, ref = batch["advantage"], batch["behavior_logp"], batch["ref_logp"]
@@ -176,10 +180,7 @@ _dense_grad_jit = jax.jit(
 
 def _dense_grad(params, frozen, batch, cfg):
     m = batch["loss_mask"]
-    clean = {
-        k: np.where(m, v, 0.0) if k in ("advantage", "behavior_logp", "ref_logp") else v
-        for k, v in batch.items()
-    }
+    clean = {k: np.where(m, v, 0.0) if k in DIRTY else v for k, v in batch.items()}
     assert cfg == _cfg(cfg.mode)
     return _dense_grad_jit(params, frozen, _device(clean))[cfg.mode]
 
@@ -233,7 +234,7 @@ def test_loss_value_metrics_and_grads_match_references(mode):
     for k, v in want.items():
         np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
     # Clipping happens (and not everywhere), and the adapters are far enough from the base.
-    assert 0.1 < want["clip_frac"] < 0.9
+    assert 0.1 < _numpy_reference(np.asarray(logits), batch, _cfg("ppo"))["clip_frac"] < 0.9
     assert want["kl"] > 1e-4
 
     want_grads = _dense_grad(params, frozen, batch, cfg)
@@ -287,6 +288,53 @@ def test_ppo_at_ratio_one_equals_pg():
     np.testing.assert_allclose(float(ppo_m["policy_loss"]), -batch["advantage"][m].mean(), 1e-5)
     extra = float(ppo_loss) - float(ppo_m["policy_loss"])
     np.testing.assert_allclose(extra, float(pg_m["loss"]) - float(pg_m["policy_loss"]), 1e-5)
+
+
+def test_tempered_loss_matches_references_at_its_temperature():
+    """LossConfig.temperature τ: every log-prob of the loss is log_softmax(logits / τ). Value,
+    metrics and gradient equal the references on logits / τ; behaviour log-probs scored at τ
+    give ρ = 1 (the sampler records them at its τ: tests/test_cmat_rollout.py)."""
+    graphdef, params, frozen = _parts()
+    tau = 0.6
+    cfg = dataclasses.replace(_cfg("ppo"), temperature=tau)
+    batch = _batch(seed=2)
+    m = batch["loss_mask"]
+    on_policy = np.asarray(
+        policy_logp(graphdef, params, frozen, batch, chunk_tokens=CHUNK, temperature=tau)
+    )
+    batch["ref_logp"] = np.asarray(
+        reference_logp(graphdef, params, frozen, batch, chunk_tokens=CHUNK, temperature=tau)
+    )
+    logits = np.asarray(_jit_logits()(params, frozen, batch["inputs"], batch["adapter_ids"]))
+    loss_fn = jax.jit(
+        jax.value_and_grad(
+            lambda p, f, b: cmat_loss(p, f, b, cfg, graphdef=graphdef, chunk_tokens=CHUNK),
+            has_aux=True,
+        )
+    )
+    dense_grad = jax.jit(jax.grad(lambda p, f, b: _dense_jnp_loss(p, f, b, cfg)))
+    for beh in (on_policy, on_policy + np.random.default_rng(0).uniform(-0.4, 0.4, (B, T))):
+        batch["behavior_logp"] = np.where(m, beh, -np.inf).astype(np.float32)
+        (_, metrics), grads = loss_fn(params, frozen, _device(batch))
+        want = _numpy_reference(logits / tau, batch, cfg)
+        assert set(metrics) == set(want)
+        for k, v in want.items():
+            np.testing.assert_allclose(float(metrics[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+        clean = {k: np.where(m, v, 0.0) if k in DIRTY else v for k, v in batch.items()}
+        want_grads = dense_grad(params, frozen, _device(clean))
+        scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
+        _assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6 * scale)
+    assert float(
+        _numpy_reference(logits / tau, {**batch, "behavior_logp": on_policy}, cfg)["ratio"]
+    ) == pytest.approx(1.0, abs=1e-5)
+    # The temperature matters: at τ = 1 the same tokens score differently.
+    assert (
+        np.abs(
+            on_policy[m]
+            - np.asarray(policy_logp(graphdef, params, frozen, batch, chunk_tokens=CHUNK))[m]
+        ).max()
+        > 0.1
+    )
 
 
 def test_kl_is_zero_and_no_gradient_on_the_none_slot():

@@ -245,15 +245,22 @@ def _spans(mask: np.ndarray) -> list[tuple[int, int]]:
 
 
 def test_behaviour_logp_matches_teacher_forcing(tiny, rollout):
-    """Rows are token-exact: re-scoring them gives the sampled tokens' behaviour log-probs."""
+    """Rows are token-exact: re-scoring them at the rollouts' sampling temperature gives the
+    sampled tokens' (and the Checker's verdicts') behaviour log-probs — and at temperature 1
+    it does not, so the loss must score at the sampler's τ (LossConfig.temperature)."""
     model, _tok = tiny
     res = rollout[0]
+    tau = RolloutConfig().temperature
+    assert tau != 1.0
     batch = rows_to_batch(res.rows, seq_len=max(len(r.tokens) for r in res.rows))
-    score = jax.jit(lambda b: token_logp(model, b))
-    logp = np.asarray(score({k: jnp.asarray(v) for k, v in batch.items()}))
     m = batch["loss_mask"] > 0
-    assert m.sum() > 10
-    np.testing.assert_allclose(logp[m], batch["behavior_logp"][m], atol=0.05)
+    checker = batch["adapter_ids"] == 1
+    assert m.sum() > 10 and m[checker].sum() >= 1
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    for t, close in ((tau, True), (1.0, False)):
+        logp = np.asarray(jax.jit(lambda b, t=t: token_logp(model, b, temperature=t))(b))
+        err = np.abs(logp[m] - batch["behavior_logp"][m]).max()
+        assert (err < 0.05) == close, (t, err)
 
 
 def test_verdict_scores_match_full_forward(tiny):

@@ -138,17 +138,24 @@ def test_greedy_tokens_and_logprobs_equal_no_cache(gen, tiny):
         np.testing.assert_allclose(lps, ref_lp, rtol=1e-4, atol=1e-4)
 
 
-def test_sampled_logprobs_are_raw_model_logprobs(gen, tiny):
-    """Behaviour log-probs are log_softmax of the raw logits (T=1, unfiltered), not the sampler's."""
+def test_sampled_logprobs_are_tempered_model_logprobs(gen, tiny):
+    """Behaviour log-probs (and `scores`) are log_softmax(logits / τ) of the row's temperature,
+    before top-k / top-p; a greedy row in the same batch keeps τ = 1."""
     model, prompts = tiny
-    params = SamplingParams(temperature=1.7, top_k=5, top_p=0.9)
-    out = gen.generate(prompts, max_new_tokens=12, sampling=params, key=jax.random.key(3))
-    for p, toks, lps in zip(prompts, out.tokens, out.logprobs, strict=True):
+    tau = 1.7
+    params = [SamplingParams(temperature=tau, top_k=5, top_p=0.9)] * 3 + [SamplingParams()]
+    score_ids = [3, 17]
+    out = gen.generate(
+        prompts, max_new_tokens=12, sampling=params, key=jax.random.key(3), score_ids=score_ids
+    )
+    for i, (p, toks, lps) in enumerate(zip(prompts, out.tokens, out.logprobs, strict=True)):
         ref = _no_cache_rollout(model, p, toks, adapter_id=-1)
         top5 = np.argsort(-ref, axis=-1)[:, :5]
         assert all(t in row for t, row in zip(toks, top5, strict=True))
-        ref_lp = jax.nn.log_softmax(ref, axis=-1)[np.arange(len(toks)), toks]
-        np.testing.assert_allclose(lps, ref_lp, rtol=1e-4, atol=1e-4)
+        t = tau if i < 3 else 1.0
+        ref_logp = np.asarray(jax.nn.log_softmax(ref / t, axis=-1))
+        np.testing.assert_allclose(lps, ref_logp[np.arange(len(toks)), toks], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out.scores[i], ref_logp[0, score_ids], rtol=1e-4, atol=1e-4)
 
 
 def test_greedy_matches_transformers_smollm2():

@@ -68,20 +68,29 @@ class LossConfig:
     """mode: rwr | pg | ppo. clip_eps: ε of the PPO clip (also the clip-fraction threshold
     |ρ−1| > ε in every mode). kl_coef: κ on the k3 KL to the "none" slot. anchor_coef: λ on the
     NLL of anchor rows. entropy: compute the policy-entropy metric (a sum over the vocabulary
-    in the LM-head pass the log-probs already make). The RWR temperature τ is not here: the weights `w_i = softmax_g(R_i/τ)·G`
-    arrive precomputed (`feedback.rwr_weights` with CMATConfig.tau)."""
+    in the LM-head pass the log-probs already make). temperature: every log-prob of the loss
+    (policy, reference, anchor) is under softmax(logits / temperature); PG/PPO set it to the
+    rollouts' sampling temperature, so `logp` is the log-prob of the policy that sampled the
+    tokens and, on-policy, ρ = 1 exactly (the sampler records `behavior_logp` at that
+    temperature: `inference.generate`). The RWR temperature τ is not here: the weights
+    `w_i = softmax_g(R_i/τ)·G` arrive precomputed (`feedback.rwr_weights` with CMATConfig.tau)."""
 
     mode: str = "rwr"
     clip_eps: float = 0.2
     kl_coef: float = 0.05
     anchor_coef: float = 0.0
     entropy: bool = True
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"LossConfig.mode must be one of {'|'.join(MODES)}, got {self.mode!r}")
         if not 0.0 < self.clip_eps < 1.0:
             raise ValueError(f"LossConfig.clip_eps must be in (0, 1), got {self.clip_eps!r}")
+        if not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"LossConfig.temperature must be a finite number > 0, got {self.temperature!r}"
+            )
         for name in ("kl_coef", "anchor_coef"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
@@ -144,13 +153,20 @@ def cmat_token_loss(logp_BT: jax.Array, b: Mapping[str, jax.Array], cfg: LossCon
 # ----------------------------------------------------------------------------- log-probs
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_tokens", "use_none"))
-def _logp_jit(graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_tokens", "use_none", "temperature"))
+def _logp_jit(
+    graphdef, params, frozen, batch, *, chunk_tokens: int, use_none: bool, temperature: float
+):
     model = nnx.merge(graphdef, params, frozen)
     B = batch["inputs"].shape[0]
     ids = jnp.full((B,), NONE_SLOT, jnp.int32) if use_none else batch["adapter_ids"]
     return token_logp(
-        model, batch, adapter_ids_B=ids, chunk_tokens=chunk_tokens, masked="loss_mask" in batch
+        model,
+        batch,
+        adapter_ids_B=ids,
+        chunk_tokens=chunk_tokens,
+        masked="loss_mask" in batch,
+        temperature=temperature,
     )
 
 
@@ -166,11 +182,13 @@ def reference_logp(
     batch: Mapping[str, Any],
     *,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    temperature: float = 1.0,
 ) -> jax.Array:
     """`ref_logp [B, T]` f32: log-probs of the targets under the adapter "none" (the frozen
-    base) — a jitted no-grad forward, run once per round; only where `loss_mask` is set when
-    the batch has one (0 elsewhere: the loss reads no other). `params` are the LoRA params (any
-    value: slot "none" ignores them; they only complete the graph)."""
+    base) at `temperature` (the loss's) — a jitted no-grad forward, run once per round; only
+    where `loss_mask` is set when the batch has one (0 elsewhere: the loss reads no other).
+    `params` are the LoRA params (any value: slot "none" ignores them; they only complete the
+    graph)."""
     return _logp_jit(
         graphdef,
         params,
@@ -178,6 +196,7 @@ def reference_logp(
         _model_batch(batch, "loss_mask"),
         chunk_tokens=chunk_tokens,
         use_none=True,
+        temperature=temperature,
     )
 
 
@@ -188,10 +207,11 @@ def policy_logp(
     batch: Mapping[str, Any],
     *,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    temperature: float = 1.0,
 ) -> jax.Array:
     """log-probs [B, T] under each row's adapter (`batch["adapter_ids"]`), no grad: the
     teacher-forced `behavior_logp` for PPO when the sampler's own log-probs are not exact;
-    masked like `reference_logp`."""
+    masked and at `temperature` like `reference_logp`."""
     return _logp_jit(
         graphdef,
         params,
@@ -199,6 +219,7 @@ def policy_logp(
         _model_batch(batch, "adapter_ids", "loss_mask"),
         chunk_tokens=chunk_tokens,
         use_none=False,
+        temperature=temperature,
     )
 
 
@@ -226,6 +247,7 @@ def _cmat_model_sums(
         dropout_rng=dropout_rng,
         chunk_tokens=chunk_tokens,
         masked=True,
+        temperature=cfg.temperature,
     )
     valid_BT = jnp.asarray(batch["loss_mask"]) > 0
     m_BT = valid_BT.astype(jnp.float32)
@@ -255,7 +277,7 @@ def _cmat_model_sums(
         sums["entropy"] = msum(ent_BT)
     if "ref_logp" in b:
         sums["kl"] = msum(k3_kl(logp_sg, b["ref_logp"]))
-    if "behavior_logp" in b:
+    if "behavior_logp" in b and cfg.mode != "rwr":  # rwr does not score at the behaviour's τ
         ratio = jnp.exp(logp_sg - b["behavior_logp"])
         sums["ratio"] = msum(ratio)
         sums["clip_frac"] = msum((jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32))
@@ -279,8 +301,8 @@ def cmat_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of docs/method.md §5; differentiate w.r.t. `trainable` (the LoRA params,
     an nnx.State or its pure dict). Bind `graphdef` with functools.partial for the 4-argument
-    form. Metrics: loss, policy_loss, kl, ratio, clip_frac, entropy, nll, weighted_nll,
-    anchor_nll, tokens, anchor_tokens (those whose inputs are in the batch)."""
+    form. Metrics: loss, policy_loss, kl, ratio and clip_frac (pg, ppo), entropy, nll,
+    weighted_nll, anchor_nll, tokens, anchor_tokens (those whose inputs are in the batch)."""
     loss = CMATLoss(cfg, chunk_tokens=chunk_tokens)
     objective, sums = loss.sums(graphdef, trainable, frozen, batch, dropout_rng)
     return objective / jnp.maximum(sums["tokens"], 1.0), finalize_metrics(sums)

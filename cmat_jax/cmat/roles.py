@@ -445,7 +445,8 @@ def verdict_token_ids(tokenizer: TokenizerLike) -> tuple[int, int]:
 
 
 def p_accept(logits_V: Any, ids: tuple[int, int]) -> Any:
-    """P(accept) = softmax over the two verdict-token logits; `logits_V` is [..., V].
+    """P(accept) = softmax over the two verdict-token logits; `logits_V` is [..., V] (or any
+    last axis that holds both words' logits or log-probs: only their difference counts).
 
     Works on numpy and jax arrays alike (also under jit): sigmoid of the logit difference,
     written with tanh so it never overflows.

@@ -9,7 +9,9 @@ Every episode is a small state machine (propose -> verdict -> [reason -> revise]
    (a rejected proposal's reason is generated while the other episodes propose).
 2. One forward pass for every fresh proposal that the Checker must judge: the logits of the
    verdict token after `CHECKER_PREFIX` give `p_accept` (roles.p_accept) and the full-vocab
-   log-probs of both verdict tokens (behaviour log-probs of a Checker training row).
+   log-probs of both verdict tokens (behaviour log-probs of a Checker training row). Both are
+   at the rollouts' sampling temperature, like the Assistant's tokens, so every sampled
+   decision of a round comes from the policy tempered by the one τ the loss scores at.
 3. Host work: accepted proposals (or rejected ones after K revisions) step the environment;
    rejected ones are executed once on an env snapshot for their counterfactual label.
 
@@ -53,7 +55,8 @@ _SENTINEL = "\u2063CMAT-SENTINEL\u2063"
 class RolloutConfig:
     """Generation and bookkeeping knobs of the rollout engine (CMAT knobs live in CMATConfig).
 
-    temperature/top_p: Assistant sampling (0 = greedy, used for evaluation).
+    temperature/top_p: Assistant sampling (0 = greedy, used for evaluation); the temperature
+      also tempers the Checker's verdict (p_accept = sigmoid((z_accept - z_reject) / τ)).
     max_new_tokens: per generation call (proposals; reasons and lessons are cut after it too).
     reason_max_new_tokens: a Checker reason row's own limit (0 = max_new_tokens). Only the
       reason's first line is used, and a reason that runs on keeps its whole batch decoding.
@@ -521,6 +524,9 @@ class RolloutEngine:
         # The verdict is the next token after the prompt: a prefill's log-probs of the two
         # verdict words. Through the generator, the prompts' keys/values land in the prefix
         # cache, so a rejection's reason row (this prompt + "reject:") prefills only its tail.
+        # Scored at the sampling temperature (1 when greedy): the one token this call samples
+        # is never used.
+        tempered = SamplingParams(temperature=self.rcfg.temperature)
         logp = []
         for lo in range(0, len(prompts), self.rcfg.max_batch):
             part = prompts[lo : lo + self.rcfg.max_batch]
@@ -530,12 +536,13 @@ class RolloutEngine:
                 max_new_tokens=1,
                 adapter_ids=[self.slot["checker"]] * len(part),
                 score_ids=self.verdict_ids,
+                sampling=[tempered] * len(part),
                 eos_ids=[],
             )
             logp.append(out.scores)
             stats["verdict_calls"] += 1
         logp = np.concatenate(logp)
-        p_acc = 0.5 * (1.0 + np.tanh(0.5 * (logp[:, 0] - logp[:, 1])))
+        p_acc = R.p_accept(logp, (0, 1))  # columns: the accept and reject words
         if self.rcfg.checker_sample:
             u = np.asarray(jax.random.uniform(key, (len(todo),)))
             accept = u < p_acc

@@ -54,11 +54,15 @@ def cmat_config(job: CMATJob) -> CMATConfig:
 
 
 def loss_config(job: CMATJob) -> LossConfig:
+    """PG and PPO score the rollouts' tokens at the temperature that sampled them; RWR is a
+    weighted maximum likelihood of the model itself (greedy at evaluation), so it scores at 1."""
+    sampled = job.loss_mode in ("pg", "ppo") and job.temperature > 0
     return LossConfig(
         mode=job.loss_mode,
         kl_coef=job.kl_coef,
         anchor_coef=job.anchor_coef,
         clip_eps=job.clip_eps,
+        temperature=job.temperature if sampled else 1.0,
     )
 
 

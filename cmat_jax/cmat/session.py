@@ -203,7 +203,13 @@ class CMATRun:
             arrays = packed_batch(packs[lo : lo + B], T, pad_id, share_prefixes=job.share_prefixes)
             batch = tr.put_batch(arrays, whole=True)
             if loss_cfg.kl_coef > 0:
-                batch["ref_logp"] = reference_logp(tr.graphdef, tr.state.params, tr.frozen, batch)
+                batch["ref_logp"] = reference_logp(
+                    tr.graphdef,
+                    tr.state.params,
+                    tr.frozen,
+                    batch,
+                    temperature=loss_cfg.temperature,
+                )
             metrics = tr.step(batch, loss)
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             self.logger.log(tr.step_count, {f"train/{k}": v for k, v in m.items()})

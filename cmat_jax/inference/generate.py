@@ -25,9 +25,11 @@ bucket it meets (4 buckets per octave: prompts of 200..1000 tokens -> 256, 384, 
 -> 10 compilations, once per process); a changing number of live rows adds a batch bucket
 (powers of two) each.
 
-Log-probs: `logprobs[i][t]` is log_softmax of the *raw* logits (temperature 1, before top-k /
-top-p filtering) at the chosen token — the behaviour policy's log-prob under the unmodified model,
-which is what the CMAT/PPO ratio needs. Tokens include the EOS token that ended a row (its
+Log-probs: `logprobs[i][t]` is log_softmax(logits / τ) at the chosen token, τ the row's sampling
+temperature (1 for a greedy row), before top-k / top-p filtering — the log-prob under the
+distribution the sampler tempered, which the CMAT loss reproduces at the same τ (LossConfig.
+temperature) so the PG/PPO ratio is that of the policy that sampled. `scores` (the prefill's
+log-probs of `score_ids`) are under the same τ. Tokens include the EOS token that ended a row (its
 log-prob too); `texts` leave it out. A stop string ends a row at the token that completes it:
 tokens and log-probs stop there, `texts` end right after the stop string (which is included).
 
@@ -93,7 +95,7 @@ class GenerationOutput:
     """Per row: generated tokens (EOS included), their behaviour log-probs, and why it stopped."""
 
     tokens: list[list[int]]
-    logprobs: list[np.ndarray]  # float32, log_softmax(raw logits)[token], same length as tokens
+    logprobs: list[np.ndarray]  # float32, log_softmax(logits / τ)[token], same length as tokens
     lengths: np.ndarray  # int32 [n]
     finish_reasons: list[str]  # "eos" | "stop" | "length"
     texts: list[str] | None = None  # decoded tokens (EOS left out, cut after a stop string)
@@ -193,22 +195,28 @@ def first_argmax(x_BV: jax.Array) -> jax.Array:
     return jnp.minimum(idx_B, V - 1)  # a NaN row matches nothing: keep the index in range
 
 
+def row_temperature(s: SamplingArrays) -> jax.Array:
+    """τ per row [B] f32: the row's temperature, 1 for greedy rows (their log-probs are raw)."""
+    return jnp.where(s.temperature_B <= 0, 1.0, s.temperature_B)
+
+
 def sample_tokens(
     logits_BV: jax.Array, keys_B: jax.Array, s: SamplingArrays
 ) -> tuple[jax.Array, jax.Array]:
-    """Chosen tokens [B] int32 and their log-probs under log_softmax(raw logits) [B] f32."""
+    """Chosen tokens [B] int32 and their log-probs under log_softmax(logits / τ) [B] f32 (τ the
+    row's temperature, 1 for greedy rows; before top-k / top-p)."""
     logits_BV = logits_BV.astype(jnp.float32)
-    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     greedy_B = first_argmax(logits_BV)
     greedy_row_B = s.temperature_B <= 0
+    x_BV = logits_BV / row_temperature(s)[:, None]
+    logp_BV = jax.nn.log_softmax(x_BV, axis=-1)
 
     def sampled() -> jax.Array:
-        x_BV = logits_BV / jnp.where(greedy_row_B, 1.0, s.temperature_B)[:, None]
         needs_filter = jnp.any(((s.top_k_B > 0) | (s.top_p_B < 1.0)) & ~greedy_row_B)
-        x_BV = jax.lax.cond(
+        kept_BV = jax.lax.cond(
             needs_filter, lambda: _filter_top_k_top_p(x_BV, s.top_k_B, s.top_p_B), lambda: x_BV
         )
-        return jnp.where(greedy_row_B, greedy_B, _draw(keys_B, x_BV))
+        return jnp.where(greedy_row_B, greedy_B, _draw(keys_B, kept_BV))
 
     # Skip the filter and the draw entirely when every row is greedy.
     tok_B = jax.lax.cond(jnp.all(greedy_row_B), lambda: greedy_B, sampled)
@@ -417,7 +425,8 @@ def _first_token(
     the log-probs [B, K] of the tokens `score_ids_K` at that position."""
     B = h_BTD.shape[0]
     logits_BV = model.logits(h_BTD[:, -1])
-    scores_BK = jax.nn.log_softmax(logits_BV, axis=-1)[:, score_ids_K]
+    x_BV = logits_BV.astype(jnp.float32) / row_temperature(sampling)[:, None]
+    scores_BK = jax.nn.log_softmax(x_BV, axis=-1)[:, score_ids_K]
     tok_B, logp_B = sample_tokens(logits_BV, _step_keys(key, jnp.int32(0), B), sampling)
     state = DecodeState(
         cache=cache,

@@ -11,6 +11,10 @@ positions are moved to its front before chunking and a chunk with none of them s
 (`lax.cond`) in both passes: an agent's rows train a few hundred reply tokens under a prompt of
 ~600, and the head ([V = 49152] x D for SmolLM2) is then computed where the loss needs it only.
 
+With `temperature` τ != 1 every log-prob (and the entropy) is that of softmax(h @ w / τ), the
+distribution a sampler at temperature τ draws from: PG/PPO score sampled tokens under the policy
+that sampled them (docs/method.md §5). τ scales the f32 logits, not the bf16 inputs.
+
 Batch layout shared by the SFT and CMAT steps: `inputs, targets, loss_mask [B, T]`, optional
 `segment_ids, positions [B, T]` and `adapter_ids [B]` (int32, -1 = base model).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,10 +47,13 @@ def chunked_token_logp(
     compute_dtype: Any = jnp.bfloat16,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     where_BT: jax.Array | None = None,
+    temperature: float = 1.0,
 ) -> jax.Array:
-    """log softmax(h @ w)[target] per position, float32 [B, T]; with `where_BT` (bool [B, T])
-    only there, 0 elsewhere."""
-    return _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, False, where_BT)[0]
+    """log softmax(h @ w / temperature)[target] per position, float32 [B, T]; with `where_BT`
+    (bool [B, T]) only there, 0 elsewhere."""
+    return _logp_pass(
+        h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, False, where_BT, temperature
+    )[0]
 
 
 def chunked_token_logp_entropy(
@@ -56,30 +64,38 @@ def chunked_token_logp_entropy(
     compute_dtype: Any = jnp.bfloat16,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     where_BT: jax.Array | None = None,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """(`chunked_token_logp`, the entropy of softmax(h @ w) per position), both f32 [B, T], from
     one pass over the LM head (with `where_BT`: both 0 outside it). The entropy is a metric: it
     carries no gradient (the backward pass ignores its cotangent)."""
     logp_BT, ent_BT = _logp_pass(
-        h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, True, where_BT
+        h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, True, where_BT, temperature
     )
     return logp_BT, jax.lax.stop_gradient(ent_BT)
 
 
-def _logp_pass(h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, with_entropy, where_BT):
+def _logp_pass(
+    h_BTD, w_DV, targets_BT, compute_dtype, chunk_tokens, with_entropy, where_BT, temperature
+):
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    inv_t = 1.0 / float(temperature)
     B, T, _ = h_BTD.shape
     C = chunk_length(B, T, chunk_tokens)
     cdt = jnp.dtype(compute_dtype).name
     t_BT = jnp.clip(targets_BT.astype(jnp.int32), 0, w_DV.shape[1] - 1)
     if where_BT is None:
         live_BT = jnp.ones((B, T), bool)
-        return _chunked_logp(C, cdt, with_entropy, False, h_BTD, w_DV, t_BT, live_BT)
+        return _chunked_logp(C, cdt, with_entropy, False, inv_t, h_BTD, w_DV, t_BT, live_BT)
     # Used positions first in each row (stable: in order), so they fill the leading chunks and
     # the rest are skipped. Per row, not across the batch: a batch-sharded h stays local.
     where_BT = jnp.asarray(where_BT).astype(bool)
     order_BT = jnp.argsort(~where_BT, axis=1, stable=True)
     take = lambda x: jnp.take_along_axis(x, order_BT.reshape(B, T, *(1,) * (x.ndim - 2)), axis=1)
-    outs = _chunked_logp(C, cdt, with_entropy, True, take(h_BTD), w_DV, take(t_BT), take(where_BT))
+    outs = _chunked_logp(
+        C, cdt, with_entropy, True, inv_t, take(h_BTD), w_DV, take(t_BT), take(where_BT)
+    )
     back_BT = jnp.argsort(order_BT, axis=1)
     return tuple(
         jnp.where(where_BT, jnp.take_along_axis(x, back_BT, axis=1), 0.0) if x.shape[1] else x
@@ -101,8 +117,10 @@ def _from_chunks(x_NBC: jax.Array, T: int) -> jax.Array:
     return jnp.moveaxis(x_NBC, 0, 1).reshape(B, n * C, *x_NBC.shape[3:])[:, :T]
 
 
-def _chunk_logits(h_BCD: jax.Array, w_DV: jax.Array) -> jax.Array:
-    return jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+def _chunk_logits(h_BCD: jax.Array, w_DV: jax.Array, inv_t: float) -> jax.Array:
+    """f32 logits / τ of one chunk (`inv_t` = 1/τ; 1 adds no multiply)."""
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, w_DV, preferred_element_type=jnp.float32)
+    return logits_BCV if inv_t == 1.0 else logits_BCV * inv_t
 
 
 def _lse_entropy(logits_BCV: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -121,9 +139,12 @@ def _lse_entropy(logits_BCV: jax.Array) -> tuple[jax.Array, jax.Array]:
 # cotangent with the bf16 weight, a mixed dot that runs at f32 speed on CPU (~2x slower).
 # Outputs (logp [B, T], entropy [B, T], or [B, 0] without `with_entropy`). With `skip`, a chunk
 # with no `live` position skips the head in both passes (its outputs and gradients are 0).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _chunked_logp(C: int, cdt: str, with_entropy: bool, skip: bool, h_BTD, w_DV, t_BT, live_BT):
-    return _chunked_logp_fwd(C, cdt, with_entropy, skip, h_BTD, w_DV, t_BT, live_BT)[0]
+# `inv_t` = 1/τ is static: a config constant, one program per temperature.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _chunked_logp(
+    C: int, cdt: str, with_entropy: bool, skip: bool, inv_t: float, h_BTD, w_DV, t_BT, live_BT
+):
+    return _chunked_logp_fwd(C, cdt, with_entropy, skip, inv_t, h_BTD, w_DV, t_BT, live_BT)[0]
 
 
 def _if_live(skip: bool, live_BC: jax.Array, compute, dead_value):
@@ -134,7 +155,7 @@ def _if_live(skip: bool, live_BC: jax.Array, compute, dead_value):
     return jax.lax.cond(jnp.any(live_BC), compute, lambda: dead_value)
 
 
-def _chunked_logp_fwd(C, cdt, with_entropy, skip, h_BTD, w_DV, t_BT, live_BT):
+def _chunked_logp_fwd(C, cdt, with_entropy, skip, inv_t, h_BTD, w_DV, t_BT, live_BT):
     B, T = t_BT.shape
     w_c = w_DV.astype(cdt)  # one cast outside the loop (a no-op for a bf16 base)
     h_NBCD = _to_chunks(h_BTD.astype(cdt), C)
@@ -147,7 +168,7 @@ def _chunked_logp_fwd(C, cdt, with_entropy, skip, h_BTD, w_DV, t_BT, live_BT):
         h_BCD, t_BC, live_BC = xs
 
         def compute():
-            logits_BCV = _chunk_logits(h_BCD, w_c)
+            logits_BCV = _chunk_logits(h_BCD, w_c, inv_t)
             if with_entropy:
                 lse_BC, ent_BC = _lse_entropy(logits_BCV)
             else:
@@ -172,7 +193,7 @@ def _chunked_logp_fwd(C, cdt, with_entropy, skip, h_BTD, w_DV, t_BT, live_BT):
     return (_from_chunks(logp_NBC, T), ent_BT), res
 
 
-def _chunked_logp_bwd(C, cdt, with_entropy, skip, res, g):
+def _chunked_logp_bwd(C, cdt, with_entropy, skip, inv_t, res, g):
     g_BT = g[0]  # the entropy's cotangent is dropped: it is a metric (see the public wrapper)
     h_NBCD, w_c, t_NBC, live_NBC, lse_NBC, h_tag, w_tag = res
     T = g_BT.shape[1]
@@ -183,10 +204,11 @@ def _chunked_logp_bwd(C, cdt, with_entropy, skip, res, g):
         h_BCD, t_BC, live_BC, lse_BC, g_BC = xs
 
         def compute():
-            p_BCV = jnp.exp(_chunk_logits(h_BCD, w_c) - lse_BC[..., None])
+            p_BCV = jnp.exp(_chunk_logits(h_BCD, w_c, inv_t) - lse_BC[..., None])
             onehot_BCV = t_BC[..., None] == jnp.arange(V, dtype=jnp.int32)
-            # d logp[t] / d logits = onehot(t) - softmax
-            dl_BCV = (g_BC[..., None] * (onehot_BCV.astype(jnp.float32) - p_BCV)).astype(cdt)
+            # d logp[t] / d (h @ w) = (onehot(t) - softmax) / τ
+            gt_BC = g_BC * inv_t
+            dl_BCV = (gt_BC[..., None] * (onehot_BCV.astype(jnp.float32) - p_BCV)).astype(cdt)
             dh_BCD = jnp.einsum("bcv,dv->bcd", dl_BCV, w_c, preferred_element_type=jnp.float32)
             dw = jnp.einsum("bcd,bcv->dv", h_BCD, dl_BCV, preferred_element_type=jnp.float32)
             return dw_DV + dw, dh_BCD
@@ -230,9 +252,11 @@ def token_logp(
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     masked: bool = False,
+    temperature: float = 1.0,
 ) -> jax.Array:
-    """log p(targets | inputs) [B, T] f32 under each row's adapter; with `masked`, only where
-    `batch["loss_mask"]` is set (0 elsewhere; the LM head skips what no loss reads).
+    """log p(targets | inputs) [B, T] f32 under each row's adapter at sampling temperature
+    `temperature`; with `masked`, only where `batch["loss_mask"]` is set (0 elsewhere; the LM
+    head skips what no loss reads).
 
     `model_or_parts`: a Llama, or `(graphdef, *states)` as given to `nnx.merge` (e.g.
     `(graphdef, lora_params, frozen)` with pure dicts). `adapter_ids_B` overrides
@@ -246,6 +270,7 @@ def token_logp(
         dropout_rng=dropout_rng,
         chunk_tokens=chunk_tokens,
         masked=masked,
+        temperature=temperature,
     )[0]
 
 
@@ -258,10 +283,11 @@ def token_logp_entropy(
     dropout_rng: jax.Array | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     masked: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array | None]:
     """(`token_logp` [B, T], the policy's entropy [B, T] (no gradient) or None without
-    `entropy`), from one forward pass and one pass over the LM head; `masked` as in
-    `token_logp`."""
+    `entropy`), from one forward pass and one pass over the LM head; `masked` and
+    `temperature` as in `token_logp`."""
     ids = batch.get("adapter_ids") if adapter_ids_B is None else adapter_ids_B
     h_BTD, _ = model.hidden(
         batch["inputs"],
@@ -270,7 +296,9 @@ def token_logp_entropy(
         adapter_ids_B=ids,
         dropout_rng=dropout_rng,
     )
-    kw = dict(compute_dtype=model.config.compute_dtype, chunk_tokens=chunk_tokens)
+    kw = dict(
+        compute_dtype=model.config.compute_dtype, chunk_tokens=chunk_tokens, temperature=temperature
+    )
     if masked:
         kw["where_BT"] = jnp.asarray(batch["loss_mask"]) > 0
     w_DV = model.head_weight_DV()
