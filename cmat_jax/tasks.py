@@ -14,6 +14,7 @@ the tasks (`--task-weights`, default even): `mixed_tasks`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -105,34 +106,68 @@ def _db_envs(max_rounds: int) -> tuple[Callable[[], Env], Callable[[], None]]:
 
 
 def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
-    """The DB expert's plans (some steps err on purpose and are fixed): each step is a Checker
-    item, good unless its execution errored."""
+    """The DB expert's episodes (some steps err on purpose and are fixed). Checker items: every
+    expert step (good unless its execution errored), and two proposals an agent gets wrong
+    without any SQL error — an answer at the first step, before looking at the table, and a
+    wrong final answer at the answering step — each labelled by executing it on a copy of the
+    episode (good iff the judge accepts it: a mutation task's answer text is not judged, only
+    its table)."""
     from cmat_jax.envs.dbbench import DBBenchEnv
-    from cmat_jax.envs.dbbench_synth import expert_episode
+    from cmat_jax.envs.dbbench_synth import expert_plan
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
     env = DBBenchEnv(SQLiteBackend())
     out = []
     try:
         for st in items:
-            tr = expert_episode(st, env, seed)
-            if tr["reward"] != 1.0:
-                continue
-            msgs = tr["messages"]
-            steps = tr["steps"]
+            env.reset(st.task)
             labelled: list[tuple[list[Message], str, bool]] = []
             history: list[Message] = []
-            a_idx = 0
-            for m in msgs[2:]:
-                if m["role"] == "assistant":
-                    err = bool(steps[a_idx]["error"]) if a_idx < len(steps) else False
-                    labelled.append((list(history), m["content"], not err))
-                    a_idx += 1
-                history.append(m)
-            out.append(ExpertEpisode(st.task.task_id, msgs, st.task.prompt, labelled))
+            for reply in expert_plan(st, seed):
+                if not history:
+                    res = counterfactual_step(env, PREMATURE_DB_ANSWER)
+                    labelled.append(([], PREMATURE_DB_ANSWER, res.reward >= 1.0))
+                wrong = _wrong_db_answer(reply)
+                if wrong is not None:
+                    res = counterfactual_step(env, wrong)
+                    labelled.append((list(history), wrong, res.reward >= 1.0))
+                res = env.step(reply)
+                labelled.append((list(history), reply, not res.info.get("error", False)))
+                history.append({"role": "assistant", "content": reply})
+                if res.done:
+                    break
+                history.append({"role": "user", "content": res.observation})
+            tr = env.transcript()
+            if tr["reward"] != 1.0:
+                continue
+            out.append(ExpertEpisode(st.task.task_id, tr["messages"], st.task.prompt, labelled))
     finally:
         env.close()
     return out
+
+
+# The DB task's counterfactual Checker items (`_db_expert`): answering before any query, and a
+# final answer whose values differ from the ones the queries returned.
+PREMATURE_DB_ANSWER = (
+    "The task looks simple enough to answer directly.\nAction: Answer\nFinal Answer: []"
+)
+
+
+def _wrong_db_answer(reply: str) -> str | None:
+    """`reply` with each value of its final answer changed (numbers +1, text with a letter
+    added; an empty answer gets one value); None when `reply` does not answer."""
+    head, sep, answer = reply.partition("\nFinal Answer:")
+    if not sep or "Action: Answer" not in head:
+        return None
+    try:
+        values = json.loads(answer.strip())
+    except ValueError:
+        return None
+    if not isinstance(values, list):
+        return None
+    bump = lambda v: v + 1 if isinstance(v, int | float) and not isinstance(v, bool) else f"{v}x"
+    wrong = [bump(v) for v in values] or ["0"]
+    return f"{head}{sep} {json.dumps(wrong, ensure_ascii=False)}"
 
 
 def _db_load(path: Path, script_dir: Path | None, limit: int | None) -> list:

@@ -146,3 +146,8 @@ def test_shared_prefix_layout_refuses_rows_that_do_not_share_it():
             [[seg([1, 2, 3, 7, 8]), seg([1, 2, 4, 9])]], 6, 0, {"m": np.float32},
             keep_last_input=False, who="t", shared=[3],
         )  # fmt: skip
+    with pytest.raises(DataError, match="shared prefix of 7 overflows seq_len 6"):
+        build_packed_batch(
+            [[seg([1, 2, 3, 4, 5, 6, 7, 8])]], 6, 0, {"m": np.float32},
+            keep_last_input=False, who="t", shared=[7],
+        )  # fmt: skip

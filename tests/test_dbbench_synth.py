@@ -299,3 +299,42 @@ def test_benchmark_shaped_tasks_hold_on_mariadb(mariadb_params):  # noqa: F811
             tr = expert_episode(st, env, seed=13)
             assert tr["reward"] == 1.0, (st.task.description, st.gold_sql, tr["steps"])
     env.close()
+
+
+def test_db_expert_checker_items_are_labelled_by_the_judge():
+    """The DB expert's Checker items: each expert step (bad iff it errs), an answer before any
+    query and a wrong final answer, labelled on a snapshot of the episode. Replaying each
+    item's history in a fresh episode and judging the proposal there gives the same label."""
+    from cmat_jax.tasks import PREMATURE_DB_ANSWER, TASKS
+
+    items = list(generate_tasks(24, seed=5, wikisql_share=0.5))
+    episodes = TASKS["db"].expert(items, 5)
+    assert len(episodes) == len(items)
+    by_id = {st.task.task_id: st.task for st in items}
+    kinds = collections.Counter()
+    env = DBBenchEnv(SQLiteBackend())
+    try:
+        for ep in episodes:
+            task = by_id[ep.task_id]
+            assert ep.checker_items[0] == ([], PREMATURE_DB_ANSWER, False)
+            experts = [m["content"] for m in ep.messages if m["role"] == "assistant"]
+            for history, proposal, good in ep.checker_items:
+                env.reset(task)
+                for m in history:
+                    if m["role"] == "assistant":
+                        env.step(m["content"])
+                res = env.step(proposal)
+                if proposal in experts:
+                    kind = "expert"
+                    assert good == (not res.info.get("error", False))
+                else:
+                    kind = "premature" if proposal == PREMATURE_DB_ANSWER else "wrong answer"
+                    assert res.done and good == (res.reward >= 1.0)
+                    # A wrong answer fails a question; a mutation's answer text is not judged.
+                    if kind == "wrong answer":
+                        assert good == (task.type in ("INSERT", "UPDATE")), (task.type, proposal)
+                kinds[kind, good] += 1
+    finally:
+        env.close()
+    assert kinds["premature", False] == len(items)
+    assert kinds["wrong answer", False] >= 6 and kinds["expert", True] >= 2 * len(items)

@@ -57,11 +57,12 @@ def expert_rows(
         )
     if job.checker_sft:
         # Capped and balanced: at most half as many rows as the Assistant's (each is a long
-        # prompt for one trained token), expert mistakes (reject) and at most twice as many
-        # good steps (accept).
+        # prompt for one trained token), bad proposals (reject: expert mistakes, premature and
+        # wrong answers) and at most twice as many good steps (accept), each a seeded draw.
         rng = np.random.default_rng(seed)
         bad = [c for c in checker_items if not c[4]]
         good_items = [c for c in checker_items if c[4]]
+        rng.shuffle(bad)
         rng.shuffle(good_items)
         cap = max(2, len(rows) // 2)
         n_bad = min(len(bad), cap // 2)

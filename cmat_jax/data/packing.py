@@ -126,7 +126,9 @@ def build_packed_batch(
         P = 0 if shared is None else int(shared[b])
         if P:
             prefix = row[0][0][:P]
-            if P > T or any(not np.array_equal(tok[:P], prefix) for tok, _ in row):
+            if P > T:
+                raise DataError(f"{who}: row {b}'s shared prefix of {P} overflows seq_len {T}")
+            if any(not np.array_equal(tok[:P], prefix) for tok, _ in row):
                 raise DataError(f"{who}: row {b}'s segments do not share {P} leading tokens")
             out["inputs"][b, :P] = prefix
             out["segment_ids"][b, :P] = SHARED_SEGMENT
