@@ -133,9 +133,12 @@ def _numpy_reference(logits_BTV: np.ndarray, batch: dict, cfg: LossConfig) -> di
     d = batch["ref_logp"][m] - logp
     kl = np.exp(d) - d - 1
     per_tok = pol + cfg.kl_coef * kl + cfg.anchor_coef * anchor * (-logp)
+    sampled = anchor == 0  # anchor rows were never sampled: no ratio
     ratio = {} if cfg.mode == "rwr" else {
-        "ratio": rho.mean(),
-        "clip_frac": (np.abs(rho - 1) > cfg.clip_eps).mean(),
+        "ratio": rho[sampled].mean(),
+        "clip_frac": (np.abs(rho[sampled] - 1) > cfg.clip_eps).mean(),
+        "ratio_tokens": float(sampled.sum()),
+        "clip_frac_tokens": float(sampled.sum()),
     }  # fmt: skip
     return {
         "loss": per_tok.mean(),

@@ -71,8 +71,8 @@ class LossConfig:
     in the LM-head pass the log-probs already make). temperature: every log-prob of the loss
     (policy, reference, anchor) is under softmax(logits / temperature); PG/PPO set it to the
     rollouts' sampling temperature, so `logp` is the log-prob of the policy that sampled the
-    tokens and, on-policy, ρ = 1 exactly (the sampler records `behavior_logp` at that
-    temperature: `inference.generate`). The RWR temperature τ is not here: the weights
+    tokens and, on-policy, ρ = 1 up to the sampler's numerics (it records `behavior_logp` at
+    that temperature: `inference.generate`). The RWR temperature τ is not here: the weights
     `w_i = softmax_g(R_i/τ)·G` arrive precomputed (`feedback.rwr_weights` with CMATConfig.tau)."""
 
     mode: str = "rwr"
@@ -278,9 +278,12 @@ def _cmat_model_sums(
     if "ref_logp" in b:
         sums["kl"] = msum(k3_kl(logp_sg, b["ref_logp"]))
     if "behavior_logp" in b and cfg.mode != "rwr":  # rwr does not score at the behaviour's τ
+        # Over sampled tokens only: anchor rows were never sampled (no behaviour log-prob).
+        sampled_BT = 1.0 - b["anchor"] if "anchor" in b else m_BT
         ratio = jnp.exp(logp_sg - b["behavior_logp"])
-        sums["ratio"] = msum(ratio)
-        sums["clip_frac"] = msum((jnp.abs(ratio - 1.0) > cfg.clip_eps).astype(jnp.float32))
+        sums["ratio"] = msum(sampled_BT * ratio)
+        sums["clip_frac"] = msum(sampled_BT * (jnp.abs(ratio - 1.0) > cfg.clip_eps))
+        sums["ratio_tokens"] = sums["clip_frac_tokens"] = msum(sampled_BT)
     if "weight" in b:
         sums["weighted_nll"] = msum(b["weight"] * nll_BT)
     if "anchor" in b:
@@ -301,8 +304,9 @@ def cmat_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(loss, metrics) of docs/method.md §5; differentiate w.r.t. `trainable` (the LoRA params,
     an nnx.State or its pure dict). Bind `graphdef` with functools.partial for the 4-argument
-    form. Metrics: loss, policy_loss, kl, ratio and clip_frac (pg, ppo), entropy, nll,
-    weighted_nll, anchor_nll, tokens, anchor_tokens (those whose inputs are in the batch)."""
+    form. Metrics: loss, policy_loss, kl, ratio and clip_frac (pg, ppo; over the sampled, i.e.
+    non-anchor, tokens), entropy, nll, weighted_nll, anchor_nll, tokens, anchor_tokens,
+    ratio_tokens, clip_frac_tokens (those whose inputs are in the batch)."""
     loss = CMATLoss(cfg, chunk_tokens=chunk_tokens)
     objective, sums = loss.sums(graphdef, trainable, frozen, batch, dropout_rng)
     return objective / jnp.maximum(sums["tokens"], 1.0), finalize_metrics(sums)
