@@ -137,8 +137,7 @@ def _numpy_reference(logits_BTV: np.ndarray, batch: dict, cfg: LossConfig) -> di
     ratio = {} if cfg.mode == "rwr" else {
         "ratio": rho[sampled].mean(),
         "clip_frac": (np.abs(rho[sampled] - 1) > cfg.clip_eps).mean(),
-        "ratio_tokens": float(sampled.sum()),
-        "clip_frac_tokens": float(sampled.sum()),
+        "sampled_tokens": float(sampled.sum()),
     }  # fmt: skip
     return {
         "loss": per_tok.mean(),

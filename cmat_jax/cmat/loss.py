@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -283,7 +283,7 @@ def _cmat_model_sums(
         ratio = jnp.exp(logp_sg - b["behavior_logp"])
         sums["ratio"] = msum(sampled_BT * ratio)
         sums["clip_frac"] = msum(sampled_BT * (jnp.abs(ratio - 1.0) > cfg.clip_eps))
-        sums["ratio_tokens"] = sums["clip_frac_tokens"] = msum(sampled_BT)
+        sums["sampled_tokens"] = msum(sampled_BT)
     if "weight" in b:
         sums["weighted_nll"] = msum(b["weight"] * nll_BT)
     if "anchor" in b:
@@ -306,10 +306,10 @@ def cmat_loss(
     an nnx.State or its pure dict). Bind `graphdef` with functools.partial for the 4-argument
     form. Metrics: loss, policy_loss, kl, ratio and clip_frac (pg, ppo; over the sampled, i.e.
     non-anchor, tokens), entropy, nll, weighted_nll, anchor_nll, tokens, anchor_tokens,
-    ratio_tokens, clip_frac_tokens (those whose inputs are in the batch)."""
+    sampled_tokens (those whose inputs are in the batch)."""
     loss = CMATLoss(cfg, chunk_tokens=chunk_tokens)
     objective, sums = loss.sums(graphdef, trainable, frozen, batch, dropout_rng)
-    return objective / jnp.maximum(sums["tokens"], 1.0), finalize_metrics(sums)
+    return objective / jnp.maximum(sums["tokens"], 1.0), finalize_metrics(sums, loss.denominators)
 
 
 # ----------------------------------------------------------------------------- the batch
@@ -353,6 +353,11 @@ class CMATLoss(StepLoss):
     cfg: LossConfig = LossConfig()
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS
     batch_keys: tuple[str, ...] = BATCH_KEYS
+    denominators: ClassVar[Mapping[str, str]] = {
+        "ratio": "sampled_tokens",
+        "clip_frac": "sampled_tokens",
+        "anchor_nll": "anchor_tokens",
+    }
 
     def model_sums(
         self, model: nnx.Module, batch: Mapping[str, jax.Array], dropout_rng: jax.Array | None

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -312,16 +312,18 @@ def token_logp_entropy(
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "adapter_ids")
 
 
-def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Masked sums -> means: each sum over its own denominator (`<name>_tokens` when the loss
-    gives one, e.g. anchor_nll over anchor_tokens; else `tokens`); counts stay counts."""
+def finalize_metrics(
+    sums: Mapping[str, jax.Array], denominators: Mapping[str, str] | None = None
+) -> dict[str, jax.Array]:
+    """Masked sums -> means: each sum over its own count — `denominators[name]` when the loss
+    names one (`StepLoss.denominators`), else `tokens`; counts (`*_tokens`) stay counts."""
+    denominators = denominators or {}
     out = {}
     for k, v in sums.items():
         if k == "tokens" or k.endswith("_tokens"):
             out[k] = v
         else:
-            denom = sums.get(k.removesuffix("_nll") + "_tokens", sums["tokens"])
-            out[k] = v / jnp.maximum(denom, 1.0)
+            out[k] = v / jnp.maximum(sums.get(denominators.get(k, "tokens"), sums["tokens"]), 1.0)
     return out
 
 
@@ -331,7 +333,10 @@ class StepLoss:
     — additive over micro-batches, so gradient accumulation sums them and divides once by the
     tokens — plus `batch_keys` (fields the jitted step receives) and `validate(batch)` (a
     ValueError naming the field, before jit). Subclasses are frozen dataclasses (hashable: one
-    compiled step per loss) that implement `model_sums` on the merged model."""
+    compiled step per loss) that implement `model_sums` on the merged model. `denominators`
+    names the count a metric is a mean over when it is not `tokens` (`finalize_metrics`)."""
+
+    denominators: ClassVar[Mapping[str, str]] = {}
 
     def sums(
         self,

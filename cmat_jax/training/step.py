@@ -259,7 +259,7 @@ class TrainStep:
 
         denom = jnp.maximum(sums["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        metrics = finalize_metrics(sums)
+        metrics = finalize_metrics(sums, self.loss.denominators)
         new_state, grad_norm, skipped = guarded_update(
             self.optimizer, state, grads, metrics["loss"], rng
         )
