@@ -32,6 +32,19 @@ def segments_visible(qseg: jax.Array, kseg: jax.Array) -> jax.Array:
     return (qseg == kseg) | (kseg == SHARED_SEGMENT)
 
 
+def attention_mask_BTS(
+    B: int, T: int, S: int, segment_ids_BT: jax.Array | None, causal: bool
+) -> jax.Array:
+    """Boolean [B, T, S]: True where query t may attend key s. The T queries are the last T of
+    the S key slots (a chunked prefill's block; T == S for self-attention)."""
+    mask_BTS = jnp.ones((B, T, S), dtype=bool)
+    if causal:
+        mask_BTS &= jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)[None]
+    if segment_ids_BT is not None:
+        mask_BTS &= segments_visible(segment_ids_BT[:, :, None], segment_ids_BT[:, None, :])
+    return mask_BTS
+
+
 def check_attention_inputs(
     q_BTHD: jax.Array,
     k_BSKD: jax.Array,

@@ -7,23 +7,11 @@ import jax.numpy as jnp
 
 from .common import (
     MASK_VALUE,
+    attention_mask_BTS,
     check_attention_inputs,
     check_decode_inputs,
     default_scale,
-    segments_visible,
 )
-
-
-def attention_mask_BTS(
-    B: int, T: int, S: int, segment_ids_BT: jax.Array | None, causal: bool
-) -> jax.Array:
-    """Boolean [B, T, S]: True where query t may attend key s (see common.py)."""
-    mask_BTS = jnp.ones((B, T, S), dtype=bool)
-    if causal:
-        mask_BTS &= (jnp.arange(T)[:, None] >= jnp.arange(S)[None, :])[None]
-    if segment_ids_BT is not None:
-        mask_BTS &= segments_visible(segment_ids_BT[:, :, None], segment_ids_BT[:, None, :])
-    return mask_BTS
 
 
 def reference_attention(

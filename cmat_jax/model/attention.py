@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from cmat_jax_kernels.chunked import chunked_attention
 from cmat_jax_kernels.common import (
     MASK_VALUE,
+    attention_mask_BTS,
     check_attention_inputs,
     default_scale,
     segments_visible,
@@ -157,11 +158,7 @@ def _xla(q_BTHD, k_BSKD, v_BSKD, *, segment_ids_BT, causal, scale):
         k_BSKD.astype(q_BTHD.dtype),
         preferred_element_type=jnp.float32,
     ) * default_scale(D, scale)
-    mask_BTS = jnp.ones((B, T, S), dtype=bool)
-    if causal:
-        mask_BTS &= jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)[None]
-    if segment_ids_BT is not None:
-        mask_BTS &= segments_visible(segment_ids_BT[:, :, None], segment_ids_BT[:, None, :])
+    mask_BTS = attention_mask_BTS(B, T, S, segment_ids_BT, causal)
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, MASK_VALUE)
     p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
     o_BKGTD = jnp.einsum(
