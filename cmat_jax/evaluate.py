@@ -245,11 +245,10 @@ def evaluate_agent(
     records: list[Any] = []
     envs: list[Any] = []  # the engine's envs of the current chunk, in task order
 
+    new_env = env_factory or (lambda: DBBenchEnv(backend, max_rounds=p.max_rounds))
+
     def make_env() -> Any:
-        if env_factory is not None:
-            envs.append(env_factory())
-        else:
-            envs.append(DBBenchEnv(backend, max_rounds=p.max_rounds))
+        envs.append(new_env())
         return envs[-1]
 
     t0 = time.perf_counter()

@@ -32,8 +32,9 @@ def test_cli_oracle_and_null(tmp_path):
     assert len(lines) == 60 and all(tr["reward"] == 1.0 and tr["trial"] == 1 for tr in lines)
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["--data", str(DEV), "--out", str(out), "--agent", "null", "--no-progress"])
+    # the default task named explicitly
     res = main(["--task", "dbbench", "--data", str(DEV), "--out", str(out), "--agent", "null",
-                "--overwrite", "--limit", "10", "--no-progress"])  # fmt: skip  # its other name
+                "--overwrite", "--limit", "10", "--no-progress"])  # fmt: skip
     assert res["n"] == 10 and res["overall_cat_accuracy"] == 0.0
 
 
