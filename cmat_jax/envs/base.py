@@ -37,6 +37,32 @@ class StepResult:
     info: dict[str, Any]
 
 
+@dataclasses.dataclass
+class EpisodeState:
+    """The part of an episode's state every env keeps: the messages so far, one dict per step,
+    and the outcome. Envs subclass it with their own fields."""
+
+    messages: list[Message]
+    steps: list[dict[str, Any]]
+    rounds: int = 0
+    done: bool = False
+    status: str = "running"
+    answer: str | None = ""
+    reward: float = 0.0
+
+    def transcript(self) -> dict[str, Any]:
+        """The JSON-ready record of these fields (an env's `transcript` adds the task's)."""
+        return {
+            "messages": [dict(m) for m in self.messages],
+            "steps": [dict(x) for x in self.steps],
+            "rounds": self.rounds,
+            "done": self.done,
+            "status": self.status,
+            "answer": self.answer,
+            "reward": self.reward,
+        }
+
+
 @runtime_checkable
 class Env(Protocol):
     """One episode of one task family at a time."""

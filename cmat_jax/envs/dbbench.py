@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cmat_jax.envs.base import EnvError, Message, StepResult, register_family
+from cmat_jax.envs.base import EnvError, EpisodeState, Message, StepResult, register_family
 from cmat_jax.envs.dbbench_setup import TableOutcome, plan_table
 from cmat_jax.envs.sql_backend import SQLBackend, TableSpec
 
@@ -310,17 +310,6 @@ def truncate_observation(text: str) -> str:
 # -- the environment -------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _State:
-    messages: list[Message]
-    steps: list[dict[str, Any]]
-    rounds: int = 0
-    done: bool = False
-    status: str = "running"
-    answer: str = ""
-    reward: float = 0.0
-
-
 class DBBenchEnv:
     """One DBBench episode at a time on a fresh database from ``backend``."""
 
@@ -342,7 +331,7 @@ class DBBenchEnv:
         self.system_prompt = system_prompt
         self.task: DBTask | None = None
         self._db: Any = None
-        self._s = _State(messages=[], steps=[])
+        self._s = EpisodeState(messages=[], steps=[])
 
     # -- protocol --------------------------------------------------------------------------
     def reset(self, task: DBTask) -> list[Message]:
@@ -354,7 +343,7 @@ class DBBenchEnv:
             {"role": "system", "content": self.system_prompt},
             {"role": "user", "content": task.prompt},
         ]
-        self._s = _State(messages=[dict(m) for m in first], steps=[])
+        self._s = EpisodeState(messages=[dict(m) for m in first], steps=[])
         return first
 
     @property
@@ -413,7 +402,7 @@ class DBBenchEnv:
         s.steps.append(dict(info))
         return StepResult(observation="", done=True, reward=s.reward, info=info)
 
-    def snapshot(self) -> tuple[Any, _State]:
+    def snapshot(self) -> tuple[Any, EpisodeState]:
         if self._db is None:
             raise EnvError("snapshot() before reset()")
         s = self._s
@@ -422,7 +411,7 @@ class DBBenchEnv:
         )
         return self._db.snapshot(), copy
 
-    def restore(self, snap: tuple[Any, _State]) -> None:
+    def restore(self, snap: tuple[Any, EpisodeState]) -> None:
         if self._db is None:
             raise EnvError("restore() before reset()")
         db_snap, state = snap
@@ -448,13 +437,7 @@ class DBBenchEnv:
             "task_id": task.task_id if task else None,
             "type": task.type if task else None,
             "table_outcome": task.table_outcome if task else None,
-            "messages": [dict(m) for m in s.messages],
-            "steps": [dict(x) for x in s.steps],
-            "rounds": s.rounds,
-            "done": s.done,
-            "status": s.status,
-            "answer": s.answer,
-            "reward": s.reward,
+            **s.transcript(),
         }
 
     def close(self) -> None:

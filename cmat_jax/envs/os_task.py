@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cmat_jax.envs.base import EnvError, Message, StepResult, register_family
+from cmat_jax.envs.base import EnvError, EpisodeState, Message, StepResult, register_family
 from cmat_jax.envs.os_sandbox import IMAGES, Limits, Sandbox, SandboxError
 
 ROUND_LIMIT = 8
@@ -359,15 +359,9 @@ def os_metrics(outputs: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
-class _State:
-    messages: list[Message]
-    steps: list[dict[str, Any]]
-    commands: list[str]
-    rounds: int = 0
-    done: bool = False
-    status: str = "running"
-    answer: str | None = None
-    reward: float = 0.0
+class _State(EpisodeState):
+    answer: str | None = None  # None after `finish`
+    commands: list[str] = dataclasses.field(default_factory=list)
 
 
 class OSEnv:
@@ -501,13 +495,7 @@ class OSEnv:
             "family": self.family,
             "task_id": task.task_id if task else None,
             "labels": list(task.labels) if task else [],
-            "messages": [dict(m) for m in s.messages],
-            "steps": [dict(x) for x in s.steps],
-            "rounds": s.rounds,
-            "done": s.done,
-            "status": s.status,
-            "answer": s.answer,
-            "reward": s.reward,
+            **s.transcript(),
         }
 
     def close(self) -> None:
