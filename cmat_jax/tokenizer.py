@@ -21,6 +21,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from cmat_jax.textfile import read_text
+
 __all__ = ["BUILTIN_TEMPLATES", "Tokenizer", "TokenizerError", "load_tokenizer"]
 
 
@@ -273,7 +275,7 @@ def _token_content(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, TokenizerError))
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict):
@@ -498,7 +500,7 @@ class Tokenizer:
         template = cfg.get("chat_template")
         jinja_path = root / "chat_template.jinja"
         if jinja_path.is_file():
-            template = jinja_path.read_text(encoding="utf-8")
+            template = read_text(jinja_path, TokenizerError)
         elif isinstance(template, list):  # named templates: use "default"
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")

@@ -135,3 +135,28 @@ def test_config_default_is_constructible_but_needs_paths_to_load():
     cfg = DataConfig()  # a CLI default may leave paths empty and fill them in later
     with pytest.raises(DataError, match=r"data\.paths: at least one JSONL file is required"):
         load_datasets(cfg, None)
+
+
+def test_files_that_are_not_utf8_are_named_with_their_line(tmp_path):
+    """Every reader of a user's text file: a byte that is not UTF-8 gives the reader's own
+    one-line error naming the file and line, not Python's bare decoding message."""
+    from cmat_jax.envs.dbbench import DBBenchDataError, load_tasks
+    from cmat_jax.envs.os_task import OSDataError, load_os_tasks
+    from cmat_jax.tokenizer import TokenizerError, load_tokenizer
+
+    good = '{"messages": [{"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]}'
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(good.encode() + b"\n\n" + b'{"messages": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: not UTF-8 text")):
+        read_jsonl(path)
+    for name, load, err in [("db.jsonl", load_tasks, DBBenchDataError),
+                            ("os.json", load_os_tasks, OSDataError)]:  # fmt: skip
+        path = tmp_path / name
+        path.write_bytes(b'[\n{"description": "ok"},\n{"description": "\xff"}\n]\n')
+        with pytest.raises(err, match=re.escape(f"{path}:3: not UTF-8 text (byte b'\\xff'")):
+            load(path)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer_config.json").write_bytes(b'{"eos_token": "\x80"}')
+    with pytest.raises(TokenizerError, match=re.escape("tokenizer_config.json:1: not UTF-8")):
+        load_tokenizer(model)

@@ -30,6 +30,7 @@ from typing import Any
 from cmat_jax.envs.base import EnvError, EpisodeState, Message, StepResult, register_family
 from cmat_jax.envs.dbbench_setup import TableOutcome, plan_table
 from cmat_jax.envs.sql_backend import SQLBackend, TableSpec
+from cmat_jax.textfile import read_text
 
 MAX_ROUNDS = 15
 OBSERVATION_LIMIT = 800
@@ -221,7 +222,7 @@ def load_tasks(path: str | Path, limit: int | None = None) -> list[DBTask]:
     path = Path(path)
     if not path.is_file():
         raise DBBenchDataError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, DBBenchDataError)
     tasks: list[DBTask] = []
     if path.suffix == ".json":
         try:

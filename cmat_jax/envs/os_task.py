@@ -33,6 +33,7 @@ from typing import Any
 
 from cmat_jax.envs.base import EnvError, EpisodeState, Message, StepResult, register_family
 from cmat_jax.envs.os_sandbox import IMAGES, Limits, Sandbox, SandboxError
+from cmat_jax.textfile import read_text
 
 ROUND_LIMIT = 8
 OUTPUT_LIMIT = 800
@@ -148,7 +149,7 @@ def _script(obj: Any, script_dir: Path, where: str) -> Script | None:
     if "file" in obj:
         path = script_dir / str(obj["file"])
         try:
-            return Script(language, path.read_text(encoding="utf-8"))
+            return Script(language, read_text(path, OSDataError))
         except OSError as e:
             raise OSDataError(f"{where}.file: cannot read {path} ({e.strerror})") from None
     if "code" in obj and isinstance(obj["code"], str):
@@ -238,7 +239,7 @@ def load_os_tasks(
     sdir = Path(script_dir) if script_dir is not None else path.parent
     if not sdir.is_dir():
         raise OSDataError(f"{sdir}: script directory not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, OSDataError)
     records: list[tuple[Any, str]] = []
     if path.suffix == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), start=1):
