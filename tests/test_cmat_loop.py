@@ -121,6 +121,11 @@ def test_job_validation_names_the_field():
         CMATJob(anchor_rows=4, anchor_coef=1.0, sft_seq_len=1024, seq_len=512)
     with pytest.raises(ValueError, match="--reflector-slot"):
         CMATJob(reflector_slot="user")
+    # checked by the rounds' own configs, named by the job's flag
+    with pytest.raises(ValueError, match=r"^--clip-eps must be in \(0, 1\), got 5.0$"):
+        CMATJob(clip_eps=5.0)
+    with pytest.raises(ValueError, match=r"^--max-revisions must be >= 0, got -1$"):
+        CMATJob(max_revisions=-1)
     with pytest.raises(FileNotFoundError, match="--dev-data"):
         resolve_dev_data("/nonexistent/dev.jsonl")
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from cmat_jax.cli import AttentionImpl
+from cmat_jax.cmat.config import CMATConfig
+from cmat_jax.cmat.loss import LossConfig
 from cmat_jax.tasks import TASKS, parse_task_list
 from cmat_jax.train import LoRAArgs, MeshArgs, _absolute_if_path
 
@@ -303,6 +306,44 @@ class CMATJob:
         bad = set(self.dev_stages) - {"base", "agent_tuning", "cmat"}
         if bad:
             raise ValueError(f"--dev-stages: unknown stage(s) {sorted(bad)}")
+        # The rounds' own configs check more (PPO's clip ε < 1, ...): build them now, so a bad
+        # value stops the job before it writes anything, and name the flag, not the field.
+        try:
+            self.cmat_config()
+            self.loss_config()
+        except ValueError as e:
+            flag = lambda m: "--" + m.group(1).replace("_", "-")
+            raise ValueError(re.sub(r"\b(?:CMATConfig|LossConfig)\.(\w+)", flag, str(e))) from None
+
+    def cmat_config(self) -> CMATConfig:
+        """The rollouts' CMAT hyperparameters (memory, Checker, feedback)."""
+        return CMATConfig(
+            alpha=self.alpha,
+            beta=self.beta,
+            tau=self.tau,
+            group_size=self.group_size,
+            max_revisions=self.max_revisions,
+            use_checker=self.use_checker,
+            use_reflection=self.use_reflection,
+            ltm_k=self.ltm_k,
+            ltm_token_budget=self.ltm_token_budget,
+            ltm_solutions=self.ltm_solutions,
+            ltm_similar=self.ltm_similar,
+            stm_token_budget=self.stm_token_budget,
+        )
+
+    def loss_config(self) -> LossConfig:
+        """The CMAT loss's settings. PG and PPO score the rollouts' tokens at the temperature
+        that sampled them; RWR is a weighted maximum likelihood of the model itself (greedy at
+        evaluation), so it scores at 1."""
+        sampled = self.loss_mode in ("pg", "ppo") and self.temperature > 0
+        return LossConfig(
+            mode=self.loss_mode,
+            kl_coef=self.kl_coef,
+            anchor_coef=self.anchor_coef,
+            clip_eps=self.clip_eps,
+            temperature=self.temperature if sampled else 1.0,
+        )
 
 
 def resolved_config(job: CMATJob) -> dict:

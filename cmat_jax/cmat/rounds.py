@@ -17,7 +17,6 @@ import numpy as np
 from cmat_jax.cmat.config import CMATConfig
 from cmat_jax.cmat.expert import draw_anchor_rows
 from cmat_jax.cmat.job import CMATJob
-from cmat_jax.cmat.loss import LossConfig
 from cmat_jax.cmat.memory import LongTermMemory, ReadPolicy
 from cmat_jax.cmat.rollout import RolloutConfig, RolloutEngine, RolloutResult, summarize
 from cmat_jax.cmat.session import CMATRun
@@ -35,37 +34,6 @@ def synth_tasks(job: CMATJob, n: int, seed: int, start: int = 0) -> list[tuple[s
     return mixed_tasks(job, n, seed, start)
 
 
-def cmat_config(job: CMATJob) -> CMATConfig:
-    """The rollouts' CMAT hyperparameters (memory, Checker, feedback) from the job."""
-    return CMATConfig(
-        alpha=job.alpha,
-        beta=job.beta,
-        tau=job.tau,
-        group_size=job.group_size,
-        max_revisions=job.max_revisions,
-        use_checker=job.use_checker,
-        use_reflection=job.use_reflection,
-        ltm_k=job.ltm_k,
-        ltm_token_budget=job.ltm_token_budget,
-        ltm_solutions=job.ltm_solutions,
-        ltm_similar=job.ltm_similar,
-        stm_token_budget=job.stm_token_budget,
-    )
-
-
-def loss_config(job: CMATJob) -> LossConfig:
-    """PG and PPO score the rollouts' tokens at the temperature that sampled them; RWR is a
-    weighted maximum likelihood of the model itself (greedy at evaluation), so it scores at 1."""
-    sampled = job.loss_mode in ("pg", "ppo") and job.temperature > 0
-    return LossConfig(
-        mode=job.loss_mode,
-        kl_coef=job.kl_coef,
-        anchor_coef=job.anchor_coef,
-        clip_eps=job.clip_eps,
-        temperature=job.temperature if sampled else 1.0,
-    )
-
-
 def rollout_round(r: CMATRun, rnd: int, envs: EnvFactories) -> RolloutResult:
     """Round `rnd`'s rollouts: `tasks_per_round` fresh synthetic tasks, G episodes each, on
     `envs[task name]()` environments."""
@@ -80,7 +48,7 @@ def rollout_round(r: CMATRun, rnd: int, envs: EnvFactories) -> RolloutResult:
                 r.tok,
                 envs[name],
                 roles=r.roles[name],
-                cmat_cfg=cmat_config(job),
+                cmat_cfg=job.cmat_config(),
                 rollout_cfg=RolloutConfig(
                     temperature=job.temperature,
                     max_new_tokens=job.max_new_tokens,
@@ -98,7 +66,7 @@ def rollout_round(r: CMATRun, rnd: int, envs: EnvFactories) -> RolloutResult:
             )
             task_key = key if len(r.tasks) == 1 else jax.random.fold_in(key, k)
             parts[name] = engine.run([st.task for st in group], key=task_key)
-    return merge_rollouts(parts, cmat_config(job))
+    return merge_rollouts(parts, job.cmat_config())
 
 
 # Engine counters that add up over the tasks of a round.
@@ -153,7 +121,7 @@ def _run_round(
     for epoch in range(job.epochs):
         if rows:
             hist += r.train_rows(
-                rows, None, "cmat", loss_config(job), job.seed * 7 + rnd * 31 + epoch
+                rows, None, "cmat", job.loss_config(), job.seed * 7 + rnd * 31 + epoch
             )
     st = dict(res.stats)
     st.update(
