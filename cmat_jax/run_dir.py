@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmat_jax.textfile import read_json
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
@@ -73,11 +75,11 @@ class RunDir:
 
     def read_config(self) -> dict:
         try:
-            cfg = json.loads(self.config_path.read_text())
+            cfg = read_json(self.config_path, RunDirError)
         except FileNotFoundError:
             raise RunDirError(f"{self.path}: not a run directory (no {CONFIG})") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{self.config_path}: unreadable run config ({e})") from None
+        except OSError as e:
+            raise RunDirError(f"{self.config_path}: unreadable run config ({e.strerror})") from None
         if not isinstance(cfg, dict):
             raise RunDirError(f"{self.config_path}: expected a JSON object")
         return cfg

@@ -21,7 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from cmat_jax.textfile import read_text
+from cmat_jax.textfile import read_json, read_text
 
 __all__ = ["BUILTIN_TEMPLATES", "Tokenizer", "TokenizerError", "load_tokenizer"]
 
@@ -274,10 +274,7 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(read_text(path, TokenizerError))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    data = read_json(path, TokenizerError)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return data

@@ -160,3 +160,27 @@ def test_files_that_are_not_utf8_are_named_with_their_line(tmp_path):
     (model / "tokenizer_config.json").write_bytes(b'{"eos_token": "\x80"}')
     with pytest.raises(TokenizerError, match=re.escape("tokenizer_config.json:1: not UTF-8")):
         load_tokenizer(model)
+
+
+def test_json_files_a_user_points_at_are_named_when_broken(tmp_path):
+    """A model's config.json, a safetensors index and a run's config.json: not UTF-8 or not
+    JSON gives the loader's own error naming the file and line."""
+    from cmat_jax.model.config import ConfigError, ModelConfig
+    from cmat_jax.run_dir import RunDir, RunDirError
+    from cmat_jax.weights.errors import WeightsError
+    from cmat_jax.weights.safetensors_io import SafetensorsCheckpoint
+
+    cases = [
+        ("config.json", lambda p: ModelConfig.from_hf(p), ConfigError),
+        ("model.safetensors.index.json", lambda p: SafetensorsCheckpoint(p.parent), WeightsError),
+        ("config.json", lambda p: RunDir(p.parent).read_config(), RunDirError),
+    ]
+    for k, (name, load, err) in enumerate(cases):
+        path = tmp_path / str(k) / name
+        path.parent.mkdir()
+        path.write_bytes(b'{\n  "a": 1,\n  oops\n}\n')
+        with pytest.raises(err, match=re.escape(f"{path}:3: invalid JSON")):
+            load(path)
+        path.write_bytes(b'{"a": "\xff"}')
+        with pytest.raises(err, match=re.escape(f"{path}:1: not UTF-8 text")):
+            load(path)

@@ -126,7 +126,7 @@ def test_preset_at_dir(tmp_path: Path) -> None:
     assert bare_src.hf_config() == PRESETS["qwen2-1.5b"].hf_config
     assert got.hf_config() == PRESETS["tinyllama-1.1b"].hf_config  # read from its config.json
     (bare / "config.json").write_text("{not json")
-    with pytest.raises(WeightsError, match=r"bare/config\.json: not valid JSON"):
+    with pytest.raises(WeightsError, match=r"bare/config\.json:1: invalid JSON"):
         resolve_source(f"qwen2-1.5b@{bare}")
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Literal
+
+from cmat_jax.textfile import read_json
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 # cmat_jax.model.attention.IMPLS (kept here so the config imports no kernels; a test checks).
@@ -111,10 +112,7 @@ class ModelConfig:
                 path = path / "config.json"
             if not path.is_file():
                 raise ConfigError(f"{path}: config file not found")
-            try:
-                raw = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            raw = read_json(path, ConfigError)
             where = str(path)
         return cls(**{**_parse_hf(raw, where), **overrides})
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cmat_jax.textfile import read_json
 from cmat_jax.weights.errors import WeightsError
 
 CACHE_ENV = "CMAT_JAX_CACHE"
@@ -296,9 +296,9 @@ def _path_source(path: Path, preset: Preset | None = None) -> ResolvedSource:
 
 def _read_config(config_file: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{config_file}: not valid JSON ({e})") from None
+        cfg = read_json(config_file, WeightsError)
+    except OSError as e:
+        raise WeightsError(f"{config_file}: unreadable ({e.strerror})") from None
     if not isinstance(cfg, dict):
         raise WeightsError(f"{config_file}: expected a JSON object")
     return cfg

@@ -10,13 +10,13 @@ truncated downloads and wrong files fail with one line naming the file.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from cmat_jax.textfile import read_json
 from cmat_jax.weights.errors import WeightsError
 
 SINGLE_FILE = "model.safetensors"
@@ -44,10 +44,11 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def _weight_map(index: Path) -> dict[str, str]:
+    raw = read_json(index, WeightsError)
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = raw["weight_map"]
         return {str(k): str(v) for k, v in weight_map.items()}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise WeightsError(f"{index}: not a safetensors index (needs 'weight_map': {e})") from None
 
 
