@@ -71,8 +71,8 @@ class LoadedModel:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """A training run directory: config.json naming a base `model` and a `lora` config, beside
-    `checkpoints/` (an HF model dir has config.json too, but no `lora`)."""
+    """A training run directory: config.json naming its `job`, or a base `model` and a `lora`
+    config, beside `checkpoints/` (an HF model dir has config.json too, but neither)."""
     p = Path(path).expanduser()
     if not (p.is_dir() and (p / CONFIG).is_file()):
         return False
@@ -82,7 +82,7 @@ def is_run_dir(path: str | Path) -> bool:
         cfg = RunDir(p).read_config()
     except RunDirError:
         return False
-    return "lora" in cfg and "model_type" not in cfg
+    return "model_type" not in cfg and ("lora" in cfg or "job" in cfg)
 
 
 def lora_config(run_cfg: dict[str, Any], where: str) -> LoRAConfig:

@@ -102,3 +102,22 @@ def test_a_runs_config_json_is_a_config_file(cmat_run):
                   prog="train cmat")  # fmt: skip
     assert again.rounds == 3 and again.lora == job.lora and again.eval_tasks == job.eval_tasks
     assert again.model == str(root / "tiny")
+
+
+def test_a_run_directory_is_told_from_a_model_directory(tmp_path):
+    """A run's config.json names its job (or its LoRA config); an HF model's names its
+    model_type. A run that never reached its first checkpoint says so instead of failing as a
+    model directory would."""
+    from cmat_jax.run_loader import SourceError, is_run_dir, load_source
+
+    kinds = {
+        "job": {"job": "cmat", "model": "m"},
+        "lora": {"lora": {}},
+        "hf": {"model_type": "llama"},
+    }
+    for name, cfg in kinds.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+    assert [is_run_dir(tmp_path / k) for k in kinds] == [True, True, False]
+    with pytest.raises(SourceError, match="nothing trained yet"):
+        load_source(tmp_path / "job")
