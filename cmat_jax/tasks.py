@@ -18,12 +18,23 @@ import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cmat_jax.cmat import roles as R
 from cmat_jax.envs.base import Env, Message, counterfactual_step
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class CheckerItem(NamedTuple):
+    """A labelled proposal for the Checker: the turns before it (after the task message), the
+    proposal, whether the environment judges it good, and what kind of item it is (agent
+    tuning draws its bad items evenly over kinds, so an easy kind cannot crowd out the rest)."""
+
+    history: list[Message]
+    proposal: str
+    good: bool
+    kind: str  # "step" (an expert step), or a counterfactual: "premature", "wrong_answer", "repeat"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +44,13 @@ class ExpertEpisode:
     messages: the conversation; messages with `weight` 0 are context only (the OS task's
       one-shot example), the others' assistant turns are trained.
     task_text: the task message the roles see (the last user message before the first turn).
-    checker_items: `(history, proposal, good)` — a proposal, the turns before it (after the
-      task message) and whether it is good, as the environment labels it.
+    checker_items: the Checker's labelled proposals in this episode's contexts.
     """
 
     task_id: str
     messages: list[dict[str, Any]]
     task_text: str
-    checker_items: list[tuple[list[Message], str, bool]]
+    checker_items: list[CheckerItem]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +117,14 @@ def _db_envs(max_rounds: int) -> tuple[Callable[[], Env], Callable[[], None]]:
 
 def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
     """The DB expert's episodes (some steps err on purpose and are fixed). Checker items: every
-    expert step (good unless its execution errored), and two proposals an agent gets wrong
-    without any SQL error — an answer at the first step, before looking at the table, and a
-    wrong final answer at the answering step — each labelled by executing it on a copy of the
-    episode (good iff the judge accepts it: a mutation task's answer text is not judged, only
-    its table)."""
-    from cmat_jax.envs.dbbench import DBBenchEnv
+    expert step (good unless its execution errored), and three proposals an agent gets wrong
+    that each look plausible: an answer at the first step, before looking at the table; a wrong
+    final answer at the answering step; and, after a step that errored, the expert's next reply
+    with the failed statement again in place of its fix (the agent that says it fixed the
+    statement and sends it unchanged). Each is labelled by executing it on a copy of the
+    episode: by the judge for answers (a mutation task's answer text is not judged, only its
+    table, so its changed answer is good), by the SQL error for the repeat."""
+    from cmat_jax.envs.dbbench import DBBenchEnv, sql_block
     from cmat_jax.envs.dbbench_synth import expert_plan
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
 
@@ -121,18 +133,31 @@ def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
     try:
         for st in items:
             env.reset(st.task)
-            labelled: list[tuple[list[Message], str, bool]] = []
+            labelled: list[CheckerItem] = []
             history: list[Message] = []
+            failed: str | None = None  # the SQL of the previous step, when it errored
             for reply in expert_plan(st, seed):
                 if not history:
                     res = counterfactual_step(env, PREMATURE_DB_ANSWER)
-                    labelled.append(([], PREMATURE_DB_ANSWER, res.reward >= 1.0))
+                    labelled.append(
+                        CheckerItem([], PREMATURE_DB_ANSWER, res.reward >= 1.0, "premature")
+                    )
                 wrong = _wrong_db_answer(reply)
                 if wrong is not None:
                     res = counterfactual_step(env, wrong)
-                    labelled.append((list(history), wrong, res.reward >= 1.0))
+                    labelled.append(
+                        CheckerItem(list(history), wrong, res.reward >= 1.0, "wrong_answer")
+                    )
+                fix = sql_block(reply)
+                if failed is not None and fix is not None and fix[0] != failed:
+                    repeat = reply[: fix[1]] + failed + reply[fix[2] :]
+                    res = counterfactual_step(env, repeat)
+                    good = not res.info.get("error", False)
+                    labelled.append(CheckerItem(list(history), repeat, good, "repeat"))
                 res = env.step(reply)
-                labelled.append((list(history), reply, not res.info.get("error", False)))
+                error = bool(res.info.get("error", False))
+                labelled.append(CheckerItem(list(history), reply, not error, "step"))
+                failed = fix[0] if error and fix is not None else None
                 history.append({"role": "assistant", "content": reply})
                 if res.done:
                     break
@@ -233,18 +258,22 @@ def _os_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
         for st in items:
             task = st.task
             first = env.reset(task)
-            labelled: list[tuple[list[Message], str, bool]] = []
+            labelled: list[CheckerItem] = []
             history: list[Message] = []
             while not env.done:
                 reply = expert.act([env.messages])[0] or ""
                 if not history:
                     res = counterfactual_step(env, PREMATURE_FINISH)
-                    labelled.append(([], PREMATURE_FINISH, res.reward >= 1.0))
+                    labelled.append(
+                        CheckerItem([], PREMATURE_FINISH, res.reward >= 1.0, "premature")
+                    )
                 if "Act: answer(" in reply:
                     wrong = _wrong_answer(reply.split("Act: answer(", 1)[1].rsplit(")", 1)[0])
                     res = counterfactual_step(env, wrong)
-                    labelled.append((list(history), wrong, res.reward >= 1.0))
-                labelled.append((list(history), reply, True))
+                    labelled.append(
+                        CheckerItem(list(history), wrong, res.reward >= 1.0, "wrong_answer")
+                    )
+                labelled.append(CheckerItem(list(history), reply, True, "step"))
                 res = env.step(reply)
                 history.append({"role": "assistant", "content": reply})
                 if not res.done:

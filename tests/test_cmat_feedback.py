@@ -17,6 +17,7 @@ from cmat_jax.cmat.feedback import (
     episode_advantages,
     group_advantages,
     rwr_weights,
+    separation_auc,
     turn_returns,
 )
 
@@ -177,6 +178,10 @@ def test_checker_labels_rewards_and_metrics():
     assert m["reject_rate"] == pytest.approx(3 / 6)
     assert m["mean_p_accept_good"] == pytest.approx((0.9 + 0.4) / 2)  # p0, p1
     assert m["mean_p_accept_bad"] == pytest.approx((0.7 + 0.2 + 0.6 + 0.1) / 4)  # p2, q0, q1, s0
+    # good {0.9, 0.4} over bad {0.7, 0.2, 0.6, 0.1}: 0.9 beats all 4, 0.4 beats 0.2 and 0.1
+    assert m["auc"] == pytest.approx(6 / 8)
+    assert separation_auc([0.3, 0.8], [0.3]) == pytest.approx((0.5 + 1.0) / 2)  # a tie: half
+    assert separation_auc([], [0.1]) is None
     # a lower success threshold makes ep1's executed, error-free q1 good
     m2 = checker_metrics(
         [EpisodeRecord("C", "g", 0.5, [TurnRecord("a", verdict="accept")])],

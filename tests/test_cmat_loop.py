@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from cmat_jax.cmat.expert import draw_anchor_rows
+from cmat_jax.cmat.expert import draw_anchor_rows, draw_evenly
 from cmat_jax.cmat.job import CMATJob, resolve_dev_data
 from cmat_jax.cmat.loop import run_cmat
 from cmat_jax.cmat.memory import LongTermMemory
@@ -194,3 +194,20 @@ def test_anchor_rows_are_expert_rows_trained_by_the_anchor_term_only():
     assert draw_anchor_rows([], 4, seed=0) == []
     batch = rows_to_batch([pool[0], drawn[0]], seq_len=4)
     assert batch["anchor"][:, 0].tolist() == [0.0, 1.0]
+
+
+def test_checker_items_are_drawn_evenly_over_their_kinds():
+    items = [("premature", i) for i in range(100)] + [("repeat", i) for i in range(3)]
+    items += [("wrong_answer", i) for i in range(10)]
+    drawn = draw_evenly(items, lambda it: it[0], 12, np.random.default_rng(0))
+    kinds = [k for k, _ in drawn]
+    # 4 each while every kind lasts would be 4/4/4; "repeat" has only 3, so the rest go on
+    assert len(drawn) == 12 and len(set(drawn)) == 12
+    assert (
+        kinds.count("repeat") == 3 and kinds.count("premature") + kinds.count("wrong_answer") == 9
+    )
+    assert abs(kinds.count("premature") - kinds.count("wrong_answer")) <= 1
+    # more asked than there are: every item, once
+    assert sorted(draw_evenly(items, lambda it: it[0], 500, np.random.default_rng(1))) == sorted(
+        items
+    )

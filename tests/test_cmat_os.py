@@ -73,7 +73,7 @@ def test_os_expert_rows_and_checker_labels_come_from_the_sandbox(tiny_model):
     items = [st for _, st in mixed_tasks(job, job.sft_examples, job.seed + SFT_SEED_OFFSET)]
     episodes = TASKS["os"].expert(items, job.seed + SFT_SEED_OFFSET)
     assert len(episodes) == 4  # the expert solves every synthetic problem in the sandbox
-    labels = [good for ep in episodes for _, _, good in ep.checker_items]
+    labels = [item.good for ep in episodes for item in ep.checker_items]
     # Expert steps are good; a premature finish / wrong answer is judged bad by the judge.
     assert labels.count(True) >= 8 and labels.count(False) >= 4
     for ep in episodes:

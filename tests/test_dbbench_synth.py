@@ -303,11 +303,13 @@ def test_benchmark_shaped_tasks_hold_on_mariadb(mariadb_params):  # noqa: F811
 
 def test_db_expert_checker_items_are_labelled_by_the_judge():
     """The DB expert's Checker items: each expert step (bad iff it errs), an answer before any
-    query and a wrong final answer, labelled on a snapshot of the episode. Replaying each
-    item's history in a fresh episode and judging the proposal there gives the same label."""
+    query, a wrong final answer and, after a step that errored, the failed statement sent again
+    in place of the fix, labelled on a snapshot of the episode. Replaying each item's history in
+    a fresh episode and executing the proposal there gives the same label."""
+    from cmat_jax.envs.dbbench import sql_block
     from cmat_jax.tasks import PREMATURE_DB_ANSWER, TASKS
 
-    items = list(generate_tasks(24, seed=5, wikisql_share=0.5))
+    items = list(generate_tasks(60, seed=5, wikisql_share=0.5))
     episodes = TASKS["db"].expert(items, 5)
     assert len(episodes) == len(items)
     by_id = {st.task.task_id: st.task for st in items}
@@ -316,25 +318,32 @@ def test_db_expert_checker_items_are_labelled_by_the_judge():
     try:
         for ep in episodes:
             task = by_id[ep.task_id]
-            assert ep.checker_items[0] == ([], PREMATURE_DB_ANSWER, False)
+            assert ep.checker_items[0] == ([], PREMATURE_DB_ANSWER, False, "premature")
             experts = [m["content"] for m in ep.messages if m["role"] == "assistant"]
-            for history, proposal, good in ep.checker_items:
+            for history, proposal, good, kind in ep.checker_items:
                 env.reset(task)
                 for m in history:
                     if m["role"] == "assistant":
                         env.step(m["content"])
                 res = env.step(proposal)
-                if proposal in experts:
-                    kind = "expert"
-                    assert good == (not res.info.get("error", False))
+                error = res.info.get("error", False)
+                if kind == "step":
+                    assert proposal in experts and good == (not error)
+                elif kind == "repeat":
+                    # the reply after an error, its statement swapped back to the failed one
+                    failed = sql_block(history[-2]["content"])[0]
+                    assert sql_block(proposal)[0] == failed and proposal not in experts
+                    assert good == (not error)
                 else:
-                    kind = "premature" if proposal == PREMATURE_DB_ANSWER else "wrong answer"
+                    assert kind in ("premature", "wrong_answer"), kind
                     assert res.done and good == (res.reward >= 1.0)
                     # A wrong answer fails a question; a mutation's answer text is not judged.
-                    if kind == "wrong answer":
+                    if kind == "wrong_answer":
                         assert good == (task.type in ("INSERT", "UPDATE")), (task.type, proposal)
                 kinds[kind, good] += 1
     finally:
         env.close()
     assert kinds["premature", False] == len(items)
-    assert kinds["wrong answer", False] >= 6 and kinds["expert", True] >= 2 * len(items)
+    assert kinds["wrong_answer", False] >= 6 and kinds["step", True] >= 2 * len(items)
+    # the expert errs on purpose in some episodes; resending the failed statement errs again
+    assert kinds["step", False] >= 2 and kinds["repeat", False] == kinds["step", False]

@@ -32,8 +32,7 @@ def expert_rows(
     for name, items in by_task(mixed_tasks(job, job.sft_examples, seed)).items():
         for ep in TASKS[name].expert(items, seed):
             convs.append(parse_record({"messages": ep.messages}, f"expert:{ep.task_id}"))
-            for history, proposal, good in ep.checker_items:
-                checker_items.append((name, ep.task_text, history, proposal, good))
+            checker_items += [(name, ep.task_text, item) for item in ep.checker_items]
     for path in job.sft_data:
         for where, rec in read_jsonl(path):
             convs.append(parse_record(rec, where))
@@ -57,23 +56,23 @@ def expert_rows(
         )
     if job.checker_sft:
         # Capped and balanced: at most half as many rows as the Assistant's (each is a long
-        # prompt for one trained token), bad proposals (reject: expert mistakes, premature and
-        # wrong answers) and at most twice as many good steps (accept), each a seeded draw.
+        # prompt for one trained token), bad proposals (reject) drawn evenly over their kinds
+        # (`CheckerItem.kind`: premature answers alone would otherwise fill the draw and are
+        # the easiest to learn) and at most twice as many good ones (accept), seeded draws.
         rng = np.random.default_rng(seed)
-        bad = [c for c in checker_items if not c[4]]
-        good_items = [c for c in checker_items if c[4]]
-        rng.shuffle(bad)
+        bad = [c for c in checker_items if not c[2].good]
+        good_items = [c for c in checker_items if c[2].good]
         rng.shuffle(good_items)
         cap = max(2, len(rows) // 2)
-        n_bad = min(len(bad), cap // 2)
-        n_good = min(len(good_items), cap - n_bad, 2 * max(n_bad, 1))
-        chosen = bad[:n_bad] + good_items[:n_good]
+        chosen_bad = draw_evenly(bad, lambda c: c[2].kind, cap // 2, rng)
+        n_good = min(len(good_items), cap - len(chosen_bad), 2 * max(len(chosen_bad), 1))
+        chosen = chosen_bad + good_items[:n_good]
         ids = R.verdict_token_ids(tokenizer)
-        for name, task_text, history, proposal, good in chosen:
+        for name, task_text, item in chosen:
             prompt = checker_prompt_ids(
-                tokenizer, roles[name].checker, task_text, history, proposal, sft_len
+                tokenizer, roles[name].checker, task_text, item.history, item.proposal, sft_len
             )
-            toks = np.asarray([*prompt, ids[0] if good else ids[1]], np.int32)
+            toks = np.asarray([*prompt, ids[0] if item.good else ids[1]], np.int32)
             one = np.zeros(len(toks), np.float32)
             one[-1] = 1.0
             rows.append(
@@ -82,6 +81,25 @@ def expert_rows(
                 )
             )
     return rows
+
+
+def draw_evenly(items: list, kind_of: Any, n: int, rng: np.random.Generator) -> list:
+    """Up to `n` of `items`, taken round-robin over their kinds (each kind in a random order),
+    so every kind gets an equal share while it lasts; the kinds' order is sorted, the draw
+    seeded by `rng`."""
+    pools: dict[str, list] = {}
+    for it in items:
+        pools.setdefault(kind_of(it), []).append(it)
+    queues = []
+    for kind in sorted(pools):
+        pool = pools[kind]
+        queues.append([pool[int(i)] for i in rng.permutation(len(pool))])
+    out: list = []
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
 
 
 def draw_anchor_rows(pool: list, n: int, seed: int) -> list:

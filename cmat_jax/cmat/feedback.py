@@ -269,6 +269,17 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def separation_auc(p_good: Sequence[float], p_bad: Sequence[float]) -> float | None:
+    """P(a random good proposal's p_accept > a random bad one's), ties counting one half: the
+    Checker's ranking quality whatever its threshold (0.5 = no better than chance); None when
+    either class is empty."""
+    if not len(p_good) or not len(p_bad):
+        return None
+    g = np.asarray(p_good, np.float64)[:, None]
+    b = np.asarray(p_bad, np.float64)[None, :]
+    return float(np.mean((g > b) + 0.5 * (g == b)))
+
+
 def checker_metrics(
     episodes: Sequence[EpisodeRecord], cfg: CMATConfig = DEFAULT_CONFIG
 ) -> dict[str, float | int | None]:
@@ -276,7 +287,7 @@ def checker_metrics(
 
     Only proposals with both a verdict and a label count. Also reports the accept-class
     precision (how often an accepted proposal was good) and the mean p_accept on good and bad
-    proposals (how well the verdict token separates them).
+    proposals and the AUC of p_accept between them (`separation_auc`).
     """
     tp = fp = fn = tn = 0
     p_good: list[float] = []
@@ -302,6 +313,7 @@ def checker_metrics(
         "reject_rate": _ratio(tp + fp, n),
         "mean_p_accept_good": float(np.mean(p_good)) if p_good else None,
         "mean_p_accept_bad": float(np.mean(p_bad)) if p_bad else None,
+        "auc": separation_auc(p_good, p_bad),
         "n": n,
         "tp": tp,
         "fp": fp,

@@ -776,4 +776,5 @@ def summarize(records: Sequence[fb.EpisodeRecord], cfg: CMATConfig | None = None
         "checker_n": checker["n"],
         "mean_p_accept_good": checker["mean_p_accept_good"],
         "mean_p_accept_bad": checker["mean_p_accept_bad"],
+        "checker_auc": checker["auc"],
     }

@@ -249,6 +249,13 @@ def load_tasks(path: str | Path, limit: int | None = None) -> list[DBTask]:
 # -- scoring ---------------------------------------------------------------------------------
 
 
+def sql_block(agent_text: str) -> tuple[str, int, int] | None:
+    """The statement of a reply's first ```sql block and its span in the text (what the
+    environment executes for an `Action: Operation`); None without one."""
+    block = _SQL_RE.search(agent_text)
+    return None if block is None else (block.group(1), block.start(1), block.end(1))
+
+
 def parse_answer_list(answer: str) -> list[Any]:
     """AgentBench's ``list(eval(answer))`` with a fallback to ``[answer]``, done safely: only
     Python literals are evaluated (``ast.literal_eval``), never code. A literal that is not a
@@ -362,10 +369,10 @@ class DBBenchEnv:
         s.messages.append({"role": "assistant", "content": agent_text})
         action = _ACTION_RE.search(agent_text)
         if action and action.group(1) == "Operation" and s.rounds < self.max_rounds:
-            block = _SQL_RE.search(agent_text)
+            block = sql_block(agent_text)
             if not block:
                 return self._finish("agent_validation_failed", "", error=True, action="Operation")
-            sql = block.group(1).strip().replace("\n", " ")
+            sql = block[0].strip().replace("\n", " ")
             res = self._db.execute(sql)
             obs = truncate_observation(res.text)
             s.rounds += 1
