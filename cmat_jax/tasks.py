@@ -123,7 +123,12 @@ def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
     with the failed statement again in place of its fix (the agent that says it fixed the
     statement and sends it unchanged). Each is labelled by executing it on a copy of the
     episode: by the judge for answers (a mutation task's answer text is not judged, only its
-    table, so its changed answer is good), by the SQL error for the repeat."""
+    table, so its changed answer is good), by the SQL error for the repeat.
+
+    In a share of the episodes (`REVISION_DEMO_SHARE`) one of these bad proposals is also
+    written into the conversation as a rejected one, with the reviewer's reason for its kind
+    (`roles.REJECT_REASONS`), before the expert's own reply: agent tuning then shows the
+    Assistant how to revise after a rejection (the rejected proposal itself is not trained)."""
     from cmat_jax.envs.dbbench import DBBenchEnv, sql_block
     from cmat_jax.envs.dbbench_synth import expert_plan
     from cmat_jax.envs.sqlite_backend import SQLiteBackend
@@ -136,7 +141,9 @@ def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
             labelled: list[CheckerItem] = []
             history: list[Message] = []
             failed: str | None = None  # the SQL of the previous step, when it errored
+            rejectable: list[tuple[int, CheckerItem]] = []  # (turn, bad counterfactual)
             for reply in expert_plan(st, seed):
+                n_items = len(labelled)
                 if not history:
                     res = counterfactual_step(env, PREMATURE_DB_ANSWER)
                     labelled.append(
@@ -154,6 +161,7 @@ def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
                     res = counterfactual_step(env, repeat)
                     good = not res.info.get("error", False)
                     labelled.append(CheckerItem(list(history), repeat, good, "repeat"))
+                rejectable += [(len(history), c) for c in labelled[n_items:] if not c.good]
                 res = env.step(reply)
                 error = bool(res.info.get("error", False))
                 labelled.append(CheckerItem(list(history), reply, not error, "step"))
@@ -165,10 +173,37 @@ def _db_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
             tr = env.transcript()
             if tr["reward"] != 1.0:
                 continue
-            out.append(ExpertEpisode(st.task.task_id, tr["messages"], st.task.prompt, labelled))
+            msgs = with_revision_demo(tr["messages"], len(history), rejectable, seed, st.task)
+            out.append(ExpertEpisode(st.task.task_id, msgs, st.task.prompt, labelled))
     finally:
         env.close()
     return out
+
+
+REVISION_DEMO_SHARE = 0.3
+
+
+def with_revision_demo(
+    messages: list[dict[str, Any]],
+    n_turns: int,
+    rejectable: Sequence[tuple[int, CheckerItem]],
+    seed: int,
+    task: Any,
+) -> list[dict[str, Any]]:
+    """`messages` (a head, then `n_turns` turn messages) with, in a seeded share of episodes,
+    one of the `rejectable` proposals inserted where it was made: as an untrained Assistant
+    message and the reviewer's rejection, followed by the expert's own reply."""
+    rng = random.Random(f"revision:{seed}:{task.task_id}")
+    if not rejectable or rng.random() >= REVISION_DEMO_SHARE:
+        return messages
+    kind = rng.choice(sorted({c.kind for _, c in rejectable}))  # kinds evenly, as for the Checker
+    turn, item = rng.choice([tc for tc in rejectable if tc[1].kind == kind])
+    at = len(messages) - n_turns + turn
+    demo = [
+        {"role": "assistant", "content": item.proposal, "weight": 0.0},
+        {"role": "user", "content": R.rejection_feedback(R.REJECT_REASONS[item.kind])},
+    ]
+    return [*messages[:at], *demo, *messages[at:]]
 
 
 # The DB task's counterfactual Checker items (`_db_expert`): answering before any query, and a

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cmat_jax.cmat.expert import draw_anchor_rows, draw_evenly
+from cmat_jax.cmat import roles as R
+from cmat_jax.cmat.expert import draw_anchor_rows, draw_evenly, expert_rows
 from cmat_jax.cmat.job import CMATJob, resolve_dev_data
 from cmat_jax.cmat.loop import run_cmat
 from cmat_jax.cmat.memory import LongTermMemory
@@ -211,3 +212,37 @@ def test_checker_items_are_drawn_evenly_over_their_kinds():
     assert sorted(draw_evenly(items, lambda it: it[0], 500, np.random.default_rng(1))) == sorted(
         items
     )
+
+
+def test_expert_checker_rows_reject_with_the_reason_the_assistant_is_taught(tmp_path):
+    """Agent tuning's Checker rows: an accept is the verdict token alone; a reject is the verdict
+    token, the reason for the item's kind and the end of the turn, all trained. The Assistant's
+    rows hold revision demos whose rejection message gives the same reasons."""
+    from cmat_jax.tokenizer import load_tokenizer
+
+    model_dir = save_tiny_model_dir(tmp_path / "tiny", max_position_embeddings=2048)
+    tok = load_tokenizer(str(model_dir))
+    job = CMATJob(model=str(model_dir), out=str(tmp_path / "run"), sft_examples=24,
+                  sft_seq_len=1536, seq_len=1536, dev_data="", progress=False)  # fmt: skip
+    rows = expert_rows(tok, job, {"assistant": 0, "checker": 1}, {"db": R.make_roles("dbbench")})
+    accept_id, reject_id = R.verdict_token_ids(tok)
+    checker = [r for r in rows if r.role == "checker"]
+    reasons = {f"{R.REJECT_WORD}: {why}" for why in R.REJECT_REASONS.values()}
+    n_reject = 0
+    for r in checker:
+        trained = r.tokens[r.loss_mask > 0].tolist()
+        assert r.loss_mask[-len(trained) :].all()  # the trained tokens end the row
+        if trained[0] == accept_id:
+            assert len(trained) == 1
+        else:
+            assert trained[0] == reject_id and trained[-1] in tok.eos_ids
+            assert tok.decode(trained[:-1]) in reasons
+            n_reject += 1
+    assert n_reject >= 4 and len(checker) - n_reject >= n_reject
+    demos = [
+        tok.decode(r.tokens.tolist())
+        for r in rows
+        if r.role == "assistant"
+        and "A reviewer rejected this action" in tok.decode(r.tokens.tolist())
+    ]
+    assert demos and all(any(why in d for why in R.REJECT_REASONS.values()) for d in demos)

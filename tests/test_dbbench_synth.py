@@ -306,6 +306,7 @@ def test_db_expert_checker_items_are_labelled_by_the_judge():
     query, a wrong final answer and, after a step that errored, the failed statement sent again
     in place of the fix, labelled on a snapshot of the episode. Replaying each item's history in
     a fresh episode and executing the proposal there gives the same label."""
+    from cmat_jax.cmat import roles as R
     from cmat_jax.envs.dbbench import sql_block
     from cmat_jax.tasks import PREMATURE_DB_ANSWER, TASKS
 
@@ -319,7 +320,20 @@ def test_db_expert_checker_items_are_labelled_by_the_judge():
         for ep in episodes:
             task = by_id[ep.task_id]
             assert ep.checker_items[0] == ([], PREMATURE_DB_ANSWER, False, "premature")
-            experts = [m["content"] for m in ep.messages if m["role"] == "assistant"]
+            experts = [
+                m["content"] for m in ep.messages if m["role"] == "assistant" and m.get("weight", 1)
+            ]
+            # A revision demo: a bad item as an untrained reply, the reviewer's reason for its
+            # kind, then the expert's own (trained) reply.
+            bad = {(it.proposal, it.kind) for it in ep.checker_items if not it.good}
+            for i, m in enumerate(ep.messages):
+                if m["role"] == "user" and m["content"].startswith("A reviewer rejected"):
+                    rejected = ep.messages[i - 1]
+                    assert rejected["weight"] == 0.0
+                    (kind,) = [k for p, k in bad if p == rejected["content"]]
+                    assert m["content"] == R.rejection_feedback(R.REJECT_REASONS[kind])
+                    assert ep.messages[i + 1]["content"] in experts
+                    kinds["demo", kind] += 1
             for history, proposal, good, kind in ep.checker_items:
                 env.reset(task)
                 for m in history:
@@ -347,3 +361,4 @@ def test_db_expert_checker_items_are_labelled_by_the_judge():
     assert kinds["wrong_answer", False] >= 6 and kinds["step", True] >= 2 * len(items)
     # the expert errs on purpose in some episodes; resending the failed statement errs again
     assert kinds["step", False] >= 2 and kinds["repeat", False] == kinds["step", False]
+    assert sum(n for (k, _), n in kinds.items() if k == "demo") >= len(items) // 6

@@ -12,10 +12,10 @@ import numpy as np
 
 from cmat_jax.cmat import roles as R
 from cmat_jax.cmat.job import SFT_SEED_OFFSET, CMATJob
-from cmat_jax.cmat.rollout import checker_prompt_ids
+from cmat_jax.cmat.rollout import ChatTokens, checker_prompt_ids
 from cmat_jax.data import parse_record, read_jsonl, tokenize_conversation
 from cmat_jax.data.rows import TrainRow
-from cmat_jax.tasks import TASKS, by_task, mixed_tasks
+from cmat_jax.tasks import TASKS, CheckerItem, by_task, mixed_tasks
 
 
 def expert_rows(
@@ -68,19 +68,41 @@ def expert_rows(
         n_good = min(len(good_items), cap - len(chosen_bad), 2 * max(len(chosen_bad), 1))
         chosen = chosen_bad + good_items[:n_good]
         ids = R.verdict_token_ids(tokenizer)
+        turn_end = ChatTokens(tokenizer).turn_end_id
         for name, task_text, item in chosen:
+            target = checker_target(tokenizer, item, ids, turn_end)
             prompt = checker_prompt_ids(
-                tokenizer, roles[name].checker, task_text, item.history, item.proposal, sft_len
+                tokenizer,
+                roles[name].checker,
+                task_text,
+                item.history,
+                item.proposal,
+                sft_len + 1 - len(target),
             )
-            toks = np.asarray([*prompt, ids[0] if item.good else ids[1]], np.int32)
-            one = np.zeros(len(toks), np.float32)
-            one[-1] = 1.0
+            toks = np.asarray([*prompt, *target], np.int32)
+            m = np.zeros(len(toks), np.float32)
+            m[len(prompt) :] = 1.0
             rows.append(
-                TrainRow(
-                    toks, one, one, one, np.zeros_like(one), slots["checker"], "checker", -1, 1.0
-                )
+                TrainRow(toks, m, m, m, np.zeros_like(m), slots["checker"], "checker", -1, 1.0)
             )
     return rows
+
+
+def checker_target(
+    tokenizer: Any, item: CheckerItem, ids: tuple[int, int], turn_end: int | None
+) -> list[int]:
+    """The Checker's trained tokens after its prompt: the accept word; or the reject word, the
+    reason for the item's kind (`roles.REJECT_REASONS`) and the end of the turn, so that at a
+    rejection the Checker writes a reason the Assistant was taught to act on. The verdict stays
+    the first token (p_accept reads it); a tokenizer that merges it with what follows gets the
+    reject word alone."""
+    if item.good:
+        return [ids[0]]
+    reason = R.REJECT_REASONS.get(item.kind)
+    toks = tokenizer.encode(R.format_verdict(False, reason), add_bos=False) if reason else []
+    if not toks or toks[0] != ids[1]:
+        return [ids[1]]
+    return toks + ([turn_end] if turn_end is not None else [])
 
 
 def draw_evenly(items: list, kind_of: Any, n: int, rng: np.random.Generator) -> list:

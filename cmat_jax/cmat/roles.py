@@ -34,6 +34,16 @@ NO_REASON = "no reason given"
 
 ROLE_NAMES = ("user", "assistant", "checker", "reflector")
 
+# The reason a reviewer gives for each kind of bad proposal the experts label
+# (`cmat_jax.tasks.CheckerItem.kind`): agent tuning trains the Checker to write it after
+# "reject:" and the Assistant to revise after reading it (docs/method.md §4).
+REJECT_REASONS = {
+    "premature": "it gives the answer before any step has looked at the data",
+    "wrong_answer": "the answer does not match what the steps so far returned",
+    "repeat": "it sends again, unchanged, the action that just failed",
+    "step": "it will fail with an error; check the names and the syntax against the task",
+}
+
 
 class TokenizerLike(Protocol):
     """What the Checker helpers need of `cmat_jax.tokenizer.Tokenizer`."""

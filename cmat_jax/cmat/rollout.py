@@ -152,6 +152,13 @@ class ChatTokens:
         self._before_user = text[a + len(_SENTINEL) : b]
         self._after_user = text[b + len(_SENTINEL) + 1 :]
         self._eos_texts = {tokenizer.decode([e]) for e in tokenizer.eos_ids}
+        # The end-of-turn id: the EOS whose text opens what the template writes after a turn.
+        ends = [
+            e
+            for e in sorted(tokenizer.eos_ids)
+            if self._before_user.startswith(tokenizer.decode([e]) or "\0")
+        ]
+        self.turn_end_id: int | None = ends[0] if ends else None
 
     def head(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return list(
