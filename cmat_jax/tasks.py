@@ -280,7 +280,7 @@ def _os_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
     """The OS expert's episodes in the sandbox. Checker items: every expert step (good when the
     episode succeeds), and at the first step a premature finish, and at the answering step a
     wrong answer, each labelled by executing it on a copy of the episode (good iff the judge
-    accepts it: in practice never)."""
+    accepts it: in practice never). Revision demos as the DB expert's (`with_revision_demo`)."""
     from cmat_jax.envs.os_sandbox import ensure_rootfs
     from cmat_jax.envs.os_synth import OSExpert
     from cmat_jax.envs.os_task import OSEnv
@@ -295,8 +295,10 @@ def _os_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
             first = env.reset(task)
             labelled: list[CheckerItem] = []
             history: list[Message] = []
+            rejectable: list[tuple[int, CheckerItem]] = []
             while not env.done:
                 reply = expert.act([env.messages])[0] or ""
+                n_items = len(labelled)
                 if not history:
                     res = counterfactual_step(env, PREMATURE_FINISH)
                     labelled.append(
@@ -308,6 +310,7 @@ def _os_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
                     labelled.append(
                         CheckerItem(list(history), wrong, res.reward >= 1.0, "wrong_answer")
                     )
+                rejectable += [(len(history), c) for c in labelled[n_items:] if not c.good]
                 labelled.append(CheckerItem(list(history), reply, True, "step"))
                 res = env.step(reply)
                 history.append({"role": "assistant", "content": reply})
@@ -321,6 +324,7 @@ def _os_expert(items: Sequence[Any], seed: int) -> list[ExpertEpisode]:
                 {**m, "weight": 0.0} if i < n_head and m["role"] == "assistant" else dict(m)
                 for i, m in enumerate(tr["messages"])
             ]
+            msgs = with_revision_demo(msgs, len(history), rejectable, seed, task)
             out.append(ExpertEpisode(task.task_id, msgs, first[-1]["content"], labelled))
     finally:
         env.close()

@@ -82,6 +82,14 @@ def test_os_expert_rows_and_checker_labels_come_from_the_sandbox(tiny_model):
         assert [m.get("weight", 1.0) for m in ep.messages[:6] if m["role"] == "assistant"] == [
             0.0
         ] * 3
+        # A revision demo (in a seeded share of episodes): a bad item as an untrained reply,
+        # the reviewer's rejection, then the expert's next reply, trained.
+        bad = {it.proposal for it in ep.checker_items if not it.good}
+        for i, m in enumerate(ep.messages):
+            if m["role"] == "user" and m["content"].startswith("A reviewer rejected"):
+                assert ep.messages[i - 1]["weight"] == 0.0 and ep.messages[i - 1]["content"] in bad
+                assert ep.messages[i + 1]["role"] == "assistant"
+                assert ep.messages[i + 1].get("weight", 1.0) == 1.0
     tok = load_tokenizer(str(tiny_model))
     roles = {"os": TASKS["os"].roles()}
     rows = expert_rows(tok, job, {"assistant": 0, "checker": 1}, roles)
