@@ -5,6 +5,7 @@ synthetic tasks), and the paired statistics against known values."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import sys
@@ -62,13 +63,12 @@ def test_paired_statistics_match_known_values():
         compare_paired([1.0], [1.0, 2.0])
 
 
-def _load_tool():
+def _load_tool(name: str = "compare_arms"):
     sys.path.insert(0, str(TOOLS))
     try:
-        import compare_arms
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(TOOLS))
-    return compare_arms
 
 
 def test_compare_arms_end_to_end(tmp_path, capsys):
@@ -178,6 +178,20 @@ def test_compare_arms_end_to_end(tmp_path, capsys):
     other = dataclasses.replace(again.job, sft_lr=again.job.sft_lr * 2)
     with pytest.raises(ValueError, match="sft_lr"):
         validate(dataclasses.replace(again, job=other))
+
+    # tools/checker_probe.py on the agent-tuning run: both slots scored on labelled items of
+    # held-out synthetic tasks, each kind's mean p_accept a probability.
+    probe = _load_tool("checker_probe")
+    assert probe.main(["--run", at["run"], "--tasks", "2", "--max-len", "2000"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["step"] == 2 and last["items"] >= 2 * 3  # premature, step(s), answer per task
+    for slot in ("checker", "none"):
+        means = last[slot]["mean_p_accept"]
+        assert "bad premature" in means and all(0.0 <= v <= 1.0 for v in means.values())
+        assert 0.0 <= last[slot]["auc"] <= 1.0
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(lambda: probe.main(["--run", str(tmp_path / "nothing")]))
+    assert exit_.value.code == 2 and "nothing" in capsys.readouterr().err
 
 
 def test_bad_input_exits_2_before_writing(tmp_path, capsys):

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from cmat_jax.cli import run_cli
 from cmat_jax.cmat import roles as R
 from cmat_jax.cmat.feedback import separation_auc
 from cmat_jax.cmat.job import EVAL_SEED_OFFSET
@@ -67,15 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1024, help="prompt token budget")
     args = ap.parse_args(argv)
-    try:
-        loaded = load_run(args.run, args.step)
-    except (SourceError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    loaded = load_run(args.run, args.step)
     cfg = loaded.run_config
     if "checker" not in loaded.slots:
-        print(f"error: {args.run}: the run has no 'checker' adapter slot", file=sys.stderr)
-        return 2
+        raise SourceError(f"{args.run}: the run has no 'checker' adapter slot")
     tok = loaded.tokenizer
     items = labelled_items(cfg, args.tasks)
     roles = {name: TASKS[name].roles() for name in {it[0] for it in items}}
@@ -113,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
