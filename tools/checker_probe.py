@@ -47,7 +47,7 @@ def labelled_items(cfg: dict, n_tasks: int) -> list[tuple[str, str, CheckerItem]
 
 
 def score(
-    gen: Generator, tok, prompts: list[list[int]], slot: str, ids: tuple[int, int], batch: int
+    gen: Generator, prompts: list[list[int]], slot: str, ids: tuple[int, int], batch: int
 ) -> np.ndarray:
     """p_accept of each prompt under adapter `slot` (the next token's two verdict words)."""
     out = []
@@ -85,21 +85,21 @@ def main(argv: list[str] | None = None) -> int:
     ids = R.verdict_token_ids(tok)
     result: dict = {"run": str(args.run), "step": loaded.step, "items": len(items)}
     t = time.perf_counter()
+    kind_names = sorted(set(kinds))
     for slot in ("checker", "none"):
-        p = score(gen, tok, prompts, slot, ids, args.batch)
+        p = score(gen, prompts, slot, ids, args.batch)
         auc = separation_auc(p[good], p[~good])
         acc = float(np.mean((p >= 0.5) == good))
-        print(f"slot {slot}: AUC {auc:.3f}, accuracy at 0.5 {acc:.3f}")
-        for k in sorted(set(kinds)):
-            sel = np.array([x == k for x in kinds])
-            print(f"  {k:<28} n={int(sel.sum()):<4} mean p_accept {p[sel].mean():.3f}")
+        means = {k: float(p[[x == k for x in kinds]].mean()) for k in kind_names}
+        print(
+            f"slot {slot}: AUC {auc if auc is None else round(auc, 3)}, accuracy at 0.5 {acc:.3f}"
+        )
+        for k in kind_names:
+            print(f"  {k:<28} n={kinds.count(k):<4} mean p_accept {means[k]:.3f}")
         result[slot] = {
-            "auc": round(auc, 4) if auc is not None else None,
+            "auc": None if auc is None else round(auc, 4),
             "accuracy": round(acc, 4),
-            "mean_p_accept": {
-                k: round(float(p[np.array([x == k for x in kinds])].mean()), 4)
-                for k in sorted(set(kinds))
-            },
+            "mean_p_accept": {k: round(v, 4) for k, v in means.items()},
         }
     result["wall_s"] = round(time.perf_counter() - t, 1)
     a, b = result["checker"]["auc"], result["none"]["auc"]

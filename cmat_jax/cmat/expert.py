@@ -56,7 +56,7 @@ def expert_rows(
         )
     if job.checker_sft:
         # Capped and balanced: at most half as many rows as the Assistant's (each is a long
-        # prompt for one trained token), bad proposals (reject) drawn evenly over their kinds
+        # prompt for a verdict and, for a reject, its reason), bad proposals (reject) drawn evenly over their kinds
         # (`CheckerItem.kind`: premature answers alone would otherwise fill the draw and are
         # the easiest to learn) and at most twice as many good ones (accept), seeded draws.
         rng = np.random.default_rng(seed)
